@@ -1,0 +1,112 @@
+"""Command line: parse arguments, resolve the recipe, call stage.run, map errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from prefloop.artifacts import STAGES, atomic_write_text
+from prefloop.config import Recipe, apply_overrides, dump_recipe, load_recipe
+from prefloop.errors import PrefloopError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help="a shipped recipe (default, seed, self-reward) or a YAML file; "
+                   "default: the run directory's recipe.yaml, else 'default'")
+    p.add_argument("--output-dir", type=Path, help="run directory (default: runs/<recipe name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one recipe value, e.g. --set train.beta=0.05 (repeatable)")
+    p.add_argument("--force", action="store_true", help="redo finished stages")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefloop", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run every stage: " + " -> ".join(STAGES))
+    _common(p)
+    p.add_argument("--until", choices=STAGES, help="stop after this stage")
+    for stage in STAGES:
+        _common(sub.add_parser(stage, help=f"run the {stage} stage on a run directory"))
+    _common(sub.add_parser("iterate", help="self-rewarding iterative DPO (Yuan et al. 2024)"))
+    p = sub.add_parser("push", help="push the dataset or the adapter to the Hugging Face Hub")
+    p.add_argument("what", choices=["dataset", "adapter"])
+    p.add_argument("--repo-id", help="e.g. user/name (default: the recipe's push section)")
+    p.add_argument("--private", action="store_true")
+    _common(p)
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> tuple[Recipe, Path]:
+    """Recipe precedence: --recipe, else the run directory's recipe.yaml, else 'default'."""
+    existing = args.output_dir / "recipe.yaml" if args.output_dir else None
+    if args.recipe is None and existing is not None and existing.exists():
+        recipe = load_recipe(existing)
+        recipe = apply_overrides(recipe, args.overrides)
+    else:
+        recipe = load_recipe(args.recipe, args.overrides)
+    run_dir = args.output_dir or Path("runs") / recipe.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    return recipe, run_dir
+
+
+def run_stage(stage: str, recipe: Recipe, run_dir: Path, force: bool) -> Path:
+    if stage == "instructions":
+        from prefloop import instructions as module
+    elif stage == "generate":
+        from prefloop import generate as module
+    elif stage == "rank":
+        from prefloop import rank as module
+    elif stage == "pairs":
+        from prefloop import pairs as module
+    elif stage == "train":
+        from prefloop import train as module
+    elif stage == "compare":
+        from prefloop import compare as module
+    elif stage == "iterate":
+        from prefloop import iterate as module
+    else:
+        raise PrefloopError(f"unknown stage '{stage}'")
+    print(f"[prefloop] {stage} -> {run_dir / stage}", file=sys.stderr)
+    return module.run(recipe, run_dir, force=force)
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def dispatch(args: argparse.Namespace) -> None:
+    recipe, run_dir = resolve(args)
+    _quiet_libraries()
+    if args.command == "run":
+        stages = STAGES[: STAGES.index(args.until) + 1] if args.until else STAGES
+        for stage in stages:
+            run_stage(stage, recipe, run_dir, args.force)
+        print(f"[prefloop] done: {run_dir}", file=sys.stderr)
+    elif args.command == "push":
+        from prefloop import hub
+
+        hub.push(args.what, recipe, run_dir, repo_id=args.repo_id, private=args.private)
+    else:
+        run_stage(args.command, recipe, run_dir, args.force)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        dispatch(args)
+    except PrefloopError as e:
+        print(f"prefloop: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prefloop: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

