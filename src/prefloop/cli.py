@@ -86,6 +86,10 @@ def dispatch(args: argparse.Namespace) -> None:
         stages = STAGES[: STAGES.index(args.until) + 1] if args.until else STAGES
         for stage in stages:
             run_stage(stage, recipe, run_dir, args.force)
+        if stages == STAGES:
+            from prefloop import hub
+
+            hub.push_if_configured(recipe, run_dir)
         print(f"[prefloop] done: {run_dir}", file=sys.stderr)
     elif args.command == "push":
         from prefloop import hub

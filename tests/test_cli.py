@@ -1,0 +1,48 @@
+import json
+
+import pytest
+
+from prefloop.cli import main
+
+
+def test_instructions_subcommand_writes_the_run_dir(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["instructions", "--output-dir", str(out), "--set", "instructions.n_train=7",
+                 "--set", "instructions.n_heldout=3"])
+    assert code == 0
+    assert len((out / "instructions" / "train.jsonl").read_text().splitlines()) == 7
+    assert len((out / "instructions" / "heldout.jsonl").read_text().splitlines()) == 3
+    assert "n_train: 7" in (out / "recipe.yaml").read_text()
+    # the run directory's recipe is reused when no --recipe is given
+    assert main(["instructions", "--output-dir", str(out)]) == 0
+    manifest = json.loads((out / "instructions" / "manifest.json").read_text())
+    assert manifest["counts"]["train"] == 7
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["instructions", "--set", "instructions.n_trian=3"],
+     "prefloop: error: --set: instructions: unknown key 'n_trian' (did you mean 'n_train'?)\n"),
+    (["instructions", "--set", "instructions.n_train=200"],
+     "prefloop: error: instructions: 210 instructions requested (n_train 200 + n_heldout 10) but "
+     "only 100 remain after de-duplication and filtering; lower n_train or n_heldout, or give a "
+     "larger source\n"),
+    (["instructions", "--set", "instructions.source=missing.jsonl"],
+     "prefloop: error: missing.jsonl: instructions file not found; check instructions.source\n"),
+    (["generate", "--set", "model.name=nonsense"],
+     "prefloop: error: {out}/instructions: stage 'instructions' has not finished; run "
+     "`prefloop instructions` --output-dir {out} first (or `prefloop run`)\n"),
+])
+def test_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    code = main([*argv, "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.splitlines()[-1] + "\n" == message.format(out=out)
+
+
+def test_unknown_model_name_fails_before_loading(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["instructions", "--output-dir", str(out)]) == 0
+    assert main(["generate", "--output-dir", str(out), "--set", "model.name=nonsense"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        "prefloop: error: model.name: unknown model 'nonsense'")

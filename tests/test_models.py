@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefloop import models
+from prefloop.errors import PrefloopError
+
+
+def test_resolve_model_names():
+    with pytest.raises(PrefloopError) as e:
+        models.resolve_model("not-a-model")
+    assert str(e.value) == (
+        "model.name: unknown model 'not-a-model'; use an embedded model (smollm2-135m-instruct), "
+        "a local folder, or a Hub id such as mistralai/Mistral-7B-Instruct-v0.2")
+    assert models.resolve_model("mistralai/Mistral-7B-Instruct-v0.2") == (
+        "mistralai/Mistral-7B-Instruct-v0.2")
+
+
+def test_dtype_and_device_rules():
+    assert models.pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert models.pick_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert models.pick_dtype("float16", torch.device("cpu")) == torch.float16
+    if not torch.cuda.is_available():
+        with pytest.raises(PrefloopError, match="model.device: 'cuda' asked for but CUDA"):
+            models.pick_device("cuda")
+
+
+def test_hub_id_offline_names_what_works_offline():
+    with pytest.raises(PrefloopError) as e:
+        models.load_tokenizer("someorg/some-model-that-is-not-cached")
+    msg = str(e.value)
+    assert msg.startswith("model 'someorg/some-model-that-is-not-cached': cannot be loaded from "
+                          "the Hugging Face Hub")
+    assert "Works offline: the embedded smollm2-135m-instruct, a local folder" in msg
+
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("PREFLOOP_CACHE_DIR", str(tmp_path))
+    assert models.cache_dir() == tmp_path
+
+
+@pytest.mark.slow
+def test_embedded_model_conversion_matches_the_gguf():
+    """The cached safetensors copy gives the same logits as transformers' GGUF loader."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = models.load_model("smollm2-135m-instruct")
+    folder = models.resolve_model("smollm2-135m-instruct")
+    assert sorted(p.name for p in Path(folder).iterdir()) == [
+        "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+        "tokenizer.json", "tokenizer_config.json"]
+    gguf = models.embedded_gguf_path("smollm2-135m-instruct")
+    ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                               dtype=torch.float32).eval()
+    ids = torch.tensor([tok("The capital of France is", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        a, b = model(ids).logits, ref(ids).logits
+    assert torch.equal(a, b)
+    assert (model.dtype, model.device.type, models.context_length(model)) == (
+        torch.float32, "cpu", 8192)
+    assert (tok.eos_token, tok.pad_token_id) == ("<|im_end|>", 2)
