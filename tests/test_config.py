@@ -80,3 +80,10 @@ def test_resolved_recipe_round_trips(tmp_path):
     p = Path(tmp_path / "recipe.yaml")
     p.write_text(dump_recipe(r))
     assert load_recipe(p) == r
+
+
+def test_exponent_without_dot_is_a_float():
+    r = apply_overrides(Recipe(), ["train.learning_rate=1e-2"])
+    assert r.train.learning_rate == 0.01
+    with pytest.raises(PrefloopError, match="train.learning_rate: expected a number, got 'fast'"):
+        apply_overrides(Recipe(), ["train.learning_rate=fast"])

@@ -60,6 +60,7 @@ class GenerateConfig:
 class RankConfig:
     ranker: Literal["judge", "pairrm"] = "judge"
     judge_model: str | None = None  # None: the policy judges itself
+    judge_revision: str | None = None  # revision of judge_model (None with the policy: its own)
     judge_template: str = "yuan2024"
     judge_samples: int = 3
     judge_temperature: float = 0.7
@@ -98,6 +99,7 @@ class TrainConfig:
     qlora: bool = False
     seed: int = 0
     logging_steps: int = 1
+    engine: Literal["trl", "fast"] = "trl"  # "fast": prefloop.fastdpo.FastDPOTrainer
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ class IterateConfig:
     temperature: float = 0.7
     top_p: float = 0.9
     max_new_tokens: int = 256
+    judge_samples: int = 3  # M_t's self-judgments per response, averaged (paper: 3)
     eval_prompts: int = 10
     seed: int = 0
 
@@ -187,6 +190,11 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
             raise PrefloopError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "5e-5" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise PrefloopError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -1,0 +1,442 @@
+"""Stage 5: DPO + LoRA on the preference pairs, through TRL's `DPOTrainer`.
+
+DPO (Rafailov et al. 2023, eq. 7), per pair (x, y_w, y_l):
+
+    L = -log σ(β [log πθ(y_w|x)/π_ref(y_w|x) − log πθ(y_l|x)/π_ref(y_l|x)])
+
+πθ is the base model plus a LoRA adapter; π_ref is the same base with the adapter disabled, so
+no second copy of the weights is held. At step 0 the adapter is a no-op (LoRA B = 0), hence
+πθ = π_ref and every reward β·log(πθ/π_ref) is 0: we check that and record it in the manifest.
+
+Resumability: a finished stage is skipped (manifest). An interrupted train restarts training from
+the first step (its partial log, curves and adapter are discarded); there are no checkpoints, as
+the stage is minutes long at the sizes prefloop targets.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from prefloop.artifacts import (
+    append_jsonl,
+    atomic_write_text,
+    begin_stage,
+    config_hash,
+    read_jsonl,
+    upstream_hash,
+    write_manifest,
+)
+from prefloop.config import Recipe, TrainConfig
+from prefloop.errors import PrefloopError
+
+# Every loss `DPOTrainer` 1.16 implements (its `_compute_loss`); tests check the list against TRL.
+TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+                  "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
+                  "sigmoid_norm")
+LOG_KEYS = ("step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+            "rewards/accuracies", "learning_rate")
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+LAST_N = 10  # the card's "mean of the last N logged steps"
+
+
+# --- options ---------------------------------------------------------------------------------
+
+def parse_loss_types(value: str) -> list[str]:
+    """'sigmoid' or a comma-separated mix such as 'sigmoid,sft' (equal weights), checked."""
+    types = [t.strip() for t in value.split(",") if t.strip()]
+    bad = [t for t in types if t not in TRL_LOSS_TYPES]
+    if not types or bad:
+        raise PrefloopError(f"train.loss_type: unknown loss {', '.join(bad) or repr(value)}; use "
+                            f"one of {', '.join(TRL_LOSS_TYPES)} (comma-separated to mix)")
+    return types
+
+
+def parse_target_modules(value: str) -> str | list[str]:
+    """'all-linear' (every linear layer but the output head) or a comma-separated list."""
+    if value.strip() == "all-linear":
+        return "all-linear"
+    names = [t.strip() for t in value.split(",") if t.strip()]
+    if not names:
+        raise PrefloopError("train.target_modules: empty; use all-linear or names such as "
+                            "q_proj,v_proj")
+    if "lm_head" in names:
+        raise PrefloopError("train.target_modules: LoRA on lm_head is not supported (TRL computes "
+                            "log-probs from lm_head.weight directly); remove lm_head")
+    return names
+
+
+def check_options(cfg: TrainConfig, device: torch.device) -> None:
+    """Fail before any model loads on settings this machine or TRL cannot honour."""
+    from transformers import SchedulerType
+
+    parse_loss_types(cfg.loss_type)
+    parse_target_modules(cfg.target_modules)
+    schedulers = [s.value for s in SchedulerType]
+    if cfg.scheduler not in schedulers:
+        raise PrefloopError(f"train.scheduler: unknown scheduler '{cfg.scheduler}'; use one of "
+                            f"{', '.join(schedulers)}")
+    if cfg.engine not in ("trl", "fast"):
+        raise PrefloopError(f"train.engine: '{cfg.engine}' is not one of trl, fast")
+    if cfg.qlora:
+        if device.type != "cuda":
+            raise PrefloopError("train.qlora: QLoRA (4-bit bitsandbytes base) needs a CUDA GPU; "
+                                "set train.qlora=false on this machine")
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise PrefloopError("train.qlora: needs the bitsandbytes package; pip install "
+                                "'prefloop[qlora]' or set train.qlora=false")
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def load_pairs(run_dir: Path):
+    """The pairs dataset with only the columns TRL reads (conversational prompt/chosen/rejected)."""
+    from datasets import load_dataset
+
+    path = Path(run_dir) / "pairs" / "dataset"
+    if not (path / "data").is_dir():
+        raise PrefloopError(f"{path}: pairs dataset not found; run `prefloop pairs --output-dir "
+                            f"{run_dir}` first")
+    # Count rows from the parquet footers first: `datasets` cannot load a 0-row parquet file.
+    import pyarrow.parquet as pq
+
+    if sum(pq.ParquetFile(f).metadata.num_rows for f in (path / "data").glob("*.parquet")) == 0:
+        raise PrefloopError(f"{path}: the pairs dataset has no rows; give more instructions, "
+                            "lower pairs.min_margin, or raise generate.k, then re-run prefloop pairs")
+    ds = load_dataset(str(path), split="train")
+    missing = [c for c in PAIR_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise PrefloopError(f"{path}: missing column(s) {', '.join(missing)}; re-run "
+                            "`prefloop pairs --force`")
+    return ds.select_columns(list(PAIR_COLUMNS))
+
+
+# --- trainer ---------------------------------------------------------------------------------
+
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=parse_target_modules(cfg.target_modules), bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def _device_and_dtype(model) -> tuple[torch.device, torch.dtype]:
+    if isinstance(model, str):  # QLoRA: TRL loads the 4-bit model itself, on CUDA, bf16 compute
+        return torch.device("cuda"), torch.bfloat16
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+def dpo_config(cfg: TrainConfig, out_dir: Path, device: torch.device, dtype: torch.dtype,
+               model_init_kwargs: dict | None = None):
+    """DPOConfig with every default that matters set explicitly (TRL's bf16=True and
+    gradient_checkpointing=True defaults are wrong for a CPU run)."""
+    from dataclasses import fields
+
+    from trl import DPOConfig
+
+    cuda = device.type == "cuda"
+    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (old name warns)
+    names = {f.name for f in fields(DPOConfig)}
+    ckpt = ("activation_checkpointing" if "activation_checkpointing" in names
+            else "gradient_checkpointing")
+    return DPOConfig(
+        **{ckpt: cfg.gradient_checkpointing},
+        output_dir=str(out_dir), report_to=[], save_strategy="no", seed=cfg.seed,
+        data_seed=cfg.seed, use_cpu=not cuda,
+        bf16=cuda and dtype == torch.bfloat16, fp16=cuda and dtype == torch.float16,
+        disable_dropout=True,
+        loss_type=parse_loss_types(cfg.loss_type), beta=cfg.beta,
+        learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        warmup_steps=cfg.warmup_ratio,  # < 1: a fraction of the steps (transformers 5)
+        lr_scheduler_type=cfg.scheduler, max_length=cfg.max_length,
+        logging_steps=cfg.logging_steps, dataloader_pin_memory=cuda,
+        model_init_kwargs=model_init_kwargs,
+    )
+
+
+def trainer_class(engine: str):
+    if engine == "fast":
+        from prefloop.fastdpo import FastDPOTrainer
+
+        return FastDPOTrainer
+    from trl import DPOTrainer
+
+    return DPOTrainer
+
+
+def build_trainer(model, tokenizer, dataset, recipe: Recipe, out_dir: Path, callbacks):
+    """The DPO trainer: LoRA from `peft_config`, reference = base with the adapter disabled.
+
+    `model` is a loaded model, or (QLoRA) the path/id TRL loads in 4 bits itself.
+    """
+    cfg = recipe.train
+    device, dtype = _device_and_dtype(model)
+    quant, init_kwargs = None, None
+    if cfg.qlora:
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_compute_dtype=torch.bfloat16,
+                                   bnb_4bit_use_double_quant=True)
+        init_kwargs = {"dtype": torch.bfloat16, "revision": recipe.model.revision,
+                       "device_map": {"": torch.cuda.current_device()}}
+    args = dpo_config(cfg, Path(out_dir), device, dtype, init_kwargs)
+    cls = trainer_class(cfg.engine)
+    return cls(model=model, ref_model=None, args=args, train_dataset=dataset,
+               processing_class=tokenizer, callbacks=callbacks, peft_config=lora_config(cfg),
+               quantization_config=quant)
+
+
+def make_log_callback(path: Path):
+    """A TrainerCallback appending one JSON line per logged training step (whole-line appends)."""
+    from transformers import TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        def __init__(self) -> None:
+            self.records: list[dict] = []
+            self.num_tokens: float | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "num_tokens" in logs:
+                self.num_tokens = logs["num_tokens"]
+            if "loss" not in logs or not state.is_world_process_zero:
+                return
+            rec = {k: logs.get(k) for k in LOG_KEYS}
+            rec["step"] = state.global_step
+            rec["epoch"] = logs.get("epoch", state.epoch)
+            self.records.append(rec)
+            append_jsonl(path, [rec])
+
+    return JsonlLog()
+
+
+# --- checks and reports ----------------------------------------------------------------------
+
+def sequence_logps(model, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
+    """Σ_t log p(y_t | x, y_<t) over the completion tokens: shape () for one sequence."""
+    ids = torch.tensor([prompt_ids + completion_ids], device=next(model.parameters()).device)
+    logits = model(input_ids=ids).logits[0, :-1].float()  # (L-1, V) predicts tokens 1..L-1
+    logp = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])[:, 0]
+    return logp[len(prompt_ids) - 1:].sum()
+
+
+def first_pair_ids(prepared, pairs, tokenizer) -> dict:
+    """Token ids of the first pair as the trainer sees them (TRL's prepared columns), or
+    rendered with the chat template when a trainer keeps another layout."""
+    row = prepared[0]
+    if all(k in row for k in ("prompt_ids", "chosen_ids", "rejected_ids")):
+        return {k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    from prefloop.chat import render_messages
+
+    pair = pairs[0]
+    prompt = render_messages(tokenizer, pair["prompt"]).ids
+    out = {"prompt_ids": prompt}
+    for side in ("chosen", "rejected"):
+        full = render_messages(tokenizer, pair["prompt"] + pair[side],
+                               add_generation_prompt=False).ids
+        out[f"{side}_ids"] = full[len(prompt):]
+    return out
+
+
+@torch.no_grad()
+def reference_check(model, example: dict, beta: float) -> dict:
+    """Rewards β·(log πθ − log π_ref) of one pair before training; both must be 0 at step 0."""
+    was_training = model.training
+    model.eval()
+    p, c, r = example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]
+    policy = [sequence_logps(model, p, c), sequence_logps(model, p, r)]
+    with model.disable_adapter():
+        ref = [sequence_logps(model, p, c), sequence_logps(model, p, r)]
+    model.train(was_training)
+    chosen, rejected = (beta * (a - b).item() for a, b in zip(policy, ref, strict=True))
+    return {"rewards/chosen": chosen, "rewards/rejected": rejected,
+            "policy_equals_reference": max(abs(chosen), abs(rejected)) < 1e-4}
+
+
+def summarize(records: list[dict], n: int = LAST_N) -> tuple[dict, dict]:
+    """(values at the last logged step, means over the last n logged steps) per metric."""
+    keys = [k for k in LOG_KEYS if k not in ("step", "epoch")]
+    if not records:
+        return {k: None for k in keys}, {k: None for k in keys}
+    tail = records[-n:]
+    mean = {k: (sum(r[k] for r in tail if r[k] is not None) /
+                max(sum(r[k] is not None for r in tail), 1)) for k in keys}
+    return {k: records[-1][k] for k in keys}, mean
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    """Loss, reward margin, reward accuracy and chosen/rejected rewards against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    steps = [r["step"] for r in records]
+
+    def series(key):
+        return [math.nan if r[key] is None else r[key] for r in records]
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    panels = [("loss", ["loss"]), ("reward margin (chosen − rejected)", ["rewards/margins"]),
+              ("reward accuracy", ["rewards/accuracies"]),
+              ("rewards", ["rewards/chosen", "rewards/rejected"])]
+    for ax, (title, keys) in zip(axes.flat, panels, strict=True):
+        for key in keys:
+            ax.plot(steps, series(key), marker="o", markersize=3, label=key.split("/")[-1])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend()
+    axes[1, 0].set_ylim(-0.05, 1.05)
+    fig.suptitle("prefloop DPO training")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; it is a report
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
+def hyper_parameters(cfg: TrainConfig, args, n_pairs: int, n_used: int, steps: int,
+                     targets: list[str]) -> dict:
+    return {
+        "loss_type": cfg.loss_type, "beta": cfg.beta, "learning_rate": cfg.learning_rate,
+        "epochs": cfg.epochs, "max_steps": cfg.max_steps, "optimizer steps (run)": steps,
+        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+        "effective batch": cfg.batch_size * cfg.grad_accum, "warmup_ratio": cfg.warmup_ratio,
+        "scheduler": cfg.scheduler, "max_length": cfg.max_length, "lora_r": cfg.lora_r,
+        "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+        "target_modules": f"{cfg.target_modules} ({', '.join(targets)})",
+        "gradient_checkpointing": cfg.gradient_checkpointing, "qlora": cfg.qlora,
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "seed": cfg.seed, "engine": cfg.engine, "pairs": n_pairs, "pairs trained": n_used,
+    }
+
+
+def lora_targets(model) -> tuple[list[str], int]:
+    """(sorted distinct layer names that carry LoRA, e.g. q_proj; number of LoRA modules)."""
+    from peft.tuners.lora import LoraLayer
+
+    names = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    return sorted({n.rsplit(".", 1)[-1] for n in names}), len(names)
+
+
+def _dataset_repo_id(run_dir: Path) -> str | None:
+    path = Path(run_dir) / "pairs" / "push.json"
+    if not path.exists():
+        return None
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8")).get("repo_id")
+
+
+def _save_adapter(model, tokenizer, adapter_dir: Path) -> None:
+    """Write the adapter and tokenizer to a temp folder, then move it into place whole."""
+    tmp = adapter_dir.with_name(f".{adapter_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    os.replace(tmp, adapter_dir)
+
+
+# --- stage -----------------------------------------------------------------------------------
+
+def _load_policy(recipe: Recipe):
+    """(model or, for QLoRA, the path TRL loads in 4 bits; tokenizer)."""
+    from prefloop.models import load_model, load_tokenizer, resolve_model
+
+    if recipe.train.qlora:
+        return resolve_model(recipe.model.name), load_tokenizer(recipe.model.name,
+                                                                recipe.model.revision)
+    return load_model(recipe.model.name, revision=recipe.model.revision,
+                      dtype=recipe.model.dtype, device=recipe.model.device)
+
+
+def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
+    from prefloop.models import pick_device
+
+    cfg = recipe.train
+    run_dir = Path(run_dir)
+    out = run_dir / "train"
+    h = config_hash({"train": cfg, "model": recipe.model,
+                     "upstream": upstream_hash(run_dir, "pairs")})
+    device = pick_device(recipe.model.device)
+    check_options(cfg, device)
+    if begin_stage(out, "train", h, force=force):
+        return out
+    started = time.time()
+    # An interrupted run restarts from step 0: drop what it left behind.
+    (out / "log.jsonl").unlink(missing_ok=True)
+    (out / "curves.png").unlink(missing_ok=True)
+    shutil.rmtree(out / "adapter", ignore_errors=True)
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+
+    pairs = load_pairs(run_dir)
+    model, tok = _load_policy(recipe)
+    log_cb = make_log_callback(out / "log.jsonl")
+    trainer = build_trainer(model, tok, pairs, recipe, out / "trainer", [log_cb])
+    n_used = len(trainer.train_dataset)
+    if n_used == 0:
+        raise PrefloopError(f"train.max_length: every pair's prompt is at least {cfg.max_length} "
+                            "tokens, so TRL dropped them all; raise train.max_length")
+    check = reference_check(trainer.model, first_pair_ids(trainer.train_dataset, pairs, tok),
+                            cfg.beta)
+    if not check["policy_equals_reference"]:
+        print(f"[prefloop] warning: policy != reference at step 0 ({check}); the rewards "
+              "are offset", file=sys.stderr)
+
+    t0 = time.time()
+    result = trainer.train()
+    seconds = time.time() - t0
+    steps = trainer.state.global_step
+    records = read_jsonl(out / "log.jsonl") if (out / "log.jsonl").exists() else []
+    if records:
+        check["first_logged_step"] = {k: records[0][k] for k in
+                                      ("step", "rewards/chosen", "rewards/rejected")}
+    tokens = log_cb.num_tokens
+    timing = {"train_seconds": round(seconds, 3), "steps": steps,
+              "seconds_per_step": round(seconds / max(steps, 1), 3),
+              "tokens": tokens,
+              "tokens_per_second": round(tokens / seconds, 1) if tokens else None,
+              "pairs_per_second": round(result.metrics.get("train_samples_per_second", 0.0), 3),
+              "device": str(device)}
+
+    _save_adapter(trainer.model, tok, out / "adapter")
+    plot_curves(records, out / "curves.png")
+    targets, n_lora = lora_targets(trainer.model)
+    final, mean_last = summarize(records)
+    hyper = hyper_parameters(cfg, trainer.args, len(pairs), n_used, steps, targets)
+    from prefloop.cards import adapter_card
+
+    atomic_write_text(out / "adapter" / "README.md", adapter_card(
+        recipe, run_dir, hyper=hyper, final=final, last_n=min(LAST_N, len(records)),
+        mean_last=mean_last, dataset_repo_id=_dataset_repo_id(run_dir), timing=timing))
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    write_manifest(out, "train", h, started=started, counts={
+        "pairs": len(pairs), "pairs_trained": n_used, "steps": steps, "log_lines": len(records)},
+        extra={"step0_check": check, "timing": timing, "final": final, "mean_last": mean_last,
+               "lora": {"targets": targets, "modules": n_lora,
+                        "trainable_params": trainable},
+               "reference": "base model with the LoRA adapter disabled (no second copy)"})
+    return out

@@ -1,0 +1,298 @@
+"""The compare stage: original vs DPO on held-out instructions, tables, and the verdict."""
+
+import json
+import math
+import time
+
+import pandas as pd
+import pytest
+import torch
+from tiny import (
+    PAIRS,
+    one_thread,
+    read_jsonl_lines,
+    save_model_folder,
+    write_instructions,
+    write_pairs,
+)
+
+from prefloop import compare
+from prefloop.artifacts import write_manifest
+from prefloop.config import Recipe, apply_overrides
+from prefloop.errors import PrefloopError
+
+HELDOUT = ["write a poem about the moon", "give two tips to learn code",
+           "what is the capital city ?", "explain the sun in simple words",
+           "name a small tree"]
+TRAIN = [p[0] for p in PAIRS]
+
+
+def make_adapter(model_dir, run_dir, seed: int = 1):
+    """A LoRA adapter with large random B weights (so it changes greedy outputs) + manifest."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    out = run_dir / "train"
+    model.save_pretrained(out / "adapter")
+    write_manifest(out, "train", "train-hash", started=time.time())
+
+
+class FakeRanker:
+    """Returns preset margins in order; records what it was asked and the adapter state."""
+
+    name = "fake:ranker"
+
+    def __init__(self, margins, model_ref=None):
+        self.margins = list(margins)
+        self.calls = []
+        self.model_ref = model_ref
+
+    def compare(self, instructions, a, b):
+        self.calls.append((list(instructions), list(a), list(b)))
+        return self.margins[: len(a)]
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    model_dir = save_model_folder(tmp_path / "model")
+    run = tmp_path / "run"
+    write_instructions(run, TRAIN, HELDOUT)
+    write_pairs(run)
+    make_adapter(model_dir, run)
+    with one_thread():
+        yield run
+
+
+def _decoded(tok, completions) -> list[str]:
+    """What generate_responses stores as `response` for each prompt's first completion."""
+    out = []
+    for c in completions:
+        ids = c[0].token_ids[:-1] if c[0].finish_reason == "eos" else c[0].token_ids
+        out.append(tok.decode(ids, skip_special_tokens=True).strip())
+    return out
+
+
+def _recipe(run_dir, *extra):
+    return apply_overrides(Recipe(), [f"model.name={run_dir.parent / 'model'}",
+                                      "compare.max_new_tokens=6", *extra])
+
+
+def test_compare_tables_and_verdict(run_dir, capsys):
+    from prefloop.engine import Sampling, generate
+    from prefloop.generate import eos_ids
+    from prefloop.models import load_model
+
+    ranker = FakeRanker([2.0, -1.0, 0.0, math.nan, 0.5])
+    out = compare.run(_recipe(run_dir), run_dir, ranker=ranker)
+    def in_item_order(name):  # the file is in completion order; one record per id
+        by_id = {r["id"]: r for r in read_jsonl_lines(out / name)}
+        return [by_id[f"ho-{i}"] for i in range(len(HELDOUT))]
+
+    original, dpo = in_item_order("original.jsonl"), in_item_order("dpo.jsonl")
+    assert len(read_jsonl_lines(out / "dpo.jsonl")) == 5
+    assert [r["instruction"] for r in original] == HELDOUT == [r["instruction"] for r in dpo]
+    assert [r["model"] for r in original + dpo] == ["original"] * 5 + ["dpo"] * 5
+    assert all(a["response"] != b["response"] for a, b in zip(original, dpo, strict=True))
+
+    # The "original" side is exactly the base model (adapter disabled), same greedy settings.
+    base, tok = load_model(str(run_dir.parent / "model"))
+    ids = [r["prompt_text"] for r in original]
+    assert ids[0].startswith("<s><|user|> write a poem")
+    from prefloop.chat import render_prompt
+
+    prompts = [render_prompt(tok, h).ids for h in HELDOUT]
+    ref = generate(base, prompts, 1, Sampling(temperature=0.0, top_p=1.0, max_new_tokens=6),
+                   eos_token_ids=eos_ids(base, tok), pad_token_id=tok.pad_token_id)
+    assert [r["response_tokens"] for r in original] == [len(c[0].token_ids) for c in ref]
+    assert [r["response"] for r in original] == _decoded(tok, ref)
+
+    df = pd.read_csv(out / "comparison.csv", keep_default_na=False)
+    assert list(df.columns) == ["instruction", "original", "dpo"]
+    assert df["instruction"].tolist() == HELDOUT
+    assert df["original"].tolist() == [r["response"] for r in original]
+    assert df["dpo"].tolist() == [r["response"] for r in dpo]
+    md = (out / "comparison.md").read_text().splitlines()
+    assert md[0] == "| instruction | original | dpo |" and md[1] == "|---|---|---|"
+    assert len(md) == 2 + 5 and all(line.startswith("| ") for line in md[2:])
+
+    assert ranker.calls == [(HELDOUT, [r["response"] for r in dpo],
+                             [r["response"] for r in original])]
+    v = json.loads((out / "verdict.json").read_text())
+    assert {k: v[k] for k in ("ranker", "n", "wins", "ties", "losses", "invalid", "identical",
+                              "win_rate", "ci_method")} == {
+        "ranker": "fake:ranker", "n": 4, "wins": 2, "ties": 1, "losses": 1, "invalid": 1,
+        "identical": 0, "win_rate": 0.625, "ci_method": "wilson"}
+    assert v["ci95"] == pytest.approx(list(compare.wilson_interval(2.5, 4)))
+    assert [i["outcome"] for i in v["items"]] == ["win", "loss", "tie", "invalid", "win"]
+    assert [i["margin"] for i in v["items"]] == [2.0, -1.0, 0.0, None, 0.5]
+    assert v["mean_tokens"]["original"] == pytest.approx(
+        sum(r["response_tokens"] - (r["finish_reason"] == "eos") for r in original) / 5)
+    assert v["mean_words"]["dpo"] == pytest.approx(
+        sum(len(r["response"].split()) for r in dpo) / 5)
+
+    printed = capsys.readouterr().out
+    for i, h in enumerate(HELDOUT, start=1):
+        assert f"━━ {i}/5 " in printed and h in printed
+    assert printed.count("── original ──") == 5 and printed.count("── dpo ──") == 5
+    assert "Verdict (fake:ranker): on 4 held-out instructions the DPO model wins 2, ties 1 " \
+           "(0 identical responses) and loses 1 against the original, 1 left out" in printed
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"] == {"heldout": 5, "identical": 0, "wins": 2, "ties": 1, "losses": 1,
+                           "invalid": 1}
+
+
+def test_default_judge_is_the_original_model(run_dir, monkeypatch):
+    """Without an injected ranker, the judge gets the policy and runs with the adapter off."""
+    from peft.tuners.lora import LoraLayer
+
+    import prefloop.rank
+
+    seen = {}
+
+    class Judge:
+        name = "judge:tiny"
+
+        def compare(self, instructions, a, b):
+            layers = [m for m in seen["model"].modules() if isinstance(m, LoraLayer)]
+            seen["disabled"] = all(m.disable_adapters for m in layers) and bool(layers)
+            return [1.0] * len(a)
+
+    def fake_make_ranker(recipe, model=None, tokenizer=None, **kw):
+        seen["model"], seen["tokenizer"] = model, tokenizer
+        return Judge()
+
+    monkeypatch.setattr(prefloop.rank, "make_ranker", fake_make_ranker)
+    compare.run(_recipe(run_dir, "compare.max_new_tokens=3"), run_dir)
+    assert type(seen["model"]).__name__ == "PeftModelForCausalLM"  # task type from the adapter
+    assert seen["disabled"] is True
+
+
+def test_verdict_is_skipped_when_off(run_dir):
+    out = compare.run(_recipe(run_dir, "compare.verdict=false", "compare.max_new_tokens=3"),
+                      run_dir, ranker=FakeRanker([]))
+    assert not (out / "verdict.json").exists()
+    assert (out / "comparison.csv").exists()
+
+
+def test_heldout_in_training_set_is_refused(run_dir):
+    from prefloop.artifacts import write_jsonl
+
+    path = run_dir / "instructions" / "heldout.jsonl"
+    write_jsonl(path, [{"id": "ho-0", "instruction": "name a small tree"},
+                       {"id": "ho-1", "instruction": "  Write a SHORT poem about the sea "}])
+    with pytest.raises(PrefloopError) as e:
+        compare.run(_recipe(run_dir), run_dir, ranker=FakeRanker([]))
+    train_path = run_dir / "instructions" / "train.jsonl"
+    assert str(e.value) == (
+        f"{path}: 1 held-out instruction(s) also in {train_path} (first: 'ho-1'); held-out "
+        "instructions must be unseen, re-run `prefloop instructions --force` on a "
+        "de-duplicated source")
+    assert not (run_dir / "compare").exists()
+
+
+def test_heldout_in_pairs_prompts_is_refused(run_dir):
+    from prefloop.artifacts import write_jsonl
+
+    write_jsonl(run_dir / "instructions" / "train.jsonl",
+                [{"id": "x", "instruction": "hello world"}])
+    write_jsonl(run_dir / "instructions" / "heldout.jsonl",
+                [{"id": "ho-7", "instruction": "Name a big river"}])
+    with pytest.raises(PrefloopError) as e:
+        compare.run(_recipe(run_dir), run_dir, ranker=FakeRanker([]))
+    assert str(e.value) == (
+        f"{run_dir / 'instructions' / 'heldout.jsonl'}: 1 held-out instruction(s) are prompts "
+        f"of the pairs dataset {run_dir / 'pairs' / 'dataset'} (first: 'ho-7'); held-out "
+        "instructions must be unseen, re-run `prefloop pairs --force` and `prefloop train --force`")
+
+
+def test_missing_adapter_names_folder_and_command(tmp_path):
+    with pytest.raises(PrefloopError) as e:
+        compare.run(Recipe(), tmp_path / "run")
+    adapter = tmp_path / "run" / "train" / "adapter"
+    assert str(e.value) == (f"{adapter}: no trained adapter found; run `prefloop train "
+                            f"--output-dir {tmp_path / 'run'}` first")
+
+
+def _rec(text, tokens, reason="eos"):
+    return {"response": text, "response_tokens": tokens, "finish_reason": reason}
+
+
+def test_tally_and_identical_responses_are_ties_without_ranking():
+    items = [{"id": str(i), "instruction": f"q{i}"} for i in range(4)]
+    original = [_rec("same", 2), _rec("a b c", 4), _rec("x", 2), _rec("p q", 3, "length")]
+    dpo = [_rec("same", 2), _rec("a b", 3), _rec("y y y y", 5), _rec("r", 2)]
+    ranker = FakeRanker([-0.5, 1.5, 0.25])
+    margins = compare.judge_margins(ranker, items, original, dpo)
+    assert ranker.calls == [(["q1", "q2", "q3"], ["a b", "y y y y", "r"], ["a b c", "x", "p q"])]
+    assert margins == [0.0, -0.5, 1.5, 0.25]
+    v = compare.tally(items, original, dpo, margins, "fake")
+    assert (v["n"], v["wins"], v["ties"], v["losses"], v["invalid"], v["identical"]) == (
+        4, 2, 1, 1, 0, 1)
+    assert v["win_rate"] == 0.625
+    # content tokens: EOS not counted; "length" rows have none
+    assert v["mean_tokens"] == {"original": (1 + 3 + 1 + 3) / 4, "dpo": (1 + 2 + 4 + 1) / 4}
+    assert v["mean_words"] == {"original": (1 + 3 + 1 + 2) / 4, "dpo": (1 + 2 + 4 + 1) / 4}
+    none = compare.tally(items[:1], original[:1], dpo[:1], [math.nan], "fake")
+    assert (none["n"], none["invalid"], none["win_rate"], none["ci95"]) == (0, 1, None, None)
+    assert compare.verdict_text(none).startswith("Verdict (fake): no valid comparison")
+
+
+def test_wilson_interval_textbook_values():
+    lo, hi = compare.wilson_interval(5, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)
+    lo, hi = compare.wilson_interval(0, 10)
+    assert (lo, round(hi, 4)) == (0.0, 0.2775)
+    lo, hi = compare.wilson_interval(10, 10)
+    assert (round(lo, 4), round(hi, 12)) == (0.7225, 1.0)
+
+
+def test_markdown_escapes_pipes_and_newlines():
+    df = pd.DataFrame({"instruction": ["a | b"], "original": ["line1\nline2"], "dpo": ["ok"]})
+    assert compare.markdown_table(df) == (
+        "| instruction | original | dpo |\n|---|---|---|\n| a \\| b | line1<br>line2 | ok |\n")
+
+
+def test_blocks_wrap_and_truncate_long_cells():
+    long = "word " * 400
+    df = pd.DataFrame({"instruction": ["short question"], "original": [long], "dpo": ["yes"]})
+    text = compare.format_blocks(df, width=60, max_chars=200)
+    assert all(len(line) <= 60 for line in text.splitlines())
+    assert text.count("word") == 40 and text.count("word…") == 1  # 199 chars + "…"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_original_side_is_the_base_model(run_dir):
+    """On CUDA (bf16, CUDA-graph decoding) the adapter-disabled side equals the plain base."""
+    from peft import PeftModel
+
+    from prefloop.chat import render_prompt
+    from prefloop.engine import Sampling, generate
+    from prefloop.generate import eos_ids
+    from prefloop.models import load_model
+
+    out = compare.run(_recipe(run_dir), run_dir, ranker=FakeRanker([1.0] * 5))
+    by_id = {r["id"]: r for r in read_jsonl_lines(out / "original.jsonl")}
+    dpo_by_id = {r["id"]: r for r in read_jsonl_lines(out / "dpo.jsonl")}
+    base, tok = load_model(str(run_dir.parent / "model"))
+    assert base.dtype == torch.bfloat16 and base.device.type == "cuda"
+    prompts = [render_prompt(tok, h).ids for h in HELDOUT]
+    sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=6)
+    kw = {"eos_token_ids": eos_ids(base, tok), "pad_token_id": tok.pad_token_id}
+    plain = generate(base, prompts, 1, sampling, **kw)
+    assert [by_id[f"ho-{i}"]["response"] for i in range(5)] == _decoded(tok, plain)
+    tuned = PeftModel.from_pretrained(base, str(run_dir / "train" / "adapter")).eval()
+    with_adapter = generate(tuned, prompts, 1, sampling, **kw)
+    assert [dpo_by_id[f"ho-{i}"]["response"] for i in range(5)] == _decoded(tok, with_adapter)
+    assert [c[0].token_ids for c in plain] != [c[0].token_ids for c in with_adapter]
