@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from prefloop import distributed
 from prefloop.artifacts import (
     append_jsonl,
     atomic_write_text,
@@ -163,6 +164,9 @@ def dpo_config(cfg: TrainConfig, out_dir: Path, device: torch.device, dtype: tor
         lr_scheduler_type=cfg.scheduler, max_length=cfg.max_length,
         logging_steps=cfg.logging_steps, dataloader_pin_memory=cuda,
         model_init_kwargs=model_init_kwargs,
+        # Under DDP: every LoRA weight gets a gradient each step, so skip the per-step search
+        # for unused parameters (it costs a graph walk and breaks with activation checkpointing).
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -322,7 +326,8 @@ def hyper_parameters(cfg: TrainConfig, args, n_pairs: int, n_used: int, steps: i
         "loss_type": cfg.loss_type, "beta": cfg.beta, "learning_rate": cfg.learning_rate,
         "epochs": cfg.epochs, "max_steps": cfg.max_steps, "optimizer steps (run)": steps,
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-        "effective batch": cfg.batch_size * cfg.grad_accum, "warmup_ratio": cfg.warmup_ratio,
+        "effective batch": cfg.batch_size * cfg.grad_accum * args.world_size,
+        "warmup_ratio": cfg.warmup_ratio,
         "scheduler": cfg.scheduler, "max_length": cfg.max_length, "lora_r": cfg.lora_r,
         "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
         "target_modules": f"{cfg.target_modules} ({', '.join(targets)})",
@@ -349,11 +354,33 @@ def _dataset_repo_id(run_dir: Path) -> str | None:
     return json.loads(path.read_text(encoding="utf-8")).get("repo_id")
 
 
-def _save_adapter(model, tokenizer, adapter_dir: Path) -> None:
+def full_state_dict(trainer) -> dict | None:
+    """Under FSDP each process holds a slice of the weights: gather them (a collective, so every
+    process must call it). None otherwise: the model in each process is whole."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return trainer.accelerator.get_state_dict(trainer.model)
+    return None
+
+
+def check_fsdp() -> None:
+    """FSDP2 only: FSDP1 trains a LoRA model but cannot gather it back into a PEFT adapter
+    (its full state dict expects the frozen base weights beside the LoRA ones and fails)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() not in ("1", "true"):
+        return
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise PrefloopError(f"accelerate config: fsdp_version {version} cannot save a LoRA "
+                            "adapter; set fsdp_version: 2 (as configs/accelerate/fsdp.yaml does)")
+
+
+def _save_adapter(model, tokenizer, adapter_dir: Path, state_dict: dict | None = None) -> None:
     """Write the adapter and tokenizer to a temp folder, then move it into place whole."""
     tmp = adapter_dir.with_name(f".{adapter_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    if state_dict is None:
+        model.save_pretrained(str(tmp))
+    else:  # gathered from FSDP shards; PEFT keeps only the adapter's entries
+        model.save_pretrained(str(tmp), state_dict=state_dict)
     tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(adapter_dir, ignore_errors=True)
     os.replace(tmp, adapter_dir)
@@ -380,16 +407,20 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     out = run_dir / "train"
     h = config_hash({"train": cfg, "model": recipe.model,
                      "upstream": upstream_hash(run_dir, "pairs")})
+    topo = distributed.topology()  # first: under a launcher it also picks this process's GPU
     device = pick_device(recipe.model.device)
     check_options(cfg, device)
-    if begin_stage(out, "train", h, force=force):
-        return out
+    check_fsdp()
+    # Only the main process deletes or writes files; the others train and wait (DDP/FSDP).
+    with distributed.main_first():
+        if begin_stage(out, "train", h, force=force and topo.is_main):
+            return out
+        if topo.is_main:  # an interrupted run restarts from step 0: drop what it left behind
+            (out / "log.jsonl").unlink(missing_ok=True)
+            (out / "curves.png").unlink(missing_ok=True)
+            shutil.rmtree(out / "adapter", ignore_errors=True)
+            shutil.rmtree(out / "trainer", ignore_errors=True)
     started = time.time()
-    # An interrupted run restarts from step 0: drop what it left behind.
-    (out / "log.jsonl").unlink(missing_ok=True)
-    (out / "curves.png").unlink(missing_ok=True)
-    shutil.rmtree(out / "adapter", ignore_errors=True)
-    shutil.rmtree(out / "trainer", ignore_errors=True)
 
     pairs = load_pairs(run_dir)
     model, tok = _load_policy(recipe)
@@ -409,6 +440,11 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     result = trainer.train()
     seconds = time.time() - t0
     steps = trainer.state.global_step
+    state_dict = full_state_dict(trainer)  # every process, before the main-only part
+    if not topo.is_main:
+        distributed.barrier()  # wait for the main process to write the adapter and manifest
+        return out
+    policy = trainer.accelerator.unwrap_model(trainer.model)
     records = read_jsonl(out / "log.jsonl") if (out / "log.jsonl").exists() else []
     if records:
         check["first_logged_step"] = {k: records[0][k] for k in
@@ -421,9 +457,11 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
               "pairs_per_second": round(result.metrics.get("train_samples_per_second", 0.0), 3),
               "device": str(device)}
 
-    _save_adapter(trainer.model, tok, out / "adapter")
+    _save_adapter(policy, tok, out / "adapter", state_dict)
+    print(f"[prefloop] train: adapter saved to {out / 'adapter'} ({trainer.args.world_size} "
+          "process(es))", file=sys.stderr, flush=True)
     plot_curves(records, out / "curves.png")
-    targets, n_lora = lora_targets(trainer.model)
+    targets, n_lora = lora_targets(policy)
     final, mean_last = summarize(records)
     hyper = hyper_parameters(cfg, trainer.args, len(pairs), n_used, steps, targets)
     from prefloop.cards import adapter_card
@@ -432,11 +470,13 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
         recipe, run_dir, hyper=hyper, final=final, last_n=min(LAST_N, len(records)),
         mean_last=mean_last, dataset_repo_id=_dataset_repo_id(run_dir), timing=timing))
     shutil.rmtree(out / "trainer", ignore_errors=True)
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     write_manifest(out, "train", h, started=started, counts={
         "pairs": len(pairs), "pairs_trained": n_used, "steps": steps, "log_lines": len(records)},
         extra={"step0_check": check, "timing": timing, "final": final, "mean_last": mean_last,
                "lora": {"targets": targets, "modules": n_lora,
                         "trainable_params": trainable},
-               "reference": "base model with the LoRA adapter disabled (no second copy)"})
+               "reference": "base model with the LoRA adapter disabled (no second copy)",
+               "processes": trainer.args.world_size})
+    distributed.barrier()
     return out

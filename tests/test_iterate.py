@@ -1,0 +1,354 @@
+"""The self-rewarding loop: per-round recipes, win rates, the report, and (slow) two real rounds
+on a tiny random Llama with real DPO, the round-2 reference check, and resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from test_judge import judge_tokenizer
+from tiny import WORDS, one_thread, read_jsonl_lines, tiny_llama
+
+from prefloop import iterate, train
+from prefloop.artifacts import read_manifest, write_jsonl
+from prefloop.config import (
+    CompareConfig,
+    InstructionsConfig,
+    IterateConfig,
+    ModelConfig,
+    RankConfig,
+    Recipe,
+    TrainConfig,
+    load_recipe,
+)
+from prefloop.errors import PrefloopError
+
+# -- fast: pure pieces -----------------------------------------------------------------------------
+
+
+def test_round_recipe_points_round_t_at_M_t_and_self_judging(tmp_path):
+    recipe = Recipe(model=ModelConfig(name="start", revision="abc"),
+                    rank=RankConfig(ranker="pairrm", judge_model="ext", judge_samples=1),
+                    iterate=IterateConfig(n_candidates=4, temperature=0.7, top_p=0.9,
+                                          max_new_tokens=99, judge_samples=3, seed=5))
+    r1, r2 = (iterate.round_recipe(recipe, tmp_path, t) for t in (1, 2))
+    assert (r1.model.name, r1.model.revision) == ("start", "abc")
+    assert (r2.model.name, r2.model.revision) == (str((tmp_path / "rounds/1/model").resolve()),
+                                                  None)
+    for t, r in ((1, r1), (2, r2)):
+        assert (r.generate.k, r.generate.temperature, r.generate.top_p,
+                r.generate.max_new_tokens, r.generate.seed) == (4, 0.7, 0.9, 99, 5 + t)
+        assert (r.rank.ranker, r.rank.judge_model, r.rank.judge_samples) == ("judge", None, 3)
+        assert r.train == recipe.train and r.name == f"default-round{t}"
+    # the run-level split: the eval set size comes from iterate.eval_prompts
+    assert iterate.seed_recipe(replace(recipe, iterate=IterateConfig(eval_prompts=7))
+                               ).instructions.n_heldout == 7
+
+
+@pytest.mark.parametrize("margins,expected", [
+    ([1.0, 0.5, -2.0, 0.0, None, float("nan")],
+     {"wins": 2, "ties": 1, "losses": 1, "unscored": 2, "win_rate": 0.625}),
+    ([], {"wins": 0, "ties": 0, "losses": 0, "unscored": 0, "win_rate": None}),
+    ([None], {"wins": 0, "ties": 0, "losses": 0, "unscored": 1, "win_rate": None}),
+    ([-1.0, -0.1, 0.0], {"wins": 0, "ties": 1, "losses": 2, "unscored": 0, "win_rate": 0.1667}),
+])
+def test_win_rate(margins, expected):
+    assert iterate.win_rate(margins) == expected
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["iterate.prompt_source=seed", "instructions.n_train=5", "iterate.prompts_per_round=3"],
+     "instructions.n_train: 5 seed prompts cannot give 2 disjoint rounds of "
+     "iterate.prompts_per_round 3; raise instructions.n_train to 6"),
+    (["iterate.min_words=9", "iterate.max_words=8"],
+     "iterate.min_words (9) exceeds iterate.max_words (8); lower min_words or raise max_words"),
+    (["iterate.n_candidates=1"],
+     "iterate.n_candidates: a pair needs at least 2 candidates (the paper uses 4)"),
+    (["iterate.rouge_threshold=1.5"], "iterate.rouge_threshold: must be in (0, 1], got 1.5"),
+])
+def test_bad_settings_fail_before_any_model_loads(tmp_path, sets, message):
+    from prefloop.config import apply_overrides
+
+    with pytest.raises(PrefloopError) as e:
+        iterate.run(apply_overrides(Recipe(), sets), tmp_path / "run")
+    assert str(e.value) == message
+    assert not (tmp_path / "run").exists()
+
+
+def test_pairwise_eval_judge_margins_are_compared_once_and_cached(tmp_path):
+    """With PairRM as the fixed judge, margins come from its compare(new, other), not scores."""
+    other = tmp_path / "rounds/0/eval"
+    gens = [{"id": f"p{i}", "instruction": f"q{i}", "response": f"new {i}"} for i in range(3)]
+    write_jsonl(other / "generations.jsonl", [dict(g, response=f"old {i}")
+                                              for i, g in enumerate(gens)])
+    write_jsonl(other / "scores.jsonl", [{"id": g["id"], "ranker": "pairrm:x", "score": None}
+                                         for g in gens])
+    calls = []
+
+    class FakePairRM:
+        name = "pairrm:x"
+
+        def compare(self, instructions, a, b):
+            calls.append((instructions, a, b))
+            return [1.5, float("nan"), -0.25]
+
+    judge = iterate._LazyRanker(Recipe())
+    judge._ranker = FakePairRM()
+    scores = {g["id"]: {"ranker": "pairrm:x", "score": None} for g in gens}
+    path = tmp_path / "vs_M1.jsonl"
+    assert iterate._margins(judge, gens, scores, other, path) == [1.5, None, -0.25]
+    assert calls == [(["q0", "q1", "q2"], ["new 0", "new 1", "new 2"],
+                      ["old 0", "old 1", "old 2"])]
+    assert iterate._margins(judge, gens, scores, other, path) == [1.5, None, -0.25]
+    assert len(calls) == 1  # resumed from vs_M1.jsonl
+
+
+def test_length_score_corr():
+    rows = [{"response_tokens": n, "score": s} for n, s in ((10, 1.0), (20, 2.0), (30, 4.0))]
+    assert iterate.length_score_corr(rows) == 0.982
+    assert iterate.length_score_corr(rows[:2]) is None  # too few points
+    assert iterate.length_score_corr(rows + [{"response_tokens": 5, "score": None}]) == 0.982
+
+
+def test_summary_table_formats_one_line_per_model():
+    rows = [
+        {"round": 0, "model": "M1", "eval_score": 2.5, "eval_tokens": 120.0,
+         "eval_judge_fail": 0.25, "vs_prev": None, "vs_m1": None},
+        {"round": 1, "model": "M2", "eval_score": 3.0, "eval_tokens": 150.5,
+         "eval_judge_fail": 0.0, "prompts": {"train": 20}, "pairs": 12,
+         "dropped": {"all_tied": 7, "too_few_scored": 1}, "self_judge_fail": 0.125,
+         "self_judge_score": 3.25, "step0": {"rewards/chosen": 0.0},
+         "vs_prev": {"wins": 6, "ties": 2, "losses": 2, "win_rate": 0.7}, "vs_m1": None},
+    ]
+    assert iterate.summary_table(rows).splitlines()[2:] == [
+        "| M1 | – | – | – | – | – | – | – | – | 2.5 | 120.0 | 25.0% |",
+        "| M2 | 20 | 12 | 7 / 1 | 12.5% | 3.25 | 0 | 70.0% (6/2/2) | – | 3 | 150.5 | 0.0% |",
+    ]
+
+
+def test_report_of_a_round_that_stopped(tmp_path):
+    from prefloop.artifacts import write_manifest
+
+    run_dir = tmp_path / "run"
+    write_manifest(run_dir / "rounds/0/eval", "eval", "h", started=0.0, counts={
+        "prompts": 2, "score_mean": None, "response_tokens_mean": 99.5, "eos_rate": 0.5,
+        "judge_parse_failure_rate": 1.0}, extra={"judge": "judge:m1"})
+    write_manifest(run_dir / "rounds/1/instructions", "instructions", "h", started=0.0,
+                   counts={"source": "seed", "train": 3})
+    write_jsonl(run_dir / "rounds/1/pairs/dropped.jsonl",
+                [{"id": str(i), "reason": "too_few_scored"} for i in range(3)])
+    iterate.write_report(Recipe(), run_dir, stopped="no preference pairs")
+    text = (run_dir / "report.md").read_text()
+    assert text.startswith("# Self-rewarding run: smollm2-135m-instruct, 0 of 2 rounds\n\n"
+                           "**Stopped in round 1:** no preference pairs\n")
+    rows = [line for line in text.splitlines() if line.startswith("| M")]
+    assert rows == [
+        "| M1 | – | – | – | – | – | – | – | – | – | 99.5 | 100.0% |",
+        "| M2 | 3 | 0 | 0 / 3 | – | – | – | – | – | – | – | – |"]
+
+
+def test_shipped_self_reward_recipe():
+    r = load_recipe("self-reward", ["instructions.source=/data/lima.jsonl"])
+    assert r.name == "self-reward" and r.model.name == "smollm2-135m-instruct"
+    assert (r.iterate.rounds, r.iterate.prompt_source, r.iterate.n_candidates,
+            r.iterate.judge_samples) == (2, "self-instruct", 4, 3)
+    assert (r.iterate.temperature, r.iterate.top_p) == (0.7, 0.9)
+    assert (r.iterate.prompt_temperature, r.iterate.prompt_top_p) == (0.6, 0.9)
+    assert (r.iterate.fewshot_seed, r.iterate.fewshot_generated) == (6, 2)
+    assert r.train.beta == 0.1 and r.rank.ranker == "judge" and r.rank.judge_model is None
+    text = Path(iterate.__file__).with_name("recipes").joinpath("self-reward.yaml").read_text()
+    assert text.startswith("# ") and "prefloop iterate --recipe self-reward" in text
+
+
+# -- slow: two real rounds on a tiny model ---------------------------------------------------------
+
+
+def fake_score(text: str) -> float:
+    """The tiny judge writes word salad: derive a 0-5 'score' from its text, deterministically."""
+    return float(sum(map(ord, text)) % 6)
+
+
+def tiny_recipe(model_dir: Path, source: Path) -> Recipe:
+    return Recipe(
+        name="tiny-sr", model=ModelConfig(name=str(model_dir)),
+        instructions=InstructionsConfig(source=str(source), n_train=8),
+        rank=RankConfig(judge_max_new_tokens=6, judge_samples=2),
+        train=TrainConfig(learning_rate=2e-2, batch_size=2, warmup_ratio=0.0, lora_r=4,
+                          lora_alpha=8, max_length=512),
+        compare=CompareConfig(max_new_tokens=6),
+        iterate=IterateConfig(rounds=2, prompt_source="seed", prompts_per_round=4,
+                              n_candidates=4, max_new_tokens=6, judge_samples=3, eval_prompts=3))
+
+
+def _mtimes(run_dir: Path, parts: list[str]) -> dict[str, int]:
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns
+            for part in parts for p in sorted((run_dir / part).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory):
+    """Run 2 rounds, killed once at the start of round 2's DPO, then resumed with counters."""
+    import datasets
+
+    from prefloop import engine
+
+    root = tmp_path_factory.mktemp("iterate")
+    tok = judge_tokenizer()
+    m1 = root / "m1"
+    tiny_llama(tok).save_pretrained(m1)
+    tok.save_pretrained(m1)
+    rng = random.Random(0)
+    source = root / "prompts.jsonl"
+    write_jsonl(source, [{"id": f"q{i}", "instruction": " ".join(rng.choices(WORDS[:80], k=6))}
+                         for i in range(14)])
+    recipe = tiny_recipe(m1, source)
+    run_dir = root / "run"
+    real_train, real_generate, real_build = train.run, engine.generate, train.build_trainer
+    seen = {"train_calls": 0, "engine_calls": 0, "trainers": 0}
+
+    def train_killed_in_round_2(rr, rdir, **kw):
+        seen["train_calls"] += 1
+        if rdir.name == "2":
+            raise KeyboardInterrupt
+        return real_train(rr, rdir, **kw)
+
+    def counting_generate(*a, **kw):
+        seen["engine_calls"] += 1
+        return real_generate(*a, **kw)
+
+    def counting_build(*a, **kw):
+        seen["trainers"] += 1
+        return real_build(*a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp, one_thread():
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", root / "hf-datasets")
+        mp.setattr("prefloop.rankers.judge.parse_score", fake_score)
+        mp.setattr(train, "run", train_killed_in_round_2)
+        with pytest.raises(KeyboardInterrupt):
+            iterate.run(recipe, run_dir)
+        done = ["instructions", "rounds/0", "rounds/1", "rounds/2/instructions",
+                "rounds/2/generate", "rounds/2/rank", "rounds/2/pairs"]
+        before = _mtimes(run_dir, done)
+        killed = {"train_calls": seen["train_calls"],
+                  "round2_train_started": (run_dir / "rounds/2/train").exists()}
+        mp.setattr(train, "run", real_train)
+        mp.setattr(engine, "generate", counting_generate)
+        mp.setattr("prefloop.generate.generate", counting_generate)
+        mp.setattr(train, "build_trainer", counting_build)
+        iterate.run(recipe, run_dir)
+        after = _mtimes(run_dir, done)
+    return {"root": root, "m1": m1, "run_dir": run_dir, "recipe": recipe, "seen": seen,
+            "killed": killed, "before": before, "after": after}
+
+
+@pytest.mark.slow
+def test_each_round_writes_its_artifacts(loop):
+    run_dir, recipe = loop["run_dir"], loop["recipe"]
+    heldout = {r["instruction"] for r in read_jsonl_lines(run_dir / "instructions/heldout.jsonl")}
+    assert len(heldout) == 3
+    trained_prompts = []
+    for t in (1, 2):
+        rdir = run_dir / "rounds" / str(t)
+        for stage in ("instructions", "generate", "rank", "pairs", "train", "model", "eval"):
+            assert read_manifest(rdir / stage)["status"] == "done", (t, stage)
+            assert not (rdir / stage / "in_progress.json").exists()
+        prompts = [r["instruction"] for r in read_jsonl_lines(rdir / "instructions/train.jsonl")]
+        assert len(prompts) == 4 and not set(prompts) & heldout
+        trained_prompts += prompts
+        gens = read_jsonl_lines(rdir / "generate/generations.jsonl")
+        m_t = str(recipe.model.name) if t == 1 else str((run_dir / "rounds/1/model").resolve())
+        assert len(gens) == 16 and {g["model"] for g in gens} == {m_t}
+        assert len(read_jsonl_lines(rdir / "rank/judgments.jsonl")) == 16 * 3
+        pm = read_manifest(rdir / "pairs")["counts"]
+        assert pm["pairs"] + pm["dropped"] == 4 and pm["pairs"] >= 1
+        assert (rdir / "pairs/dataset/data/train-00000-of-00001.parquet").exists()
+        assert (rdir / "train/adapter/adapter_model.safetensors").exists()
+        assert {p.name for p in (rdir / "model").iterdir()} >= {
+            "model.safetensors", "config.json", "tokenizer.json", "manifest.json"}
+        assert f"name: {m_t}" in (rdir / "recipe.yaml").read_text()
+        ev = read_manifest(rdir / "eval")["counts"]
+        assert ev["prompts"] == 3 and ev["judge_samples"] == 3 * recipe.rank.judge_samples
+        assert sorted(k for k in ev if k.startswith("vs_")) == (
+            ["vs_M1"] if t == 1 else ["vs_M1", "vs_M2"])
+    assert len(set(trained_prompts)) == 8  # seed mode: disjoint rounds
+    report = (run_dir / "report.md").read_text()
+    assert [line.split(" | ")[0] for line in report.splitlines() if line.startswith("| M")] == [
+        "| M1", "| M2", "| M3"]
+    assert {p.name for p in (run_dir / "plots").iterdir()} == {
+        "win_rate.png", "score.png", "length.png", "pairs.png"}
+    assert [r["model"] for r in json.loads((run_dir / "report.json").read_text())] == [
+        "M1", "M2", "M3"]
+
+
+@pytest.mark.slow
+def test_win_rates_follow_the_fixed_judge_scores(loop):
+    run_dir = loop["run_dir"]
+
+    def scores(t):
+        return {r["id"]: r["score"] for r in
+                read_jsonl_lines(run_dir / f"rounds/{t}/eval/scores.jsonl")}
+
+    for t, other in ((1, 0), (2, 1), (2, 0)):
+        new, old = scores(t), scores(other)
+        margins = {i: None if new[i] is None or old[i] is None else new[i] - old[i]
+                   for i in new}
+        rows = read_jsonl_lines(run_dir / f"rounds/{t}/eval/vs_M{other + 1}.jsonl")
+        assert {r["id"]: r["margin"] for r in rows} == margins and len(rows) == 3
+        counts = read_manifest(run_dir / f"rounds/{t}/eval")["counts"]
+        assert counts[f"vs_M{other + 1}"] == iterate.win_rate(list(margins.values()))
+    # the evaluation judge is the fixed starting model, in every round
+    judges = {read_manifest(run_dir / f"rounds/{t}/eval")["judge"] for t in (0, 1, 2)}
+    assert judges == {f"judge:{loop['m1']}"}
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_recomputes_nothing_saved(loop):
+    assert loop["killed"] == {"train_calls": 2, "round2_train_started": False}
+    assert loop["before"] == loop["after"]  # round 0/1 and round 2's finished steps untouched
+    assert len(loop["before"]) > 40
+    # the resumed run trained once (round 2) and generated only M3's eval responses + judgments
+    assert loop["seen"]["trainers"] == 1
+    assert loop["seen"]["engine_calls"] == 2
+
+
+@pytest.mark.slow
+def test_round_2_reference_is_the_merged_M2_not_M1(loop, tmp_path):
+    """Design A: at step 0 of round 2 the policy equals the reference, and the reference's
+    log-probs are those of M2 (the merged round-1 model), not M1's."""
+    import datasets
+
+    from prefloop.models import load_model
+
+    run_dir, recipe = loop["run_dir"], loop["recipe"]
+    for t in (1, 2):
+        check = read_manifest(run_dir / f"rounds/{t}/train")["step0_check"]
+        assert check["policy_equals_reference"] is True
+        assert abs(check["rewards/chosen"]) < 1e-6 and abs(check["rewards/rejected"]) < 1e-6
+        assert abs(check["first_logged_step"]["rewards/chosen"]) < 1e-6
+    rr2 = iterate.round_recipe(recipe, run_dir, 2)
+    m2_path = str((run_dir / "rounds/1/model").resolve())
+    assert rr2.model.name == m2_path
+    with pytest.MonkeyPatch.context() as mp, one_thread():
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+        policy, tok = load_model(m2_path)
+        trainer = train.build_trainer(policy, tok, train.load_pairs(run_dir / "rounds/2"), rr2,
+                                      tmp_path / "trainer", [])
+        m2, _ = load_model(m2_path)
+        m1, _ = load_model(str(loop["m1"]))
+        for ex in (trainer.train_dataset[i] for i in range(len(trainer.train_dataset))):
+            for completion in ("chosen_ids", "rejected_ids"):
+                args = (ex["prompt_ids"], ex[completion])
+                with torch.no_grad():
+                    pol = train.sequence_logps(trainer.model, *args).item()
+                    with trainer.model.disable_adapter():
+                        ref = train.sequence_logps(trainer.model, *args).item()
+                    from_m2 = train.sequence_logps(m2, *args).item()
+                    from_m1 = train.sequence_logps(m1, *args).item()
+                assert pol == pytest.approx(ref, abs=1e-5)
+                assert ref == pytest.approx(from_m2, abs=1e-5)
+                assert abs(ref - from_m1) > 1e-2
