@@ -61,3 +61,8 @@ def test_stage_lifecycle(tmp_path):
     assert not (d / "junk").exists()
     with pytest.raises(PrefloopError, match="stage 'generate' has not finished"):
         upstream_hash(tmp_path, "generate")
+
+
+def test_atomic_files_are_readable_by_others(tmp_path):
+    atomic_write_json(tmp_path / "x.json", {})
+    assert (tmp_path / "x.json").stat().st_mode & 0o044 == 0o044

@@ -66,7 +66,8 @@ def check_no_double_special(tokenizer, ids: list[int]) -> None:
             f"{_name(tokenizer)}: the prompt starts with BOS twice ({tokenizer.bos_token!r}); "
             "tokenize the rendered template with add_special_tokens=False"
         )
-    special = set(tokenizer.all_special_ids)
+    # [UNK] legitimately repeats (two unknown characters in a row); only added markers count
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
     for i in range(len(ids) - 1):
         if ids[i] == ids[i + 1] and ids[i] in special:
             token = tokenizer.convert_ids_to_tokens(ids[i])

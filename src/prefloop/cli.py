@@ -68,7 +68,8 @@ def run_stage(stage: str, recipe: Recipe, run_dir: Path, force: bool) -> Path:
         from prefloop import iterate as module
     else:
         raise PrefloopError(f"unknown stage '{stage}'")
-    print(f"[prefloop] {stage} -> {run_dir / stage}", file=sys.stderr)
+    where = run_dir if stage == "iterate" else run_dir / stage
+    print(f"[prefloop] {stage} -> {where}", file=sys.stderr)
     return module.run(recipe, run_dir, force=force)
 
 
@@ -80,6 +81,9 @@ def _quiet_libraries() -> None:
 
 
 def dispatch(args: argparse.Namespace) -> None:
+    from prefloop import distributed
+
+    distributed.topology()  # under accelerate launch: one GPU per process, before any model loads
     recipe, run_dir = resolve(args)
     _quiet_libraries()
     if args.command == "run":
