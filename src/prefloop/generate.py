@@ -211,6 +211,7 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
                                  batch_size=cfg.batch_size, where=str(run_dir / "instructions"),
                                  extra={"model": recipe.model.name})
     if topo.is_main:
+        write_jsonl(out / "generations.jsonl", records)  # completion order -> instruction order
         write_manifest(out, "generate", h, started=started, counts={
             "instructions": len(items), "responses": len(records),
             "eos": sum(r["finish_reason"] == "eos" for r in records),

@@ -1,0 +1,359 @@
+"""GPU generation benchmark at Mistral-7B-Instruct-v0.2's shape: transformers' generate vs
+prefloop's engine, 50 prompts x 5 samples x 256 new tokens (min = max, so the work is fixed).
+
+    PYTHONUNBUFFERED=1 python bench/gen_7b.py            # on one H100/H200 (about 1 min)
+    python bench/gen_7b.py --tiny                        # debug the script on CPU
+
+Random weights (built on the GPU from the config in bf16, nothing is downloaded): speed does
+not depend on weights. Before the timings it checks that greedy output of the engine equals
+transformers' generate on a small random model (fp32 and bf16). Prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from prefloop.engine import GenerationStats, Sampling, generate  # noqa: E402
+from prefloop.engine.kv import decode_mask, grouped_attention  # noqa: E402
+from prefloop.engine.loop import DecodeLoop, options_for  # noqa: E402
+from prefloop.engine.sampling import choose_tokens  # noqa: E402
+
+EOS, PAD = 2, 0
+
+
+def mistral(device, dtype, tiny: bool, **size):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    shape = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)
+    if tiny:
+        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=300)
+    shape.update(size)
+    cfg = MistralConfig(**shape, max_position_embeddings=32768, rope_theta=1e6,
+                        sliding_window=None, bos_token_id=1, eos_token_id=EOS,
+                        pad_token_id=PAD, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = MistralForCausalLM._from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib(device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def hf_generate(model, prompts, n, sampling: Sampling, eos=EOS):
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    dev = next(model.parameters()).device
+    kwargs = dict(do_sample=False) if sampling.temperature == 0 else dict(
+        do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+        num_return_sequences=n)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                             max_new_tokens=sampling.max_new_tokens,
+                             min_new_tokens=sampling.min_new_tokens, eos_token_id=eos,
+                             pad_token_id=PAD, **kwargs)
+    stop = {eos} if isinstance(eos, int) else set(eos)
+    rows = out[:, width:].tolist()
+    return [r[: next((i + 1 for i, t in enumerate(r) if t in stop), len(r))] for r in rows]
+
+
+def greedy_check(device, dtype) -> tuple[str, int, int, int]:
+    """Engine greedy vs transformers greedy on a small random Mistral: identical prompts?"""
+    torch.manual_seed(0)
+    model = mistral(device, dtype, tiny=False, hidden_size=256, intermediate_size=512,
+                    num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                    vocab_size=1000)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist()
+               for n in (5, 17, 9, 33, 12, 40, 3, 21)]
+    free = hf_generate(model, prompts, 1, Sampling(0.0, max_new_tokens=32), eos=999_999)
+    eos = sorted({free[i][5 + 4 * i] for i in range(4)})  # stop some rows part-way
+    want = hf_generate(model, prompts, 1, Sampling(0.0, max_new_tokens=32), eos=eos)
+    got = generate(model, prompts, 2, Sampling(0.0, max_new_tokens=32), eos_token_ids=eos,
+                   pad_token_id=PAD)
+    same = sum(all(c.token_ids == w for c in comps) for w, comps in zip(want, got, strict=True))
+    stops = sum(w[-1] in eos for w in want)
+    return str(dtype).replace("torch.", ""), same, len(prompts), stops
+
+
+def engine_run(model, prompts, n, sampling, label, rows, options=None):
+    device = next(model.parameters()).device
+    reset_peak(device)
+    stats = GenerationStats()
+    sync(device)
+    t0 = time.perf_counter()
+    out = generate(model, prompts, n, sampling, eos_token_ids=[EOS], pad_token_id=PAD,
+                   stats=stats, options=options)
+    sync(device)
+    dt = time.perf_counter() - t0
+    tokens = sum(len(c.token_ids) for comps in out for c in comps)
+    rows.append((label, dt, tokens, peak_gib(device), stats.capture_seconds,
+                 f"{len(stats.graphs)} graphs, {stats.rows_per_batch} rows/batch"))
+    print(f"  {label}: {dt:.2f} s, {tokens} tokens, {tokens / dt:,.0f} tok/s, "
+          f"capture {stats.capture_seconds:.2f} s, graphs {stats.graphs}", flush=True)
+    return out
+
+
+def timed(fn, device, reps: int) -> float:
+    """Mean milliseconds per call of fn (after one untimed call)."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def step_profile(model, prompts, n, sampling) -> list[tuple[str, float]]:
+    """Milliseconds of one decode step and of its parts, at the benchmark's batch."""
+    device = next(model.parameters()).device
+    opt = options_for(device)
+    width = max(map(len, prompts))
+    rows = len(prompts) * n
+    columns = width + sampling.max_new_tokens - 1
+    out = []
+    with torch.inference_mode(), grouped_attention(model):
+        loop = DecodeLoop(model, n=n, rows=rows, columns=columns,
+                          temperature=sampling.temperature, top_p=sampling.top_p,
+                          max_new_tokens=sampling.max_new_tokens,
+                          min_new_tokens=sampling.min_new_tokens, seed=0, eos_token_ids=[EOS],
+                          pad_token_id=PAD, window=None, bool_masks=True, options=opt)
+        sync(device)
+        t0 = time.perf_counter()
+        loop.start_group(list(enumerate(prompts)))
+        sync(device)
+        out.append((f"prefill {len(prompts)}x{width} tokens (ms)", (time.perf_counter() - t0) * 1e3))
+
+        def step(kv):
+            def run():
+                loop.col.fill_(width)
+                loop.step.fill_(1)
+                loop._decode(rows, kv)
+            return run
+
+        for kv in sorted({-(-(width + 1) // opt.kv_block) * opt.kv_block, columns}):
+            out.append((f"decode step, {rows} rows, {kv} columns (ms)", timed(step(kv), device, 20)))
+
+        def forward():
+            loop.cache.mode, loop.cache.rows, loop.cache.kv_len = "decode", rows, columns
+            mask = decode_mask(loop.pad[:rows], loop.col, loop.columns[:columns], None)
+            return model(input_ids=loop.tok[:rows], attention_mask=loop._mask(mask),
+                         position_ids=loop.pos[:rows], past_key_values=loop.cache,
+                         use_cache=True, logits_to_keep=1).logits
+
+        logits = torch.randn(rows, model.config.vocab_size, device=device).to(loop.dtype)
+
+        def sample():
+            return choose_tokens(logits, loop.key[:rows], loop.step, temperature=0.7, top_p=0.9,
+                                 prefilter=None, eos_ids=loop.eos, min_new_tokens=0)
+
+        def sort_top_p():
+            probs = torch.softmax(logits.float() / 0.7, -1)
+            return probs.sort(-1, descending=True).values.cumsum(-1)
+
+        for name, fn in (("forward only", forward), ("sampling only (sort top-p)", sample),
+                         ("reference: softmax + full sort + cumsum", sort_top_p)):
+            loop.col.fill_(width)
+            out.append((f"{name}, {rows} rows (ms)", timed(graphed(fn, device), device, 20)))
+        out += attention_backends(model, rows, columns, device, loop.dtype)
+        out += other_attention(rows, columns, device, loop.dtype, model.config.num_hidden_layers)
+    return out
+
+
+def attention_backends(model, rows, columns, device, dtype) -> list[tuple[str, float]]:
+    """One layer's decode attention (grouped heads folded into the query) per SDPA backend."""
+    if device.type != "cuda":
+        return []
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cfg = model.config
+    kv_heads, dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    group = cfg.num_attention_heads // kv_heads
+    q = torch.randn(rows, kv_heads, group, dim, device=device, dtype=dtype)
+    k = torch.randn(rows, kv_heads, columns, dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    mask = torch.ones(rows, 1, 1, columns, dtype=torch.bool, device=device)
+    out = []
+    for name, backend in (("default", None), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("math", SDPBackend.MATH), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def run(backend=backend):
+            if backend is None:
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            with sdpa_kernel([backend]):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        try:
+            ms = timed(run, device, 20)
+        except RuntimeError as e:
+            print(f"  sdpa {name}: {str(e).splitlines()[0][:120]}")
+            continue
+        out.append((f"attention of one layer, {name} SDPA, x{cfg.num_hidden_layers} layers", ms * cfg.num_hidden_layers))
+    return out
+
+
+def other_attention(rows, columns, device, dtype, layers) -> list[tuple[str, float]]:
+    """Decode attention done other ways, for the record: two bf16 matmuls around a float32
+    softmax, and FlexAttention (compiled; its decoding kernel splits the keys)."""
+    if device.type != "cuda":
+        return []
+    q = torch.randn(rows, 8, 4, 128, device=device, dtype=dtype)
+    k = torch.randn(rows, 8, columns, 128, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    bias = torch.zeros(rows, 1, 1, columns, device=device)
+    out = []
+
+    def matmuls():
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * 128**-0.5 + bias
+        return torch.matmul(torch.softmax(scores, -1).to(dtype), v)
+
+    out.append(("attention, two matmuls, x32 layers", timed(graphed(matmuls, device), device, 20) * layers))
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        pad = torch.zeros(rows, dtype=torch.long, device=device)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.where(kv_idx >= pad[b], score, -float("inf"))
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        q1 = q.reshape(rows, 32, 1, 128)
+        t0 = time.perf_counter()
+        flex(q1, k, v, score_mod=score_mod, enable_gqa=True)
+        sync(device)
+        compile_s = time.perf_counter() - t0
+        ms = timed(graphed(lambda: flex(q1, k, v, score_mod=score_mod, enable_gqa=True), device),
+                   device, 20)
+        out.append((f"attention, FlexAttention compiled ({compile_s:.0f} s), x32 layers", ms * layers))
+    except Exception as e:  # noqa: BLE001 - a diagnostic only
+        print(f"  flex attention failed: {type(e).__name__}: {str(e)[:200]}")
+    return out
+
+
+def graphed(fn, device):
+    if device.type != "cuda":
+        return fn
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="toy config on CPU to debug the script")
+    ap.add_argument("--prompts", type=int, default=50)
+    ap.add_argument("--n", type=int, default=5)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--max-new", type=int, default=256)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--skip-profile", action="store_true")
+    ap.add_argument("--eager", action="store_true", help="also time the engine without graphs")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.tiny:
+        args.prompts, args.prompt_len, args.max_new = 6, 16, 24
+    import transformers
+
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"# {datetime.date.today()} {gpu}, torch {torch.__version__}, transformers "
+          f"{transformers.__version__}\n# command: python {' '.join(sys.argv)}", flush=True)
+
+    checks = []
+    if not args.skip_check:
+        for dtype in (torch.float32, torch.bfloat16):
+            checks.append(greedy_check(device, dtype))
+            print(f"  greedy check {checks[-1]}", flush=True)
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = mistral(device, dtype, args.tiny)
+    sync(device)
+    print(f"  model built in {time.perf_counter() - t0:.1f} s: "
+          f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters", flush=True)
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(3, vocab, (args.prompt_len,), generator=g).tolist()
+               for _ in range(args.prompts)]
+    sampling = Sampling(0.7, 0.9, args.max_new, min_new_tokens=args.max_new, seed=0)
+
+    rows: list[tuple] = []
+    if not args.skip_hf:
+        reset_peak(device)
+        sync(device)
+        t0 = time.perf_counter()
+        out = hf_generate(model, prompts, args.n, sampling)
+        sync(device)
+        dt = time.perf_counter() - t0
+        tokens = sum(map(len, out))
+        rows.append(("transformers generate (dynamic cache)", dt, tokens, peak_gib(device), 0.0,
+                     "num_return_sequences, top_k=0"))
+        print(f"  generate: {dt:.2f} s, {tokens} tokens, {tokens / dt:,.0f} tok/s", flush=True)
+        del out
+    engine_run(model, prompts, args.n, sampling, "prefloop engine, 1st call", rows)
+    engine_run(model, prompts, args.n, sampling, "prefloop engine, 2nd call", rows)
+    if args.eager:
+        eager = replace(options_for(device), cuda_graphs=False)
+        engine_run(model, prompts, args.n, sampling, "prefloop engine, no CUDA graphs", rows, eager)
+        rows.append(rows.pop(-2))  # keep the graphed 2nd call last, for the ratio
+
+    profile = [] if args.skip_profile else step_profile(model, prompts, args.n, sampling)
+
+    if checks:
+        print("\n| greedy check (engine vs generate) | prompts identical | prompts stopping on EOS |")
+        print("|---|---|---|")
+        for name, same, total, stops in checks:
+            print(f"| small random Mistral, {name} | {same}/{total} | {stops} |")
+    if profile:
+        print("\n| one decode step, parts | ms |\n|---|---|")
+        for name, ms in profile:
+            print(f"| {name} | {ms:.2f} |")
+    print(f"\n{args.prompts} prompts x {args.prompt_len} tokens x {args.n} samples x "
+          f"{args.max_new} new tokens (min = max), T 0.7, top-p 0.9, {dtype}, {gpu}")
+    print("| engine | seconds | tokens | tokens/s | peak GiB | capture s | note |")
+    print("|---|---|---|---|---|---|---|")
+    for label, dt, tokens, peak, cap, note in rows:
+        print(f"| {label} | {dt:.2f} | {tokens} | {tokens / dt:,.0f} | {peak:.1f} | {cap:.2f} "
+              f"| {note} |")
+    if not args.skip_hf:
+        base = rows[0][2] / rows[0][1]
+        best = rows[-1][2] / rows[-1][1]
+        print(f"| ratio engine (2nd call) / generate | | | {best / base:.2f}x | | | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""prefloop.engine against transformers' own generate() and against hand-computed sampling math.
+
+Tiny random-weight Llama/Mistral models (hidden 64, 2 layers, 4 heads, 2 KV heads, vocab 300),
+built in fixtures; everything runs on CPU in fp32 in a few seconds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefloop.engine import Completion, Sampling, generate
+from prefloop.engine.loop import LoopOptions
+from prefloop.engine.sampling import (
+    mix32,
+    nucleus_threshold,
+    nucleus_threshold_bisect,
+    nucleus_threshold_sorted,
+    row_key,
+    sample_inverse_cdf,
+    uniform,
+)
+
+VOCAB = 300
+PAD = 0
+LENGTHS = (5, 9, 3, 12, 7)
+# The CUDA settings (no top-k prefilter, row buckets, column blocks, sparse host syncs,
+# chunked prefill, additive masks), run eagerly: the same bookkeeping as the graphed loop.
+GPU_LIKE = LoopOptions(cuda_graphs=False, prefilter=None, sync_every=4, kv_block=8,
+                       bucket_rows=True, prefill_tokens=20, additive_masks=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Toy-sized ops gain nothing from threads, and on a busy machine OpenMP's waiting makes
+    them ~50x slower; the thread count is restored after this module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(kind: str, seed: int = 0, **extra):
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common, **extra)).eval()
+    extra.setdefault("sliding_window", None)
+    return MistralForCausalLM(MistralConfig(**common, rope_theta=1e6, **extra)).eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral"])
+def model(request):
+    return tiny(request.param)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def hf_greedy(model, prompts, max_new, eos, min_new=0):
+    """transformers' greedy generate on the left-padded batch, cut after the first EOS."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), PAD)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                         do_sample=False, max_new_tokens=max_new, min_new_tokens=min_new,
+                         eos_token_id=eos, pad_token_id=PAD)[:, width:].tolist()
+    return [r[: r.index(eos) + 1] if eos in r else r for r in out]
+
+
+def mid_sequence_eos(model, prompts) -> int:
+    """A token that greedy decoding emits part-way through some sequences but not others."""
+    runs = hf_greedy(model, prompts, 12, eos=VOCAB + 7)  # an id never produced: no stopping
+    for token in (t for r in runs for t in r[2:8]):
+        hits = [token in r[1:] and token not in r[:1] for r in runs]
+        if any(hits) and not all(token in r for r in runs):
+            return token
+    raise AssertionError("no suitable EOS token in the tiny model's greedy output")
+
+
+def greedy(n=3, max_new=12, min_new=0):
+    return Sampling(temperature=0.0, max_new_tokens=max_new, min_new_tokens=min_new)
+
+
+# ---- greedy equivalence with transformers ----------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [None, GPU_LIKE], ids=["cpu", "gpu-like"])
+def test_greedy_matches_transformers_generate(model, prompts, options):
+    eos = mid_sequence_eos(model, prompts)
+    want = hf_greedy(model, prompts, 12, eos)
+    got = generate(model, prompts, 3, greedy(), eos_token_ids=[eos], pad_token_id=PAD,
+                   batch_size=6, options=options)
+    for w, comps in zip(want, got, strict=True):
+        assert [c.token_ids for c in comps] == [w] * 3
+        assert [c.finish_reason for c in comps] == ["eos" if eos in w else "length"] * 3
+    reasons = {c.finish_reason for comps in got for c in comps}
+    assert reasons == {"eos", "length"}  # both ways of stopping were exercised
+    assert model.config._attn_implementation == "sdpa"  # the engine restored it
+
+
+def test_min_and_max_new_tokens(model, prompts):
+    first = hf_greedy(model, prompts, 1, eos=VOCAB + 7)
+    eos = first[2][0]  # prompt 2 would stop at once
+    want = hf_greedy(model, prompts, 10, eos, min_new=4)
+    got = generate(model, prompts, 2, greedy(max_new=10, min_new=4), eos_token_ids=[eos],
+                   pad_token_id=PAD)
+    assert [c.token_ids for c in got[2]] == [want[2]] * 2
+    for comps in got:
+        for c in comps:
+            assert 4 <= len(c.token_ids) <= 10
+            assert eos not in c.token_ids[:3]
+            assert c.finish_reason == ("eos" if c.token_ids[-1] == eos else "length")
+            assert c.finish_reason == "eos" or len(c.token_ids) == 10
+
+
+def test_sliding_window_matches_transformers(prompts):
+    model = tiny("mistral", sliding_window=6)
+    want = hf_greedy(model, prompts, 10, eos=VOCAB + 7)
+    got = generate(model, prompts, 1, greedy(max_new=10), eos_token_ids=[], pad_token_id=PAD)
+    assert [c[0].token_ids for c in got] == want
+
+
+# ---- batching, padding, callbacks --------------------------------------------------------------
+
+
+def test_left_padding_does_not_change_outputs(model, prompts):
+    alone = generate(model, [prompts[3]], 1, greedy(max_new=16), eos_token_ids=[],
+                     pad_token_id=PAD)
+    mixed = generate(model, prompts, 1, greedy(max_new=16), eos_token_ids=[], pad_token_id=PAD)
+    assert mixed[3][0].token_ids == alone[0][0].token_ids
+    assert len(alone[0][0].token_ids) == 16
+
+
+def test_sampling_is_deterministic_and_batch_independent(model, prompts):
+    sampling = Sampling(temperature=0.8, top_p=0.9, max_new_tokens=10, seed=3)
+
+    def run(batch_size, options=None):
+        out = generate(model, prompts, 4, sampling, eos_token_ids=[], pad_token_id=PAD,
+                       batch_size=batch_size, options=options)
+        return [[c.token_ids for c in comps] for comps in out]
+
+    one_group = run(None)
+    assert run(4) == one_group  # one prompt per batch: other padding, other batch shapes
+    assert run(8, GPU_LIKE) == one_group
+    assert len({tuple(s) for comps in one_group for s in comps}) == 20  # samples differ
+    other_seed = generate(model, prompts, 4, Sampling(0.8, 0.9, 10, seed=4), eos_token_ids=[],
+                          pad_token_id=PAD)
+    assert [[c.token_ids for c in comps] for comps in other_seed] != one_group
+
+
+def test_finished_rows_leave_the_batch_without_changing_the_others(model, prompts):
+    """Rows that stop are swapped out of the batch (their K/V overwritten by moved rows); the
+    reference decodes each prompt alone in a fixed 4-row batch, where nothing moves."""
+    sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=14, seed=5)
+    stops = list(range(3, 23))  # ~7 % of the vocabulary: rows stop at scattered steps
+
+    def run(batch_size, options):
+        out = generate(model, prompts, 4, sampling, eos_token_ids=stops, pad_token_id=PAD,
+                       batch_size=batch_size, options=options)
+        return [[(c.token_ids, c.finish_reason) for c in comps] for comps in out]
+
+    fixed = run(4, GPU_LIKE)  # a group of 4 rows is never shrunk (buckets stop at 8)
+    lengths = {len(t) for comps in fixed for t, _ in comps}
+    assert len(lengths) >= 5 and {r for comps in fixed for _, r in comps} == {"eos", "length"}
+    assert run(None, None) == fixed  # CPU: compacted after every step
+    assert run(None, GPU_LIKE) == fixed  # 20 rows → buckets of 16 and 8
+
+
+def test_on_prompt_done_once_per_prompt_with_n_completions(model, prompts):
+    eos = mid_sequence_eos(model, prompts)
+    calls: list[tuple[int, list[Completion]]] = []
+    out = generate(model, prompts, 3, Sampling(0.9, 0.95, 12), eos_token_ids=[eos],
+                   pad_token_id=PAD, batch_size=6,
+                   on_prompt_done=lambda i, comps: calls.append((i, list(comps))))
+    assert sorted(i for i, _ in calls) == list(range(len(prompts)))
+    assert generate(model, [], 3, greedy(), eos_token_ids=[eos], pad_token_id=PAD) == []
+    for i, comps in calls:
+        assert len(comps) == 3 and all(isinstance(c, Completion) for c in comps)
+        assert comps == out[i]
+
+
+def test_bad_arguments_name_the_field(model, prompts):
+    cases = [({"n": 0}, "n:"), ({"sampling": Sampling(top_p=0.0)}, "sampling.top_p"),
+             ({"sampling": Sampling(temperature=-1)}, "sampling.temperature"),
+             ({"sampling": Sampling(max_new_tokens=4, min_new_tokens=5)},
+              "sampling.min_new_tokens"),
+             ({"prompts": [[5], []]}, r"prompts\[1\]"), ({"batch_size": 0}, "batch_size")]
+    for change, field in cases:
+        args = {"prompts": prompts, "n": 2, "sampling": Sampling(max_new_tokens=4)} | change
+        with pytest.raises(ValueError, match=field):
+            generate(model, args["prompts"], args["n"], args["sampling"], eos_token_ids=[2],
+                     pad_token_id=PAD, batch_size=args.get("batch_size"))
+
+
+# ---- sampling math -----------------------------------------------------------------------------
+
+
+def test_top_p_threshold_hand_computed():
+    probs = torch.tensor([[0.05, 0.5, 0.1, 0.15, 0.2],    # top_p 0.8: 0.5+0.2+0.15 → τ 0.15
+                          [0.3, 0.3, 0.2, 0.1, 0.1]])     # 0.3+0.3+0.2 = 0.8 ≥ 0.8 → τ 0.2
+    want = torch.tensor([0.15, 0.2])
+    assert torch.equal(nucleus_threshold_bisect(probs, 0.8), want)
+    assert torch.equal(nucleus_threshold_sorted(probs.sort(descending=True).values, 0.8), want)
+    assert torch.equal(nucleus_threshold(probs, 0.8, prefilter=2), want)  # top-2 < 0.8: bisect
+    assert torch.equal(nucleus_threshold(probs, 0.8, prefilter=None), want)  # full sort
+    assert torch.equal(nucleus_threshold(probs, 0.55, prefilter=2), torch.tensor([0.2, 0.3]))
+    kept = probs >= nucleus_threshold(probs, 0.8, prefilter=3).unsqueeze(-1)
+    assert kept.tolist() == [[False, True, False, True, True], [True, True, True, False, False]]
+
+
+def test_top_p_threshold_bisection_equals_sorting():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(64, 1000, generator=g) * 3, dim=-1)
+    for top_p in (0.1, 0.5, 0.9, 0.99):
+        ref = nucleus_threshold_sorted(probs.sort(descending=True).values, top_p)
+        assert torch.equal(nucleus_threshold_bisect(probs, top_p), ref)
+        assert torch.equal(nucleus_threshold(probs, top_p, prefilter=16), ref)
+        assert torch.equal(nucleus_threshold(probs, top_p, prefilter=None), ref)
+
+
+def test_inverse_cdf_hand_computed():
+    weights = torch.tensor([[0.0, 1.0, 0.0, 3.0]] * 4)
+    u = torch.tensor([0.2, 0.25, 0.3, 0.999])  # targets 0.8, 1.0, 1.2, 3.996 on cdf 0 1 1 4
+    assert sample_inverse_cdf(weights, u).tolist() == [1, 3, 3, 3]
+
+
+def test_counter_based_uniforms():
+    assert mix32(torch.tensor([0, 1, 2**32 - 1])).tolist() == [mix32(0), mix32(1), mix32(2**32 - 1)]
+    keys = torch.tensor([row_key(0, p, s) for p in range(50) for s in range(40)])
+    u0, u1 = uniform(keys, torch.tensor([0])), uniform(keys, torch.tensor([1]))
+    assert torch.equal(u0, uniform(keys.clone(), torch.tensor([0])))
+    assert 0 < float(u0.min()) and float(u0.max()) < 1
+    assert abs(float(u0.mean()) - 0.5) < 0.02 and abs(float(u1.mean()) - 0.5) < 0.02
+    assert len(set(u0.tolist())) > 1990 and float((u0 - u1).abs().mean()) > 0.25
+
+
+def peaked(kind="llama"):
+    """A tiny model whose next-token distribution has a head and a tail (a few dozen tokens
+    matter), so that frequencies over a few thousand samples can tell T and top-p apart."""
+    model = tiny(kind, seed=2)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(15.0)
+    return model
+
+
+def reference_probs(logits: torch.Tensor, temperature: float, top_p: float | None):
+    """transformers' own warpers: temperature, then top-p; softmax of what is left."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_p is not None:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return torch.softmax(scores, dim=-1)[0]
+
+
+def total_variation(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    return 0.5 * float((counts / counts.sum() - probs).abs().sum())
+
+
+def test_samples_follow_temperature_and_top_p():
+    model = peaked()
+    prompt = [5, 17, 42, 99]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt])).logits[:, -1]
+    samples = 6000
+    out = generate(model, [prompt], samples, Sampling(0.7, 0.8, max_new_tokens=2, seed=11),
+                   eos_token_ids=[], pad_token_id=PAD)[0]
+    counts = torch.bincount(torch.tensor([c.token_ids[0] for c in out]), minlength=VOCAB).float()
+    right = reference_probs(logits, 0.7, 0.8)
+    assert 5 <= int((right > 0).sum()) <= 60  # the nucleus is a real cut of the vocabulary
+    assert counts[right == 0].sum() == 0  # nothing outside the nucleus, ever
+    assert total_variation(counts, right) < 0.03
+    assert total_variation(counts, reference_probs(logits, 0.7, None)) > 0.1  # no top-p
+    assert total_variation(counts, reference_probs(logits, 1.0, 0.8)) > 0.1  # T ignored
+    # step 2 comes from the decode path: check it given the most frequent first token
+    first = int(counts.argmax())
+    seconds = torch.tensor([c.token_ids[1] for c in out if c.token_ids[0] == first])
+    with torch.no_grad():
+        logits2 = model(input_ids=torch.tensor([prompt + [first]])).logits[:, -1]
+    counts2 = torch.bincount(seconds, minlength=VOCAB).float()
+    assert len(seconds) > 1000
+    assert total_variation(counts2, reference_probs(logits2, 0.7, 0.8)) < 0.06
+
+
+# ---- CUDA -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_greedy_matches_transformers(prompts):
+    model = tiny("mistral").cuda()
+    eos = mid_sequence_eos(model, prompts)
+    want = hf_greedy(model, prompts, 12, eos)
+    got = generate(model, prompts, 3, greedy(), eos_token_ids=[eos], pad_token_id=PAD)
+    assert [[c.token_ids for c in comps] for comps in got] == [[w] * 3 for w in want]

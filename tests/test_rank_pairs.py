@@ -1,0 +1,365 @@
+"""The rank and pairs stages: scores.jsonl, judgments, resume, drops, the dataset and its card."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+from test_judge import FakeEngine, judge_tokenizer
+from tiny import read_jsonl_lines, tiny_llama
+
+from prefloop import engine, pairs, rank
+from prefloop.artifacts import read_manifest, write_jsonl, write_manifest
+from prefloop.config import RankConfig, Recipe, dump_recipe
+from prefloop.errors import PrefloopError
+
+INSTRUCTIONS = {"q0": "name a big river", "q1": "write a poem about the sea",
+                "q2": "give three tips to sleep"}
+
+
+def gen(id_: str, sample: int, response: str, tokens: int | None = None,
+        finish: str = "eos") -> dict:
+    return {"id": id_, "sample": sample, "instruction": INSTRUCTIONS[id_],
+            "prompt_text": f"<s><|user|> {INSTRUCTIONS[id_]} </s> <|assistant|>",
+            "prompt_tokens": 9, "response": response,
+            "response_tokens": len(response.split()) + 1 if tokens is None else tokens,
+            "finish_reason": finish, "model": "tiny"}
+
+
+def write_generations(run_dir: Path, records: list[dict]) -> None:
+    write_jsonl(run_dir / "generate" / "generations.jsonl", records)
+    write_manifest(run_dir / "generate", "generate", "gen-hash", started=time.time())
+
+
+def write_scores(run_dir: Path, records: list[dict], scores: list) -> None:
+    """generations + rank/scores.jsonl for pairs tests; a score may be (mean, [samples])."""
+    write_generations(run_dir, records)
+    rows = []
+    for r, s in zip(records, scores, strict=True):
+        mean, samples = s if isinstance(s, tuple) else (s, [s])
+        rows.append({"id": r["id"], "sample": r["sample"], "score": mean,
+                     "n_valid": sum(x is not None for x in samples), "scores": samples,
+                     "ranker": "judge:tiny", "finish_reason": r["finish_reason"],
+                     "response_tokens": r["response_tokens"], "duplicate_of": None})
+    write_jsonl(run_dir / "rank" / "scores.jsonl", rows)
+    write_manifest(run_dir / "rank", "rank", "rank-hash", started=time.time())
+
+
+@pytest.fixture
+def judge_setup(tmp_path, monkeypatch):
+    """A tiny judge model folder, a recipe that names it, and the fake engine."""
+    tok = judge_tokenizer()
+    folder = tmp_path / "judge-model"
+    tiny_llama(tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    recipe = Recipe(name="default")
+    recipe = replace(recipe, model=replace(recipe.model, name=str(folder)),
+                     rank=replace(RankConfig(), judge_max_new_tokens=32))
+    fake = FakeEngine(tok)
+    monkeypatch.setattr(engine, "generate", fake)
+    return recipe, fake, tmp_path / "run"
+
+
+def test_rank_with_judge_then_pairs(judge_setup, tmp_path):
+    recipe, fake, run_dir = judge_setup
+    write_generations(run_dir, [gen("q0", 0, "alpha"), gen("q0", 1, "beta"),
+                                gen("q0", 2, "gamma"), gen("q1", 0, "alpha"),
+                                gen("q1", 1, "alpha"), gen("q1", 2, "delta")])
+    out = rank.run(recipe, run_dir)
+    name = f"judge:{recipe.model.name}"
+    scores = read_jsonl_lines(out / "scores.jsonl")
+    assert [(s["id"], s["sample"], s["score"], s["n_valid"], s["scores"], s["duplicate_of"])
+            for s in scores] == [
+        ("q0", 0, 5.0, 3, [5.0] * 3, None), ("q0", 1, 3.0, 3, [4.0, 2.0, 3.0], None),
+        ("q0", 2, 1.0, 3, [1.0] * 3, None), ("q1", 0, 5.0, 3, [5.0] * 3, None),
+        ("q1", 1, 5.0, 3, [5.0] * 3, 0), ("q1", 2, None, 0, [None] * 3, None)]
+    assert scores[0] == {"id": "q0", "sample": 0, "ranker": name, "finish_reason": "eos",
+                         "response_tokens": 2, "duplicate_of": None, "score": 5.0,
+                         "n_valid": 3, "scores": [5.0, 5.0, 5.0]}
+    judgments = read_jsonl_lines(out / "judgments.jsonl")
+    assert len(judgments) == 18
+    assert judgments[3] == {"id": "q0", "sample": 1, "judge_sample": 0,
+                            "text": "it is okay. Score : 4", "score": 4.0}
+    counts = read_manifest(out)["counts"]
+    assert counts == {"responses": 6, "scored": 5, "unscored": 1, "duplicates": 1,
+                      "score_mean": 3.8, "score_histogram": {"1..2": 1, "3..4": 1, "4..5": 3},
+                      "judge_samples": 18, "parse_failures": 3, "forced_scores": 0,
+                      "prompt_too_long": 0,
+                      "judge_sample_failure_rate": 0.1667,
+                      "judge_sample_scores": {"1": 3, "2": 1, "3": 1, "4": 1, "5": 9}}
+    assert len(fake.calls) == 1 and len(fake.calls[0]["prompts"]) == 6
+    rank.run(recipe, run_dir)  # finished: a no-op, nothing judged again
+    assert len(fake.calls) == 1
+
+    pairs.run(recipe, run_dir)
+    ds = load(run_dir, tmp_path)
+    assert ds.to_list() == [{
+        "id": "q0", "prompt": [{"role": "user", "content": "name a big river"}],
+        "chosen": [{"role": "assistant", "content": "alpha"}],
+        "rejected": [{"role": "assistant", "content": "gamma"}],
+        "prompt_text": "<s><|user|> name a big river </s> <|assistant|>",
+        "chosen_score": 5.0, "rejected_score": 1.0, "candidates": ["alpha", "beta", "gamma"],
+        "scores": [5.0, 3.0, 1.0], "ranker": name, "generator": "tiny"}]
+    m = read_manifest(run_dir / "pairs")
+    assert m["counts"] == {"instructions": 2, "responses": 6, "scored": 5, "pairs": 1,
+                           "dropped": 1, "dropped_too_few_scored": 1, "dropped_all_tied": 0,
+                           "dropped_below_min_margin": 0, "removed_unscored": 1,
+                           "removed_not_eos": 0, "removed_duplicate": 1}
+    assert m["stats"]["margin_mean"] == 4.0 and m["stats"]["chosen_tokens_mean"] == 2.0
+    assert read_jsonl_lines(run_dir / "pairs" / "dropped.jsonl") == [
+        {"id": "q1", "reason": "too_few_scored", "n_candidates": 1, "scores": [5.0, 5.0, None]}]
+
+
+def test_judge_resumes_from_appended_judgments(judge_setup):
+    recipe, fake, run_dir = judge_setup
+    write_generations(run_dir, [gen("q0", 0, "alpha"), gen("q0", 1, "beta"),
+                                gen("q1", 0, "gamma")])
+    path = run_dir / "rank" / "judgments.jsonl"
+    done = [{"id": "q0", "sample": 0, "judge_sample": j, "text": "Score : 2", "score": 2.0}
+            for j in range(3)]
+    partial = [{"id": "q0", "sample": 1, "judge_sample": j, "text": "x", "score": 0.0}
+               for j in range(2)]
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in done + partial) + '{"id": "q1", "sa')
+    out = rank.run(recipe, run_dir)
+    (call,) = fake.calls
+    assert len(call["prompts"]) == 2  # (q0, 1) redone from scratch, (q1, 0); (q0, 0) kept
+    scores = {(s["id"], s["sample"]): s["score"] for s in read_jsonl_lines(out / "scores.jsonl")}
+    assert scores == {("q0", 0): 2.0, ("q0", 1): 3.0, ("q1", 0): 1.0}
+    rows = read_jsonl_lines(path)
+    assert len(rows) == 9 and rows[:3] == done
+
+
+def test_judge_that_never_parses(judge_setup, monkeypatch):
+    recipe, _, run_dir = judge_setup
+    tok = judge_tokenizer()
+    monkeypatch.setattr(engine, "generate", FakeEngine(tok, lambda text, s: "it is fine ."))
+    write_generations(run_dir, [gen("q0", 0, "alpha"), gen("q0", 1, "beta")])
+    out = rank.run(recipe, run_dir)
+    assert [s["score"] for s in read_jsonl_lines(out / "scores.jsonl")] == [None, None]
+    counts = read_manifest(out)["counts"]
+    assert (counts["parse_failures"], counts["judge_sample_failure_rate"], counts["scored"]) == (
+        6, 1.0, 0)
+    with pytest.raises(PrefloopError) as e:
+        pairs.run(recipe, run_dir)
+    assert str(e.value) == (
+        f"{run_dir / 'pairs'}: no preference pairs from 1 instructions (2 responses, 0 scored; "
+        "dropped: too_few_scored 1, all_tied 0, below_min_margin 0); generate more responses per "
+        "instruction (generate.k) or more instructions, sample more varied ones (higher "
+        "generate.temperature), or lower pairs.min_margin; see "
+        f"{run_dir / 'pairs' / 'dropped.jsonl'}")
+    assert read_manifest(run_dir / "pairs") is None  # not done: a rerun recomputes
+    assert len(read_jsonl_lines(run_dir / "pairs" / "dropped.jsonl")) == 1
+    forced = replace(recipe, rank=replace(recipe.rank, judge_force_score=True))
+    out = rank.run(forced, run_dir, force=True)
+    counts = read_manifest(out)["counts"]
+    assert (counts["parse_failures"], counts["forced_scores"], counts["scored"],
+            counts["judge_sample_failure_rate"]) == (6, 6, 2, 0.0)
+    rows = read_jsonl_lines(out / "judgments.jsonl")
+    assert all(r["forced"] and r["score"] in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0) for r in rows)
+
+
+# -- pairs from given scores -------------------------------------------------------------------
+
+
+def load(run_dir: Path, tmp_path: Path):
+    from datasets import load_dataset
+
+    return load_dataset(str(run_dir / "pairs" / "dataset"), split="train",
+                        cache_dir=str(tmp_path / "hf-cache"))
+
+
+def test_one_response_per_prompt_drops_everything(tmp_path):
+    run_dir = tmp_path / "run"
+    write_scores(run_dir, [gen("q0", 0, "a"), gen("q1", 0, "b"), gen("q2", 0, "c")],
+                 [4.0, 3.0, 2.0])
+    with pytest.raises(PrefloopError, match=r"no preference pairs from 3 instructions \(3 "
+                       r"responses, 3 scored; dropped: too_few_scored 3, all_tied 0, "):
+        pairs.run(Recipe(), run_dir)
+
+
+def test_all_ties_and_margin_are_dropped(tmp_path):
+    run_dir = tmp_path / "run"
+    write_scores(run_dir, [gen("q0", 0, "a"), gen("q0", 1, "b"), gen("q1", 0, "c"),
+                           gen("q1", 1, "d"), gen("q2", 0, "e"), gen("q2", 1, "f")],
+                 [4.0, 4.0, 3.0, 3.0, 1.0, 1.0])
+    with pytest.raises(PrefloopError, match="dropped: too_few_scored 0, all_tied 3, "):
+        pairs.run(Recipe(), run_dir)
+    write_scores(run_dir, [gen("q0", 0, "a"), gen("q0", 1, "b"), gen("q1", 0, "c"),
+                           gen("q1", 1, "d")], [4.0, 4.0, 5.0, 4.5])
+    r = replace(Recipe(), pairs=replace(Recipe().pairs, min_margin=1.0))
+    with pytest.raises(PrefloopError, match="too_few_scored 0, all_tied 1, below_min_margin 1"):
+        pairs.run(r, run_dir)
+
+
+def test_duplicates_eos_and_tie_break(tmp_path):
+    run_dir = tmp_path / "run"
+    recs = [gen("q0", 0, "same"), gen("q0", 1, "same"), gen("q0", 2, "other"),  # dup only
+            gen("q1", 0, "long cut", finish="length"), gen("q1", 1, "b"), gen("q1", 2, "c"),
+            gen("q2", 0, "one two three", tokens=9), gen("q2", 1, "one", tokens=3),
+            gen("q2", 2, "x y", tokens=5), gen("q2", 3, "w", tokens=2),
+            gen("q2", 4, "v", tokens=2)]
+    scores = [4.0, 1.0, 4.0,  # q0: "same" kept once (first, 4.0) ties "other" -> all_tied
+              5.0, 4.0, 2.0,  # q1: the cut 5.0 is excluded with require_eos
+              (4.0, [4.0, 4.0]), (4.0, [4.0, 4.0]), (1.0, [0.0, 2.0]), (1.0, [1.0, 1.0]),
+              (1.0, [1.0, 1.0])]
+    write_scores(run_dir, recs, scores)
+    r = replace(Recipe(), pairs=replace(Recipe().pairs, require_eos=True))
+    pairs.run(r, run_dir)
+    rows = load(run_dir, tmp_path).to_list()
+    assert [(x["id"], x["chosen"][0]["content"], x["rejected"][0]["content"]) for x in rows] == [
+        ("q1", "b", "c"),
+        # q2: best tie (equal variance) -> shorter "one"; worst tie: "x y" has variance 1, the
+        # two zero-variance ones tie on length 2 -> lower sample "w"
+        ("q2", "one", "w")]
+    counts = read_manifest(run_dir / "pairs")["counts"]
+    assert (counts["removed_duplicate"], counts["removed_not_eos"], counts["dropped_all_tied"],
+            counts["pairs"]) == (1, 1, 1, 2)
+
+
+def test_choose_pair_rules():
+    def c(sample, score, tokens, scores=None):
+        return {"sample": sample, "score": score, "response_tokens": tokens,
+                "scores": scores if scores is not None else [score]}
+
+    hi_noisy, hi_calm = c(0, 4.0, 5, [5.0, 3.0]), c(1, 4.0, 50, [4.0, 4.0])
+    lo_short, lo_long = c(2, 1.0, 3), c(3, 1.0, 30)
+    assert pairs.choose_pair([hi_noisy, hi_calm, lo_short, lo_long]) == (hi_calm, lo_long)
+    assert pairs.choose_pair([lo_short]) == "too_few_scored"
+    assert pairs.choose_pair([c(0, 2.0, 1), c(1, 2.0, 9)]) == "all_tied"
+    assert pairs.choose_pair([c(0, 2.0, 1), c(1, 1.5, 9)], min_margin=0.5) != "below_min_margin"
+    assert pairs.choose_pair([c(0, 2.0, 1), c(1, 1.6, 9)], min_margin=0.5) == "below_min_margin"
+
+
+def test_card_and_recipe_copy(tmp_path):
+    run_dir = tmp_path / "run"
+    write_scores(run_dir, [gen("q0", 0, "a"), gen("q0", 1, "b")], [4.0, 2.0])
+    r = replace(Recipe(name="default"), model=replace(Recipe().model, system_prompt="Be brief."))
+    pairs.run(r, run_dir)
+    folder = run_dir / "pairs" / "dataset"
+    assert (folder / "recipe.yaml").read_text() == dump_recipe(r)
+    card = (folder / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["license"] == "apache-2.0" and front["tags"][:2] == ["dpo", "preference"]
+    assert front["configs"] == [{"config_name": "default",
+                                 "data_files": [{"split": "train", "path": "data/train-*"}]}]
+    assert front["dataset_info"]["splits"] == [{"name": "train", "num_examples": 1}]
+    assert "- Generator: `smollm2-135m-instruct`" in card
+    assert ("- Sampling: k=5, temperature 0.8, top-p 0.95, up to 256 new tokens, seed 0; the "
+            "model's own chat template, system prompt: 'Be brief.'") in card
+    assert "3 samples per response, temperature 0.7, top-p 0.9, up to 256 new tokens" in card
+    assert "`prompts/judge_yuan2024.txt`" in card and "| pairs | 1 |" in card
+    assert "| dropped_all_tied | 0 |" in card and "| margin_mean | 2.0 |" in card
+    assert "prefloop run --recipe recipe.yaml --until pairs" in card
+    assert "shipped recipe `default` (`prefloop run --recipe default`)" in card
+    row = load(run_dir, tmp_path)[0]
+    assert row["prompt"] == [{"role": "system", "content": "Be brief."},
+                             {"role": "user", "content": "name a big river"}]
+    lima = replace(r, instructions=replace(r.instructions, source="GAIR/lima"))
+    meta, note = pairs.license_meta(lima.instructions.source)
+    assert meta == {"license": "other", "license_name": "lima-derived",
+                    "license_link": "https://creativecommons.org/licenses/by-nc-sa/4.0/"}
+    assert "CC BY-NC-SA 4.0" in note
+    assert "PairRM `llm-blender/PairRM` at revision" in pairs.dataset_card(
+        replace(lima, rank=replace(lima.rank, ranker="pairrm")), {"pairs": 1}, {})
+
+
+# -- PairRM through the rank stage (fake model) ------------------------------------------------
+
+
+class FakePairRM:
+    candidate_max_tokens = 4
+
+    def __init__(self):
+        self.calls = []
+
+    def rank(self, sources, candidates):
+        from prefloop.rankers.pairrm import result_from_matrix
+
+        self.calls.append((list(sources), [list(c) for c in candidates]))
+        out = []
+        for cands in candidates:  # logit(i, j) = len_i - len_j: longer wins
+            m = [[0.0 if i == j else float(len(a) - len(b)) for j, b in enumerate(cands)]
+                 for i, a in enumerate(cands)]
+            out.append(result_from_matrix(m))
+        return out
+
+    def compare(self, sources, a, b):
+        return [float(2 * (len(x) - len(y))) for x, y in zip(a, b, strict=True)]
+
+    def count_candidate_tokens(self, text):
+        return len(text.split()) + 3
+
+
+def test_rank_with_pairrm(tmp_path, monkeypatch, capsys):
+    from prefloop.rankers import pairrm
+
+    fake = FakePairRM()
+    seen = {}
+
+    def load(model, revision=None, device=None, dtype="auto", batch_size=32):
+        seen.update(model=model, revision=revision, batch_size=batch_size)
+        return fake
+
+    monkeypatch.setattr(pairrm.PairRM, "load", staticmethod(load))
+    run_dir = tmp_path / "run"
+    write_generations(run_dir, [gen("q0", 0, "aa"), gen("q0", 1, "a b c"), gen("q0", 2, "aa"),
+                                gen("q1", 0, "x")])
+    r = replace(Recipe(), rank=replace(RankConfig(), ranker="pairrm"))
+    out = rank.run(r, run_dir)
+    assert seen == {"model": "llm-blender/PairRM", "revision": pairrm.PAIRRM_REVISION,
+                    "batch_size": 32}
+    assert fake.calls == [([INSTRUCTIONS["q0"], INSTRUCTIONS["q1"]], [["aa", "a b c"], ["x"]])]
+    scores = read_jsonl_lines(out / "scores.jsonl")
+    name = f"pairrm:llm-blender/PairRM@{pairrm.PAIRRM_REVISION}"
+    assert scores[1] == {"id": "q0", "sample": 1, "ranker": name, "finish_reason": "eos",
+                         "response_tokens": 4, "duplicate_of": None, "score": 3.0,
+                         "n_valid": 1, "scores": [], "over_budget": True}
+    # score_i = (1/n) Σ_j (M_ij − M_ji): "aa" vs "a b c" -> (2 (2 − 5)) / 2 = −3
+    assert [(s["score"], s["duplicate_of"], s["over_budget"]) for s in scores] == [
+        (-3.0, None, False), (3.0, None, True), (-3.0, 0, False), (0.0, None, False)]
+    counts = read_manifest(out)["counts"]
+    assert counts["over_candidate_budget"] == 1 and counts["duplicates"] == 1
+    assert "1 responses exceed PairRM's 4-token candidate budget" in capsys.readouterr().out
+    ranker = rank.PairRMRanker(fake, "pairrm:fake")
+    assert ranker.score(["p", "p", "q"], ["aa", "a", "b"]) == [1.0, -1.0, 0.0]
+    assert ranker.compare(["p"], ["aaa"], ["a"]) == [4.0]
+
+
+# -- done when: TRL's DPOTrainer takes the folder unchanged ------------------------------------
+
+
+def test_dataset_trains_one_dpo_step_unchanged(tmp_path):
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from tiny import tiny_tokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    run_dir = tmp_path / "run"
+    write_scores(run_dir, [gen("q0", 0, "the sea is blue ."), gen("q0", 1, "no ."),
+                           gen("q1", 0, "sleep at night ."), gen("q1", 1, "fire .")],
+                 [5.0, 1.0, 4.0, 2.0])
+    pairs.run(Recipe(), run_dir)
+    ds = load_dataset(str(run_dir / "pairs" / "dataset"), split="train",
+                      cache_dir=str(tmp_path / "hf-cache"))
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), bf16=False, use_cpu=True, max_steps=1,
+                     report_to=[], per_device_train_batch_size=2, max_length=64,
+                     logging_steps=1, save_strategy="no", learning_rate=1e-2,
+                     activation_checkpointing=False)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj",
+                                                                                   "v_proj"]))
+    result = trainer.train()
+    assert result.global_step == 1 and torch.isfinite(torch.tensor(result.training_loss))
+    lora = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert lora and any(p.abs().sum() > 0 for p in lora)  # the step moved the adapter
+    base = dict(trainer.model.get_base_model().named_parameters())
+    assert torch.equal(base["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
