@@ -118,8 +118,9 @@ def main() -> None:
         ("date", time.strftime("%Y-%m-%d")),
         ("cpu", f"{cpu_name()}, {os.cpu_count()} cores, "
                 f"torch {torch.__version__}, {torch.get_num_threads()} threads"),
-        ("load average (1 min) before / after", f"{load_before:.1f} / {os.getloadavg()[0]:.1f} "
-                                                "(above the core count: other work shared the CPU)"),
+        ("load average (1 min) before / after",
+         f"{load_before:.1f} / {os.getloadavg()[0]:.1f} (above the core count: other work "
+         "shared the CPU)"),
         ("prompts x responses x judge samples", f"{len(prompts)} x {args.responses} x "
                                                 f"{args.samples} = {len(flat)} judgments"),
         ("response generation", f"{gen_s:.1f} s ({args.response_tokens} max new tokens)"),

@@ -33,7 +33,8 @@ def test_template_file_is_the_papers_prompt_byte_for_byte():
     assert len(lines) == 25 and lines[-1] == ""  # 24 lines, the PDF's wrapping, final newline
     assert lines[0] == FIRST_LINE and lines[23] == LAST_LINE
     assert lines[16:18] == ["User: <INSTRUCTION_HERE>", "<response><RESPONSE_HERE></response>"]
-    assert lines[20] == "- Conclude with the score using the format: \u201cScore: <total points>\u201d"
+    assert lines[20] == ("- Conclude with the score using the format: "
+                         "\u201cScore: <total points>\u201d")
     assert text.count("\u2019") == 9 and "'" not in text and '"' not in text
 
 
@@ -218,7 +219,7 @@ def test_compare_judges_each_side_independently(tok, fake):
         jr.compare(["q"], ["a", "b"], ["c"])
 
 
-def test_forced_score_reads_the_judges_digit_after_score(tok, fake):
+def test_forced_score_weighs_the_judges_digits_after_score(tok, fake):
     jr = make_judge(tok, judge_force_score=True)
     two = tok.convert_tokens_to_ids("2")
     seen = []
@@ -251,8 +252,10 @@ def test_forced_scores_left_padding_matches_single_sequences(tok):
     digits = J.digit_tokens(tok)
     suffix = tok(J.FORCE_SUFFIX, add_special_tokens=False)["input_ids"]
     alone = []
-    for seq in seqs:  # reference: an unpadded forward and the argmax over the six digit ids
+    for seq in seqs:  # reference: one unpadded forward, Σ d·p(d) / Σ p(d) over the digit ids
         with torch.inference_mode():
-            logits = model(torch.tensor([seq + suffix])).logits[0, -1]
-        alone.append(float(digits[max(digits, key=lambda t: logits[t].item())]))
-    assert batched == alone and all(0.0 <= x <= 5.0 for x in batched)
+            p = model(torch.tensor([seq + suffix])).logits[0, -1].softmax(-1)
+        alone.append(sum(d * p[t].item() for t, d in digits.items())
+                     / sum(p[t].item() for t in digits))
+    assert batched == pytest.approx(alone, abs=1e-5)
+    assert len(set(round(x, 4) for x in batched)) == 4 and all(0 < x < 5 for x in batched)

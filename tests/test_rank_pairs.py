@@ -160,7 +160,7 @@ def test_judge_that_never_parses(judge_setup, monkeypatch):
     assert (counts["parse_failures"], counts["forced_scores"], counts["scored"],
             counts["judge_sample_failure_rate"]) == (6, 6, 2, 0.0)
     rows = read_jsonl_lines(out / "judgments.jsonl")
-    assert all(r["forced"] and r["score"] in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0) for r in rows)
+    assert all(r["forced"] and 0.0 < r["score"] < 5.0 for r in rows) and len(rows) == 6
 
 
 # -- pairs from given scores -------------------------------------------------------------------

@@ -66,8 +66,9 @@ class RankConfig:
     judge_temperature: float = 0.7
     judge_top_p: float = 0.9
     judge_max_new_tokens: int = 256
-    # non-paper: when a judgment has no parsable score, append "Score:" to it and take the
-    # judge's most likely digit 0-5 (for small judges that lose the format); counted as forced
+    # non-paper: when a judgment has no parsable score, append "Score:" to it and score it
+    # Σ d·p(d) over the judge's next-token probabilities of 0-5 (G-Eval style; for small
+    # judges that lose the format); counted as forced in the manifest
     judge_force_score: bool = False
     min_valid: int = 1
     pairrm_model: str = "llm-blender/PairRM"

@@ -236,15 +236,16 @@ def _ranker_lines(recipe: Recipe) -> list[str]:
                  else f"`{recipe.model.name}` (the generator judging itself)")
         return [
             f"- Ranker: LLM-as-a-judge, model {judge}",
-            f"- Judge prompt: `prompts/judge_{r.judge_template}.txt` (the additive 5-point prompt of "
-            "Yuan et al. 2024, Fig. 2, verbatim), sent as one user turn through the judge's chat "
+            f"- Judge prompt: `prompts/judge_{r.judge_template}.txt` (the additive 5-point "
+            "prompt of Yuan et al. 2024, Fig. 2, verbatim), sent as one user turn through the judge's chat "
             "template",
             f"- Judge sampling: {r.judge_samples} samples per response, temperature "
             f"{r.judge_temperature}, top-p {r.judge_top_p}, up to {r.judge_max_new_tokens} new "
             f"tokens; score = mean of the parsable samples (at least {r.min_valid}); the last "
             "\"Score: X\" in [0, 5] counts, "
-            + ("unparsable samples get the judge's most likely digit 0-5 after an appended "
-               "\"Score:\" (judge_force_score, not in the paper)" if r.judge_force_score
+            + ("unparsable samples get Σ d·p(d) over the judge's next-token probabilities of "
+               "0-5 after an appended \"Score:\" (judge_force_score, G-Eval style, not in the "
+               "paper)" if r.judge_force_score
                else "unparsable samples count as missing"),
         ]
     from prefloop.rankers.pairrm import (
@@ -256,7 +257,8 @@ def _ranker_lines(recipe: Recipe) -> list[str]:
     return [
         f"- Ranker: PairRM `{r.pairrm_model}` at revision `{r.pairrm_revision or PAIRRM_REVISION}`"
         " (native reimplementation)",
-        "- Score: (1/n) Σ_j (logit(i, j) − logit(j, i)) over the instruction's distinct responses",
+        "- Score: (1/n) Σ_j (logit(i, j) − logit(j, i)) over the instruction's distinct "
+        "responses",
         f"- Truncation: prompt ≤ {PAIRRM_MAX_SOURCE_TOKENS} tokens, each response ≤ "
         f"{PAIRRM_MAX_CANDIDATE_TOKENS} tokens plus half the prompt's unused budget; longer "
         "responses are judged on their beginning only",

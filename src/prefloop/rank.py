@@ -266,8 +266,8 @@ def judge_counts(scored: list[dict], rows: list[dict]) -> dict:
         forced_scores=forced,
         prompt_too_long=sum("error" in row for row in rows),
         judge_sample_failure_rate=round(failed / len(rows), 4) if rows else 0.0,
-        judge_sample_scores={f"{k:g}": v for k, v in sorted(
-            Counter(row["score"] for row in rows if row["score"] is not None).items())},
+        judge_sample_scores={f"{k:g}": v for k, v in sorted(  # 0.1 bins: forced scores vary
+            Counter(round(row["score"], 1) for row in rows if row["score"] is not None).items())},
     )
     return counts
 

@@ -1,4 +1,4 @@
-"""LLM-as-a-Judge ranker: the additive 5-point prompt of Yuan et al. 2024 (arXiv:2401.10020, Fig. 2).
+"""LLM-as-a-Judge ranker: the additive 5-point prompt of Yuan et al. 2024 (arXiv:2401.10020, Fig 2).
 
 Each response is judged N times (sampled, T 0.7, top-p 0.9 by default) and its score is the mean of
 the valid judgments. The filled prompt is sent as one user turn through the judge's own chat
@@ -91,8 +91,11 @@ def digit_tokens(tokenizer) -> dict[int, int]:
 
 
 def forced_scores(model, tokenizer, sequences: list[list[int]]) -> list[float]:
-    """s = argmax_{d ∈ 0..5} p(d | judge prompt, judgment, "\nScore:") for each sequence.
+    """s = Σ_d d·p(d) / Σ_d p(d), d ∈ 0..5, p(d) = p(next token spells d | prompt, judgment,
+    "\nScore:"): the probability-weighted score of G-Eval (Liu et al. 2023), not the paper's.
 
+    The expectation rather than the argmax, because a small judge's argmax is nearly constant
+    (SmolLM2-135M: "1" for 58 of 58 failed judgments) and would leave every response tied.
     sequences: token ids of prompt + judgment; one left-padded forward, last position only.
     """
     import torch
@@ -113,8 +116,9 @@ def forced_scores(model, tokenizer, sequences: list[list[int]]) -> list[float]:
                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
                        logits_to_keep=1).logits[:, -1]  # [B, V]
     cand = list(digits)
-    best = logits[:, cand].argmax(-1).tolist()  # [B]
-    return [float(digits[cand[k]]) for k in best]
+    probs = logits.float().softmax(-1)[:, cand]  # [B, D]
+    values = torch.tensor([float(digits[t]) for t in cand], device=probs.device)  # [D]
+    return ((probs * values).sum(-1) / probs.sum(-1)).tolist()
 
 
 def valid_scores(scores: list[float | None]) -> list[float]:
@@ -205,11 +209,12 @@ class JudgeRanker:
         return [mean_score([j.score for j in js], self.cfg.min_valid) for js in judged]
 
     def compare(self, instructions: list[str], a: list[str], b: list[str]) -> list[float]:
-        """score(a) − score(b), each judged on its own so order cannot matter; NaN if either fails."""
+        """score(a) − score(b), each judged on its own so order cannot matter; NaN if one fails."""
         _check_lengths(instructions, a, b)
         s = self.score(list(instructions) * 2, list(a) + list(b))
         k = len(a)
-        return [math.nan if x is None or y is None else x - y for x, y in zip(s[:k], s[k:], strict=True)]
+        return [math.nan if x is None or y is None else x - y
+                for x, y in zip(s[:k], s[k:], strict=True)]
 
 
 def _without_eos(completion) -> list[int]:
@@ -219,4 +224,5 @@ def _without_eos(completion) -> list[int]:
 
 def _check_lengths(*lists: list) -> None:
     if len({len(x) for x in lists}) > 1:
-        raise ValueError(f"judge: inputs differ in length ({', '.join(str(len(x)) for x in lists)})")
+        sizes = ", ".join(str(len(x)) for x in lists)
+        raise ValueError(f"judge: inputs differ in length ({sizes})")
