@@ -29,15 +29,14 @@ class LoopOptions:
     kv_block: int            # attention reads columns up to the next multiple of this
     bucket_rows: bool        # keep row counts at group/2^k (few graph shapes) or exact
     prefill_tokens: int      # padded prompt tokens per prefill forward
-    additive_masks: bool     # pass 0/-big float masks (SDPA on CUDA converts bool ones per layer)
 
 
 def options_for(device: torch.device) -> LoopOptions:
     if device.type == "cuda":
         return LoopOptions(cuda_graphs=True, prefilter=None, sync_every=16, kv_block=64,
-                           bucket_rows=True, prefill_tokens=16384, additive_masks=True)
+                           bucket_rows=True, prefill_tokens=16384)
     return LoopOptions(cuda_graphs=False, prefilter=64, sync_every=1, kv_block=1,
-                       bucket_rows=False, prefill_tokens=2048, additive_masks=False)
+                       bucket_rows=False, prefill_tokens=2048)
 
 
 @dataclass
@@ -61,11 +60,10 @@ class DecodeLoop:
     def __init__(self, model, *, n: int, rows: int, columns: int, temperature: float,
                  top_p: float, max_new_tokens: int, min_new_tokens: int, seed: int,
                  eos_token_ids: Sequence[int], pad_token_id: int, window: int | None,
-                 bool_masks: bool, options: LoopOptions):
+                 options: LoopOptions):
         self.model, self.n, self.opt, self.window = model, n, options, window
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self.max_new, self.min_new, self.pad_id = max_new_tokens, min_new_tokens, pad_token_id
-        self.bool_masks = bool_masks and not options.additive_masks
         self.device = device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
 
@@ -118,12 +116,17 @@ class DecodeLoop:
         return width
 
     def _chunks(self, group):
+        """Prefill chunks: at most `prefill_tokens` padded tokens, and at most 25 % padding
+        (the group is sorted by length, so each new prompt sets the chunk's width)."""
         chunk: list[tuple[int, list[int]]] = []
-        for item in group:  # sorted by length, so the last prompt sets the chunk's width
-            if chunk and (len(chunk) + 1) * len(item[1]) > self.opt.prefill_tokens:
+        real = 0
+        for item in group:
+            padded = (len(chunk) + 1) * len(item[1])
+            if chunk and (padded > self.opt.prefill_tokens or padded > 1.25 * (real + len(item[1]))):
                 yield chunk
-                chunk = []
+                chunk, real = [], 0
             chunk.append(item)
+            real += len(item[1])
         if chunk:
             yield chunk
 
@@ -232,9 +235,9 @@ class DecodeLoop:
         return (tokens.unsqueeze(-1) == self.eos).any(-1)
 
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
-        """Boolean masks for SDPA-style attention; additive ones for the others (eager)."""
-        if self.bool_masks:
-            return allowed
+        """The additive form (0 or the dtype's lowest value) that every attention function
+        takes; SDPA would otherwise convert a boolean mask in every layer (on CPU that doubled
+        the attention time of a SmolLM2 decode step)."""
         return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
             ~allowed, torch.finfo(self.dtype).min)
 
