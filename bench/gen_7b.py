@@ -146,7 +146,7 @@ def step_profile(model, prompts, n, sampling) -> list[tuple[str, float]]:
                           temperature=sampling.temperature, top_p=sampling.top_p,
                           max_new_tokens=sampling.max_new_tokens,
                           min_new_tokens=sampling.min_new_tokens, seed=0, eos_token_ids=[EOS],
-                          pad_token_id=PAD, window=None, bool_masks=True, options=opt)
+                          pad_token_id=PAD, window=None, options=opt)
         sync(device)
         t0 = time.perf_counter()
         loop.start_group(list(enumerate(prompts)))

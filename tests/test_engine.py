@@ -25,9 +25,9 @@ VOCAB = 300
 PAD = 0
 LENGTHS = (5, 9, 3, 12, 7)
 # The CUDA settings (no top-k prefilter, row buckets, column blocks, sparse host syncs,
-# chunked prefill, additive masks), run eagerly: the same bookkeeping as the graphed loop.
+# chunked prefill), run eagerly: the same bookkeeping as the graphed loop.
 GPU_LIKE = LoopOptions(cuda_graphs=False, prefilter=None, sync_every=4, kv_block=8,
-                       bucket_rows=True, prefill_tokens=20, additive_masks=True)
+                       bucket_rows=True, prefill_tokens=20)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,7 +7,10 @@ What makes it fast, compared with `model.generate(num_return_sequences=n)`:
 - attention reads the grouped K/V heads directly (no `repeat_kv` copies);
 - finished rows leave the batch (CPU: at once; CUDA: in halving buckets);
 - on CUDA the whole decode step (forward, top-p, sampling, bookkeeping) is a CUDA graph,
-  and top-p needs no vocabulary sort.
+  one per 64-column block of attended keys;
+- top-p is exact without sorting the vocabulary on CPU (top-64 first, bisection for the rare
+  wider rows); inside CUDA graphs one sort per row was the fastest exact way (measured).
+Figures: bench/results_gen.md.
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ def generate(model, prompts: Sequence[Sequence[int]], n: int, sampling: Sampling
 
     batch_size: sequences decoded together, rounded down to a multiple of n (at least n);
     None picks 64 on CPU and what free GPU memory holds on CUDA. `on_prompt_done(i, comps)`
-    runs once per prompt as soon as its n samples are finished.
+    runs once per prompt as soon as its n samples are finished. `stats`, if given, is filled
+    with timings; `options` overrides the per-device loop settings (tests, benchmarks).
 
     Determinism: the random draw of token t of sample s of prompt i is a hash of
     (seed, i, s, t), so outputs are a fixed function of the inputs and do not depend on batch
@@ -93,15 +97,13 @@ def generate(model, prompts: Sequence[Sequence[int]], n: int, sampling: Sampling
         if pending[f.prompt] == 0 and on_prompt_done is not None:
             on_prompt_done(f.prompt, results[f.prompt])
 
-    with torch.inference_mode(), grouped_attention(model) as switched:
+    with torch.inference_mode(), grouped_attention(model):
         loop = DecodeLoop(model, n=n, rows=min(rows, len(prompts) * n), columns=columns,
                           temperature=sampling.temperature, top_p=sampling.top_p,
                           max_new_tokens=sampling.max_new_tokens,
                           min_new_tokens=sampling.min_new_tokens, seed=sampling.seed,
                           eos_token_ids=list(eos_token_ids), pad_token_id=pad_token_id,
-                          window=sliding_window(model.config, columns),
-                          bool_masks=switched or model.config._attn_implementation == "sdpa",
-                          options=opt)
+                          window=sliding_window(model.config, columns), options=opt)
         for group in groups:
             loop.run_group(group, report)
     if stats is not None:

@@ -57,7 +57,7 @@ def grouped_attention(model):
     """Run `model` with `gqa_sdpa_attention`, restoring its attention implementation after.
 
     Yields whether the switch took (models without the attention interface keep their own,
-    which then receives the same boolean masks)."""
+    which receives the same additive masks)."""
     before = model.config._attn_implementation
     try:
         model.set_attn_implementation(ATTENTION_NAME)

@@ -235,9 +235,9 @@ class DecodeLoop:
         return (tokens.unsqueeze(-1) == self.eos).any(-1)
 
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
-        """The additive form (0 or the dtype's lowest value) that every attention function
-        takes; SDPA would otherwise convert a boolean mask in every layer (on CPU that doubled
-        the attention time of a SmolLM2 decode step)."""
+        """The additive form (0 or the dtype's lowest value), which every attention function
+        takes (eager ones need it) and SDPA would otherwise build from a boolean mask in every
+        layer."""
         return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
             ~allowed, torch.finfo(self.dtype).min)
 
