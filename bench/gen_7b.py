@@ -1,7 +1,7 @@
 """GPU generation benchmark at Mistral-7B-Instruct-v0.2's shape: transformers' generate vs
 prefloop's engine, 50 prompts x 5 samples x 256 new tokens (min = max, so the work is fixed).
 
-    PYTHONUNBUFFERED=1 python bench/gen_7b.py            # on one H100/H200 (about 1 min)
+    PYTHONUNBUFFERED=1 python bench/gen_7b.py            # on one H100/H200 (about 2 min)
     python bench/gen_7b.py --tiny                        # debug the script on CPU
 
 Random weights (built on the GPU from the config in bf16, nothing is downloaded): speed does
@@ -16,6 +16,7 @@ import datetime
 import platform
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def hf_generate(model, prompts, n, sampling: Sampling, eos=EOS):
     return [r[: next((i + 1 for i, t in enumerate(r) if t in stop), len(r))] for r in rows]
 
 
-def greedy_check(device, dtype) -> tuple[str, int, int, int]:
+def greedy_check(device, dtype, options=None, label="") -> tuple[str, int, int, int]:
     """Engine greedy vs transformers greedy on a small random Mistral: identical prompts?"""
     torch.manual_seed(0)
     model = mistral(device, dtype, tiny=False, hidden_size=256, intermediate_size=512,
@@ -98,10 +99,10 @@ def greedy_check(device, dtype) -> tuple[str, int, int, int]:
     eos = sorted({free[i][5 + 4 * i] for i in range(4)})  # stop some rows part-way
     want = hf_generate(model, prompts, 1, Sampling(0.0, max_new_tokens=32), eos=eos)
     got = generate(model, prompts, 2, Sampling(0.0, max_new_tokens=32), eos_token_ids=eos,
-                   pad_token_id=PAD)
+                   pad_token_id=PAD, options=options)
     same = sum(all(c.token_ids == w for c in comps) for w, comps in zip(want, got, strict=True))
     stops = sum(w[-1] in eos for w in want)
-    return str(dtype).replace("torch.", ""), same, len(prompts), stops
+    return str(dtype).replace("torch.", "") + label, same, len(prompts), stops
 
 
 def engine_run(model, prompts, n, sampling, label, rows, options=None):
@@ -167,8 +168,7 @@ def step_profile(model, prompts, n, sampling) -> list[tuple[str, float]]:
             loop.cache.mode, loop.cache.rows, loop.cache.kv_len = "decode", rows, columns
             mask = decode_mask(loop.pad[:rows], loop.col, loop.columns[:columns], None)
             return model(input_ids=loop.tok[:rows], attention_mask=loop._mask(mask),
-                         position_ids=loop.pos[:rows], past_key_values=loop.cache,
-                         use_cache=True, logits_to_keep=1).logits
+                         position_ids=loop.pos[:rows], **loop.fwd_kwargs).logits
 
         logits = torch.randn(rows, model.config.vocab_size, device=device).to(loop.dtype)
 
@@ -187,6 +187,63 @@ def step_profile(model, prompts, n, sampling) -> list[tuple[str, float]]:
         out += attention_backends(model, rows, columns, device, loop.dtype)
         out += other_attention(rows, columns, device, loop.dtype, model.config.num_hidden_layers)
     return out
+
+
+@contextmanager
+def flex_mode(mode: str | None):
+    """Compile the engine's FlexAttention decode with `mode` (e.g. autotuning) inside."""
+    from prefloop.engine import kv
+
+    if mode is None:
+        yield
+        return
+    saved = list(kv._FLEX_COMPILED)
+    kv._flex_decode()  # raises the recompile limit once
+    kv._FLEX_COMPILED[:] = [torch.compile(kv._flex_decode_attention, dynamic=False, mode=mode)]
+    try:
+        yield
+    finally:
+        kv._FLEX_COMPILED[:] = saved
+
+
+def kernel_profile(model, prompts, n, sampling, options, steps: int = 5):
+    """GPU time per kernel name over `steps` eager decode steps (the graphs replay the same
+    kernels without launch gaps), per step, largest first, plus the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from prefloop.engine.fused import fused_kernels
+
+    device = next(model.parameters()).device
+    width = max(map(len, prompts))
+    columns = width + sampling.max_new_tokens - 1
+    rows = len(prompts) * n
+    with (torch.inference_mode(), grouped_attention(model, options.flex_decode),
+          fused_kernels(model, options.fused)):
+        loop = DecodeLoop(model, n=n, rows=rows, columns=columns,
+                          temperature=sampling.temperature, top_p=sampling.top_p,
+                          max_new_tokens=sampling.max_new_tokens,
+                          min_new_tokens=sampling.min_new_tokens, seed=0, eos_token_ids=[EOS],
+                          pad_token_id=PAD, window=None, options=options)
+        loop.start_group(list(enumerate(prompts)))
+        kv = -(-(width + 1) // 64) * 64
+        for _ in range(3):  # compile and warm up
+            loop._step(rows, kv)
+        sync(device)
+        cuda = device.type == "cuda"
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                loop._step(rows, kv)
+            sync(device)
+    totals: dict[str, list] = {}
+    for evt in prof.key_averages():
+        spent = evt.device_time_total if cuda else evt.self_cpu_time_total
+        if (cuda and evt.device_type.name != "CUDA") or spent <= 0:
+            continue
+        t = totals.setdefault(evt.key[:90].replace("|", "/"), [0.0, 0])
+        t[0] += spent / 1e3 / steps
+        t[1] += evt.count // steps
+    out = sorted(((k, ms, c) for k, (ms, c) in totals.items()), key=lambda x: -x[1])
+    return out[:25] + [("total", sum(ms for _, ms, _ in out), sum(c for _, _, c in out))]
 
 
 def attention_backends(model, rows, columns, device, dtype) -> list[tuple[str, float]]:
@@ -282,6 +339,12 @@ def main() -> None:
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--skip-profile", action="store_true")
     ap.add_argument("--eager", action="store_true", help="also time the engine without graphs")
+    ap.add_argument("--variants", default="plain,fused,flex",
+                    help="engine variants to time besides the default (fused kernels + flex "
+                         "decode on CUDA): '+'-joined parts of fused, flex, tuned (autotuned "
+                         "flex); 'plain' for none of them ('' for no variants)")
+    ap.add_argument("--kernels", default="",
+                    help="profile the CUDA kernels of eager decode steps with this variant")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.tiny:
@@ -292,11 +355,19 @@ def main() -> None:
     print(f"# {datetime.date.today()} {gpu}, torch {torch.__version__}, transformers "
           f"{transformers.__version__}\n# command: python {' '.join(sys.argv)}", flush=True)
 
+    variants = {}
+    for name in filter(None, args.variants.split(",")):
+        parts = set(name.split("+"))
+        variants[name] = replace(options_for(device), fused="fused" in parts,
+                                 flex_decode="flex" in parts)
     checks = []
     if not args.skip_check:
         for dtype in (torch.float32, torch.bfloat16):
             checks.append(greedy_check(device, dtype))
             print(f"  greedy check {checks[-1]}", flush=True)
+            for name, opt in variants.items():
+                checks.append(greedy_check(device, dtype, opt, f", {name}"))
+                print(f"  greedy check {checks[-1]}", flush=True)
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
@@ -325,6 +396,12 @@ def main() -> None:
         print(f"  generate: {dt:.2f} s, {tokens} tokens, {tokens / dt:,.0f} tok/s", flush=True)
         del out
     engine_run(model, prompts, args.n, sampling, "prefloop engine, 1st call", rows)
+    for name, opt in variants.items():
+        with flex_mode("max-autotune-no-cudagraphs" if "tuned" in name.split("+") else None):
+            engine_run(model, prompts, args.n, sampling, f"prefloop engine {name}, 1st call",
+                       rows, opt)
+            engine_run(model, prompts, args.n, sampling, f"prefloop engine {name}, 2nd call",
+                       rows, opt)
     engine_run(model, prompts, args.n, sampling, "prefloop engine, 2nd call", rows)
     if args.eager:
         eager = replace(options_for(device), cuda_graphs=False)
@@ -332,28 +409,32 @@ def main() -> None:
         rows.append(rows.pop(-2))  # keep the graphed 2nd call last, for the ratio
 
     profile = [] if args.skip_profile else step_profile(model, prompts, args.n, sampling)
+    kernels = kernel_profile(model, prompts, args.n, sampling, variants[args.kernels]) \
+        if args.kernels else []
 
     if checks:
         print("\n| greedy check (engine vs generate) | prompts identical | prompts stopping on EOS |")
         print("|---|---|---|")
         for name, same, total, stops in checks:
             print(f"| small random Mistral, {name} | {same}/{total} | {stops} |")
+    if kernels:
+        print(f"\n| CUDA kernels of one eager decode step ({args.kernels}) | ms | calls |")
+        print("|---|---|---|")
+        for name, ms, calls in kernels:
+            print(f"| {name} | {ms:.3f} | {calls} |")
     if profile:
         print("\n| one decode step, parts | ms |\n|---|---|")
         for name, ms in profile:
             print(f"| {name} | {ms:.2f} |")
     print(f"\n{args.prompts} prompts x {args.prompt_len} tokens x {args.n} samples x "
           f"{args.max_new} new tokens (min = max), T 0.7, top-p 0.9, {dtype}, {gpu}")
-    print("| engine | seconds | tokens | tokens/s | peak GiB | capture s | note |")
-    print("|---|---|---|---|---|---|---|")
+    base = rows[0][2] / rows[0][1] if not args.skip_hf else None
+    print("| engine | seconds | tokens | tokens/s | vs generate | peak GiB | capture s | note |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, dt, tokens, peak, cap, note in rows:
-        print(f"| {label} | {dt:.2f} | {tokens} | {tokens / dt:,.0f} | {peak:.1f} | {cap:.2f} "
-              f"| {note} |")
-    if not args.skip_hf:
-        base = rows[0][2] / rows[0][1]
-        best = rows[-1][2] / rows[-1][1]
-        print(f"| ratio engine (2nd call) / generate | | | {best / base:.2f}x | | | |")
-
+        ratio = f"{tokens / dt / base:.2f}x" if base else ""
+        print(f"| {label} | {dt:.2f} | {tokens} | {tokens / dt:,.0f} | {ratio} | {peak:.1f} "
+              f"| {cap:.2f} | {note} |")
 
 if __name__ == "__main__":
     main()

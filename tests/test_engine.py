@@ -6,11 +6,14 @@ built in fixtures; everything runs on CPU in fp32 in a few seconds.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from prefloop.engine import Completion, Sampling, generate
-from prefloop.engine.loop import LoopOptions
+from prefloop.engine import Completion, Sampling, common_prefix, generate, last_logits
+from prefloop.engine.fused import fused_kernels
+from prefloop.engine.loop import LoopOptions, options_for
 from prefloop.engine.sampling import (
     mix32,
     nucleus_threshold,
@@ -201,6 +204,113 @@ def test_bad_arguments_name_the_field(model, prompts):
         with pytest.raises(ValueError, match=field):
             generate(model, args["prompts"], args["n"], args["sampling"], eos_token_ids=[2],
                      pad_token_id=PAD, batch_size=args.get("batch_size"))
+
+
+# ---- a prefix shared by every prompt, next-token logits, stream ids ---------------------------
+
+HEAD = 20  # tokens every prompt of `prefixed` starts with
+NO_SHARING = replace(options_for(torch.device("cpu")), shared_prefix=0)
+
+
+@pytest.fixture(scope="module")
+def prefixed(prompts):
+    g = torch.Generator().manual_seed(7)
+    head = torch.randint(3, VOCAB, (HEAD,), generator=g).tolist()
+    return [head + p for p in prompts]
+
+
+def forward_shapes(model, fn):
+    """Run fn(); return the input_ids shape of every forward of `model` it made."""
+    shapes = []
+    handle = model.register_forward_pre_hook(
+        lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    try:
+        return fn(), shapes
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("options", [None, GPU_LIKE], ids=["cpu", "gpu-like"])
+def test_shared_prefix_is_prefilled_once_and_matches_transformers(model, prefixed, options):
+    want = hf_greedy(model, prefixed, 8, eos=VOCAB + 7)
+    got, shapes = forward_shapes(model, lambda: generate(
+        model, prefixed, 2, greedy(max_new=8), eos_token_ids=[], pad_token_id=PAD,
+        batch_size=4, options=options))  # 2 prompts a group: the prefix serves 3 groups
+    assert [[c.token_ids for c in comps] for comps in got] == [[w] * 2 for w in want]
+    assert shapes[0] == (1, HEAD)  # the prefix, once for the whole call
+    assert max(width for _, width in shapes[1:]) == max(LENGTHS)  # never the prefix again
+    prefill = [s for s in shapes[1:] if s[1] > 1]
+    assert sum(rows for rows, _ in prefill) == len(prefixed)  # each remainder once
+
+
+def test_shared_prefix_keeps_every_sample(model, prefixed):
+    sampling = Sampling(temperature=0.8, top_p=0.9, max_new_tokens=10, seed=3)
+
+    def run(options):
+        out = generate(model, prefixed, 3, sampling, eos_token_ids=[7, 8, 9], pad_token_id=PAD,
+                       options=options)
+        return [[(c.token_ids, c.finish_reason) for c in comps] for comps in out]
+
+    shared, shapes = forward_shapes(model, lambda: run(None))
+    assert shapes[0] == (1, HEAD)
+    assert shared == run(NO_SHARING)
+
+
+def test_common_prefix_leaves_every_prompt_a_token():
+    assert common_prefix([[1, 2, 3], [1, 2, 3, 4], [1, 2, 3, 5]]) == 2
+    assert common_prefix([[1, 2, 4], [1, 2, 3]]) == 2
+    assert common_prefix([[1, 2], [3, 2]]) == 0
+    assert common_prefix([[4, 5, 6]]) == 2
+
+
+def test_last_logits_equal_one_forward_per_prompt(model, prefixed):
+    select = [3, 17, VOCAB - 1]
+    (got, shapes) = forward_shapes(model, lambda: last_logits(
+        model, prefixed, select, pad_token_id=PAD, batch_size=2))
+    assert shapes[0] == (1, HEAD) and got.shape == (len(prefixed), 3) and got.dtype == torch.float32
+    with torch.inference_mode():
+        want = torch.stack([model(torch.tensor([p])).logits[0, -1, select] for p in prefixed])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert last_logits(model, [], select, pad_token_id=PAD).shape == (0, 3)
+
+
+def test_stream_ids_reproduce_the_draws_of_a_larger_call(model, prompts):
+    sampling = Sampling(temperature=0.9, top_p=0.95, max_new_tokens=8, seed=11)
+    full = generate(model, prompts, 2, sampling, eos_token_ids=[], pad_token_id=PAD)
+    part = generate(model, prompts[2:4], 2, sampling, eos_token_ids=[], pad_token_id=PAD,
+                    stream_ids=[2, 3])
+    assert [[c.token_ids for c in comps] for comps in part] == \
+        [[c.token_ids for c in comps] for comps in full[2:4]]
+    plain = generate(model, prompts[2:4], 2, sampling, eos_token_ids=[], pad_token_id=PAD)
+    assert plain != part  # without them, prompts 2-3 would draw as prompts 0-1
+    with pytest.raises(ValueError, match="stream_ids: 1 ids for 2 prompts"):
+        generate(model, prompts[2:4], 2, sampling, eos_token_ids=[], pad_token_id=PAD,
+                 stream_ids=[2])
+
+
+
+@pytest.mark.slow
+def test_compiled_kernels_and_flex_decode_match_transformers(prompts):
+    """The CUDA defaults' compiled RMSNorm/rotary kernels and FlexAttention decode, run on the
+    CPU (torch.compile works there too, ~1 min): greedy output equals transformers', and the
+    model's own modules are restored afterwards."""
+    import transformers.models.llama.modeling_llama as llama
+
+    model = tiny("llama")
+    rope = llama.apply_rotary_pos_emb
+    eos = mid_sequence_eos(model, prompts)
+    want = hf_greedy(model, prompts, 12, eos)
+    opt = replace(options_for(torch.device("cpu")), fused=True, flex_decode=True)
+    got = generate(model, prompts, 2, greedy(), eos_token_ids=[eos], pad_token_id=PAD,
+                   options=opt)
+    assert [[c.token_ids for c in comps] for comps in got] == [[w] * 2 for w in want]
+    assert llama.apply_rotary_pos_emb is rope
+    assert "forward" not in model.model.norm.__dict__
+    with fused_kernels(model) as on:  # what generate() swapped in
+        assert on and llama.apply_rotary_pos_emb is not rope
+        assert "forward" in model.model.norm.__dict__
+    cuda = options_for(torch.device("cuda"))
+    assert cuda.fused and cuda.flex_decode and cuda.cuda_graphs
 
 
 # ---- sampling math -----------------------------------------------------------------------------

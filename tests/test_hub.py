@@ -154,7 +154,20 @@ def test_push_adapter_links_the_pushed_dataset(tmp_path, fake_hub):
     assert files["README.md"].decode() == (
         "# adapter\n\n- Dataset: https://huggingface.co/datasets/alice/pairs\n")
     assert sorted(files) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    # the base model by Hub id (the embedded model's source), not this machine's cache path
+    assert json.loads(files["adapter_config.json"]) == {
+        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "r": 4}
     assert snapshot(adapter) == before  # the link went into a temporary copy only
+
+
+def test_hub_base_id_of_each_kind_of_model_name(tmp_path):
+    from prefloop.models import hub_base_id
+
+    assert hub_base_id("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_base_id("mistralai/Mistral-7B-Instruct-v0.2") == "mistralai/Mistral-7B-Instruct-v0.2"
+    local = tmp_path / "org" / "model"
+    local.mkdir(parents=True)
+    assert hub_base_id(str(local)) is None
 
 
 def test_adapter_card_link_rules():

@@ -11,6 +11,7 @@ import pytest
 from tiny import CHAT_TEMPLATE, SPECIALS, WORDS, tiny_llama
 
 from prefloop import engine
+from prefloop.chat import render_prompt
 from prefloop.config import RankConfig
 from prefloop.errors import PrefloopError
 from prefloop.rankers import judge as J
@@ -133,9 +134,10 @@ class FakeEngine:
         self.tok, self.script, self.finish, self.calls = tok, script, finish, []
 
     def __call__(self, model, prompts, n, sampling, *, eos_token_ids, pad_token_id,
-                 batch_size=None, on_prompt_done=None):
+                 batch_size=None, on_prompt_done=None, stream_ids=None):
         self.calls.append({"prompts": [list(p) for p in prompts], "n": n, "sampling": sampling,
-                           "eos": set(eos_token_ids), "pad": pad_token_id})
+                           "eos": set(eos_token_ids), "pad": pad_token_id,
+                           "stream_ids": None if stream_ids is None else list(stream_ids)})
         out = []
         for i, ids in enumerate(prompts):
             text = self.tok.decode(ids)
@@ -235,10 +237,10 @@ def test_forced_score_weighs_the_judges_digits_after_score(tok, fake):
     out = jr.judge(["q", "q"], ["alpha", "delta"])  # alpha parses (5), delta never does
     assert [j.score for j in out[0]] == [5.0] * 3 and not any(j.forced for j in out[0])
     assert [(j.text, j.score, j.forced) for j in out[1]] == [("it is fine.", 2.0, True)] * 3
-    (batch,) = seen  # one forward for the failed samples of one prompt, no padding needed
+    (batch,) = seen  # one forward: the 3 failed samples are the same text, read once
     suffix = tok(J.FORCE_SUFFIX, add_special_tokens=False)["input_ids"]
     judged = tok("it is fine .", add_special_tokens=False)["input_ids"]
-    assert batch == [fake.calls[0]["prompts"][1] + judged + suffix] * 3
+    assert batch == [fake.calls[0]["prompts"][1] + judged + suffix]
     assert J.digit_tokens(tok) == {tok.convert_tokens_to_ids(str(d)): d for d in range(6)}
 
 
@@ -259,3 +261,45 @@ def test_forced_scores_left_padding_matches_single_sequences(tok):
                      / sum(p[t].item() for t in digits))
     assert batched == pytest.approx(alone, abs=1e-5)
     assert len(set(round(x, 4) for x in batched)) == 4 and all(0 < x < 5 for x in batched)
+
+
+def test_forcing_runs_per_chunk_with_the_draws_of_one_call(tok, fake, monkeypatch):
+    """With forcing on, responses are judged (then forced) FORCE_CHUNK at a time; each keeps the
+    random stream it would have in one call, and on_done fires once per response."""
+    monkeypatch.setattr(J, "FORCE_CHUNK", 2)
+    jr = make_judge(tok, judge_force_score=True)
+    done = []
+    out = jr.judge(["q"] * 5, ["alpha", "delta", "beta", "delta", "gamma"],
+                   on_done=lambda i, js: done.append(i))
+    assert [c["stream_ids"] for c in fake.calls] == [[0, 1], [2, 3], [4]]
+    assert sorted(done) == [0, 1, 2, 3, 4] and len(done) == 5
+    assert [j.score for j in out[0]] == [5.0] * 3 and [j.score for j in out[4]] == [1.0] * 3
+    assert all(j.forced and 0 < j.score < 5 for i in (1, 3) for j in out[i])
+    assert out[1] == out[3]  # same response, same forced score
+
+
+def test_forced_scores_share_the_rubric_prefix_with_the_same_result(tok):
+    """Real judge prompts all start with the rubric: the engine prefills it once, and the
+    scores equal those of one unpadded forward per sequence."""
+    import torch
+
+    model = tiny_llama(tok, seed=4)
+    prompts = [render_prompt(tok, J.fill_template(J.load_template("yuan2024"), "q", r)).ids
+               for r in ("alpha", "beta gamma", "delta it is okay")]
+    seqs = [p + tok("it is fine .", add_special_tokens=False)["input_ids"] for p in prompts]
+    shapes = []
+    handle = model.register_forward_pre_hook(
+        lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    got = J.forced_scores(model, tok, seqs)
+    handle.remove()
+    head = next(i for i in range(len(seqs[0])) if len({s[i] for s in seqs}) > 1)
+    assert shapes[0] == (1, head) and head > 100  # the rubric, once
+    digits = J.digit_tokens(tok)
+    suffix = tok(J.FORCE_SUFFIX, add_special_tokens=False)["input_ids"]
+    want = []
+    for seq in seqs:
+        with torch.inference_mode():
+            p = model(torch.tensor([seq + suffix])).logits[0, -1].softmax(-1)
+        want.append(sum(d * p[t].item() for t, d in digits.items())
+                    / sum(p[t].item() for t in digits))
+    assert got == pytest.approx(want, abs=1e-5)

@@ -94,13 +94,21 @@ def pushed_dataset(run_dir: Path) -> str | None:
     return json.loads(path.read_text(encoding="utf-8")).get("repo_id")
 
 
-def _staged_adapter(folder: Path, dataset_repo_id: str, tmp: Path) -> Path:
-    """A copy of the adapter folder whose README links the pushed dataset."""
+def _staged_adapter(folder: Path, dataset_repo_id: str | None, base_id: str | None,
+                    tmp: Path) -> Path:
+    """A copy of the adapter folder for the Hub: its README links the pushed dataset, and its
+    adapter_config.json names the base model by Hub id rather than by this machine's path."""
     staged = tmp / "adapter"
-    shutil.copytree(folder, staged, ignore=shutil.ignore_patterns("README.md"))
-    readme = folder / "README.md"
-    text = readme.read_text(encoding="utf-8") if readme.exists() else ""
-    (staged / "README.md").write_text(adapter_card(text, dataset_repo_id), encoding="utf-8")
+    shutil.copytree(folder, staged)
+    if dataset_repo_id:
+        readme = folder / "README.md"
+        text = readme.read_text(encoding="utf-8") if readme.exists() else ""
+        (staged / "README.md").write_text(adapter_card(text, dataset_repo_id), encoding="utf-8")
+    config = staged / "adapter_config.json"
+    if base_id and config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        data["base_model_name_or_path"] = base_id
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return staged
 
 
@@ -116,7 +124,11 @@ def push(what: Literal["dataset", "adapter"], recipe: Recipe, run_dir: Path, *,
     private = private or recipe.push.private
     linked = pushed_dataset(run_dir) if what == "adapter" else None
     with tempfile.TemporaryDirectory(prefix="prefloop-push-") as tmp:
-        upload = _staged_adapter(folder, linked, Path(tmp)) if linked else folder
+        upload = folder
+        if what == "adapter":
+            from prefloop.models import hub_base_id
+
+            upload = _staged_adapter(folder, linked, hub_base_id(recipe.model.name), Path(tmp))
         try:
             from huggingface_hub import HfApi
 

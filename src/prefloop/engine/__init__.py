@@ -1,13 +1,16 @@
 """prefloop's generation engine: n samples per prompt from any transformers causal LM, fast.
 
 What makes it fast, compared with `model.generate(num_return_sequences=n)`:
-- each prompt is prefilled once and its K/V copied to its n sample rows;
+- each prompt is prefilled once and its K/V copied to its n sample rows; a prefix common to all
+  prompts (a judge's rubric, a system prompt) is prefilled once for the whole call;
 - prompts are sorted by length and batched with left padding, in preallocated K/V buffers
   (no per-step concatenation);
 - attention reads the grouped K/V heads directly (no `repeat_kv` copies);
 - finished rows leave the batch (CPU: at once; CUDA: in halving buckets);
 - on CUDA the whole decode step (forward, top-p, sampling, bookkeeping) is a CUDA graph,
-  one per 64-column block of attended keys;
+  one per 64-column block of attended keys; inside it, decode attention is compiled
+  FlexAttention on the grouped K/V, and RMSNorm and rotary embeddings are compiled kernels
+  (compiling is paid once per process and shape, in the first call's capture time);
 - top-p is exact without sorting the vocabulary on CPU (top-64 first, bisection for the rare
   wider rows); inside CUDA graphs one sort per row was the fastest exact way (measured).
 Figures: bench/results_gen.md.
@@ -21,10 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prefloop.engine.fused import fused_kernels
 from prefloop.engine.kv import grouped_attention, sliding_window
 from prefloop.engine.loop import DecodeLoop, Finished, LoopOptions, options_for
 
-__all__ = ["Completion", "Sampling", "generate", "GenerationStats"]
+__all__ = ["Completion", "Sampling", "generate", "GenerationStats", "last_logits"]
 
 
 @dataclass(frozen=True)
@@ -59,14 +63,16 @@ CPU_ROWS = 64  # sequences decoded together on CPU when batch_size is None
 def generate(model, prompts: Sequence[Sequence[int]], n: int, sampling: Sampling, *,
              eos_token_ids: Collection[int], pad_token_id: int, batch_size: int | None = None,
              on_prompt_done: Callable[[int, list[Completion]], None] | None = None,
-             stats: GenerationStats | None = None, options: LoopOptions | None = None
-             ) -> list[list[Completion]]:
+             stats: GenerationStats | None = None, options: LoopOptions | None = None,
+             stream_ids: Sequence[int] | None = None) -> list[list[Completion]]:
     """n completions for each tokenized prompt (no BOS is added), in sample order.
 
     batch_size: sequences decoded together, rounded down to a multiple of n (at least n);
     None picks 64 on CPU and what free GPU memory holds on CUDA. `on_prompt_done(i, comps)`
     runs once per prompt as soon as its n samples are finished. `stats`, if given, is filled
     with timings; `options` overrides the per-device loop settings (tests, benchmarks).
+    `stream_ids[i]` replaces i in prompt i's random stream (so a caller that splits its work
+    into several calls can keep every prompt's draws as one call would give them).
 
     Determinism: the random draw of token t of sample s of prompt i is a hash of
     (seed, i, s, t), so outputs are a fixed function of the inputs and do not depend on batch
@@ -76,6 +82,8 @@ def generate(model, prompts: Sequence[Sequence[int]], n: int, sampling: Sampling
     then and almost never in fp32.
     """
     _validate(prompts, n, sampling, pad_token_id, batch_size)
+    if stream_ids is not None and len(stream_ids) != len(prompts):
+        raise ValueError(f"stream_ids: {len(stream_ids)} ids for {len(prompts)} prompts")
     if len(prompts) == 0:
         return []
     started = time.perf_counter()
@@ -97,13 +105,17 @@ def generate(model, prompts: Sequence[Sequence[int]], n: int, sampling: Sampling
         if pending[f.prompt] == 0 and on_prompt_done is not None:
             on_prompt_done(f.prompt, results[f.prompt])
 
-    with torch.inference_mode(), grouped_attention(model):
+    with (torch.inference_mode(), grouped_attention(model, opt.flex_decode),
+          fused_kernels(model, opt.fused)):
+        window = sliding_window(model.config, columns)
         loop = DecodeLoop(model, n=n, rows=min(rows, len(prompts) * n), columns=columns,
                           temperature=sampling.temperature, top_p=sampling.top_p,
                           max_new_tokens=sampling.max_new_tokens,
                           min_new_tokens=sampling.min_new_tokens, seed=sampling.seed,
                           eos_token_ids=list(eos_token_ids), pad_token_id=pad_token_id,
-                          window=sliding_window(model.config, columns), options=opt)
+                          window=window, options=opt)
+        loop.stream_ids = stream_ids
+        _share_prefix(loop, prompts, opt, window)
         for group in groups:
             loop.run_group(group, report)
     if stats is not None:
@@ -111,6 +123,58 @@ def generate(model, prompts: Sequence[Sequence[int]], n: int, sampling: Sampling
         stats.capture_seconds, stats.graphs = loop.capture_seconds, sorted(loop.graphs)
         stats.seconds = time.perf_counter() - started
     return results  # type: ignore[return-value]  # every slot was filled by `report`
+
+
+def last_logits(model, prompts: Sequence[Sequence[int]], token_ids: Sequence[int], *,
+                pad_token_id: int, batch_size: int | None = None,
+                options: LoopOptions | None = None) -> torch.Tensor:
+    """Next-token logits after each prompt, for the vocabulary entries `token_ids` only:
+    (len(prompts), len(token_ids)) float32 on the CPU. Prefills like `generate` (prompts
+    batched by length, a prefix common to all of them computed once) and decodes nothing."""
+    _validate(prompts, 1, Sampling(max_new_tokens=1), pad_token_id, batch_size)
+    out = torch.zeros(len(prompts), len(token_ids))
+    if len(prompts) == 0:
+        return out
+    device = next(model.parameters()).device
+    opt = options or options_for(device)
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    columns = max(len(p) for p in prompts)
+    rows = _rows_per_batch(model, batch_size, 1, len(prompts), columns, device)
+    select = torch.tensor(list(token_ids), dtype=torch.long, device=device)
+
+    def sink(indices: list[int], logits: torch.Tensor) -> None:
+        out[indices] = logits[:, select].float().cpu()
+
+    with torch.inference_mode(), grouped_attention(model):
+        window = sliding_window(model.config, columns)
+        loop = DecodeLoop(model, n=1, rows=min(rows, len(prompts)), columns=columns,
+                          temperature=0.0, top_p=1.0, max_new_tokens=1, min_new_tokens=0, seed=0,
+                          eos_token_ids=[pad_token_id], pad_token_id=pad_token_id,
+                          window=window, options=opt)
+        loop.logit_sink = sink
+        _share_prefix(loop, prompts, opt, window)
+        for g in range(0, len(order), rows):
+            loop.start_group([(i, list(prompts[i])) for i in order[g: g + rows]])
+    return out
+
+
+def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the longest prefix shared by every prompt, leaving each at least one token."""
+    first, shortest = prompts[0], min(len(p) for p in prompts)
+    length = 0
+    while length < shortest - 1 and all(p[length] == first[length] for p in prompts):
+        length += 1
+    return length
+
+
+def _share_prefix(loop: DecodeLoop, prompts, opt: LoopOptions, window: int | None) -> None:
+    """Prefill the prompts' common prefix once, when it is long enough to be worth it (the
+    column layout of a shared prefix is not position-contiguous, so not with a sliding window)."""
+    if len(prompts) < 2 or not opt.shared_prefix or window is not None:
+        return
+    length = common_prefix(prompts)
+    if length >= opt.shared_prefix:
+        loop.set_prefix(list(prompts[0][:length]))
 
 
 def _validate(prompts, n, sampling: Sampling, pad_token_id, batch_size) -> None:

@@ -29,12 +29,15 @@ class LoopOptions:
     kv_block: int            # attention reads columns up to the next multiple of this
     bucket_rows: bool        # keep row counts at group/2^k (few graph shapes) or exact
     prefill_tokens: int      # padded prompt tokens per prefill forward
+    shared_prefix: int = 16  # prefill a prefix common to all prompts once if this long (0: never)
+    fused: bool = False      # CUDA: compiled RMSNorm and rotary kernels (engine/fused.py)
+    flex_decode: bool = False  # CUDA: decode attention through compiled FlexAttention
 
 
 def options_for(device: torch.device) -> LoopOptions:
     if device.type == "cuda":
         return LoopOptions(cuda_graphs=True, prefilter=None, sync_every=16, kv_block=64,
-                           bucket_rows=True, prefill_tokens=16384)
+                           bucket_rows=True, prefill_tokens=16384, fused=True, flex_decode=True)
     return LoopOptions(cuda_graphs=False, prefilter=64, sync_every=1, kv_block=1,
                        bucket_rows=False, prefill_tokens=2048)
 
@@ -49,9 +52,15 @@ class Finished:
     finish_reason: str
 
 
-def _accepts_logits_to_keep(model) -> bool:
+def _forward_kwargs(model, cache) -> dict:
+    """The cache argument under its name (transformers renamed `past_key_values` to `cache`),
+    and `logits_to_keep=1` where the model takes it."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    params = inspect.signature(base.forward).parameters
+    kwargs = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = 1
+    return kwargs
 
 
 class DecodeLoop:
@@ -76,13 +85,29 @@ class DecodeLoop:
         self.columns = torch.arange(columns, device=device)
         self.eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
         self.cache = SlotKVCache(rows, columns, self.col)
+        self.prefix = 0  # shared prefix length (columns [0, prefix) of every row), see set_prefix
+        self.logit_sink: Callable[[list[int], torch.Tensor], None] | None = None
+        self.stream_ids: Sequence[int] | None = None  # random stream of prompt i (default: i)
         self.owner: list[tuple[int, int] | None] = [None] * rows
         self.active = 0
         self.n_columns = columns
-        self.fwd_kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        self.fwd_kwargs = _forward_kwargs(model, self.cache)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if options.cuda_graphs else None
         self.capture_seconds = 0.0
+
+    # ---- shared prefix -----------------------------------------------------------------------
+
+    def set_prefix(self, ids: list[int]) -> None:
+        """Prefill `ids`, the first tokens of every prompt to come, once into all rows."""
+        length = len(ids)
+        self.cache.mode, self.cache.seen, self.cache.prefix = "prefix", 0, 0
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        pad = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.model(input_ids=tokens, attention_mask=self._mask(prefill_mask(pad, length, None)),
+                   position_ids=torch.arange(length, device=self.device)[None],
+                   **self.fwd_kwargs)
+        self.prefix = length
 
     # ---- one group -------------------------------------------------------------------------
 
@@ -121,12 +146,13 @@ class DecodeLoop:
         chunk: list[tuple[int, list[int]]] = []
         real = 0
         for item in group:
-            padded = (len(chunk) + 1) * len(item[1])
-            if chunk and (padded > self.opt.prefill_tokens or padded > 1.25 * (real + len(item[1]))):
+            length = len(item[1]) - self.prefix
+            padded = (len(chunk) + 1) * length
+            if chunk and (padded > self.opt.prefill_tokens or padded > 1.25 * (real + length)):
                 yield chunk
                 chunk, real = [], 0
             chunk.append(item)
-            real += len(item[1])
+            real += length
         if chunk:
             yield chunk
 
@@ -151,24 +177,32 @@ class DecodeLoop:
     # ---- prefill ---------------------------------------------------------------------------
 
     def _prefill(self, chunk: list[tuple[int, list[int]]], row0: int, width: int) -> None:
-        """Run a chunk of prompts once; copy their K/V to n rows each; draw token 0."""
-        span = max(len(ids) for _, ids in chunk)
+        """Run a chunk of prompts once (after the shared prefix); copy their K/V to n rows each;
+        draw token 0."""
+        pre = self.prefix
+        span = max(len(ids) for _, ids in chunk) - pre
         ids = torch.full((len(chunk), span), self.pad_id, dtype=torch.long)
         for i, (_, prompt) in enumerate(chunk):
-            ids[i, span - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            ids[i, span - len(prompt) + pre:] = torch.tensor(prompt[pre:], dtype=torch.long)
         ids = ids.to(self.device)
         lengths = torch.tensor([len(ids) for _, ids in chunk], device=self.device)
-        pad = span - lengths
-        positions = (torch.arange(span, device=self.device) - pad[:, None]).clamp_(min=0)
+        pad = span - (lengths - pre)
+        positions = (torch.arange(span, device=self.device) - pad[:, None]).clamp_(min=0) + pre
+        mask = prefill_mask(pad, span, self.window)  # (P, 1, span, span)
+        if pre:
+            mask = torch.cat([mask.new_ones(len(chunk), 1, span, pre), mask], -1)
         self.cache.mode, self.cache.row0, self.cache.copies = "prefill", row0, self.n
-        self.cache.col0, self.cache.seen = width - span, 0
-        logits = self.model(input_ids=ids, attention_mask=self._mask(prefill_mask(pad, span, self.window)),
-                            position_ids=positions, past_key_values=self.cache, use_cache=True,
-                            **self.fwd_kwargs).logits[:, -1]
+        self.cache.col0, self.cache.seen, self.cache.prefix = width - span, pre, pre
+        logits = self.model(input_ids=ids, attention_mask=self._mask(mask),
+                            position_ids=positions, **self.fwd_kwargs).logits[:, -1]
+        if self.logit_sink is not None:
+            self.logit_sink([i for i, _ in chunk], logits)
         rows = slice(row0, row0 + len(chunk) * self.n)
-        keys = [row_key(self.seed, p, s) for p, _ in chunk for s in range(self.n)]
+        ids_of = self.stream_ids
+        keys = [row_key(self.seed, p if ids_of is None else ids_of[p], s)
+                for p, _ in chunk for s in range(self.n)]
         self.key[rows] = torch.tensor(keys, dtype=torch.long, device=self.device)
-        self.pad[rows] = (width - lengths).repeat_interleave(self.n)
+        self.pad[rows] = (width - lengths + pre).repeat_interleave(self.n)
         self.pos[rows, 0] = lengths.repeat_interleave(self.n)
         first = self._choose(logits.repeat_interleave(self.n, 0), self.key[rows])
         self.out[rows, 0] = first
@@ -191,10 +225,9 @@ class DecodeLoop:
     def _step(self, rows: int, kv: int) -> None:
         """One token for rows [0, rows): forward at column `col`, choose, record. Graph-safe."""
         self.cache.mode, self.cache.rows, self.cache.kv_len = "decode", rows, kv
-        mask = decode_mask(self.pad[:rows], self.col, self.columns[:kv], self.window)
+        mask = decode_mask(self.pad[:rows], self.col, self.columns[:kv], self.window, self.prefix)
         logits = self.model(input_ids=self.tok[:rows], attention_mask=self._mask(mask),
-                            position_ids=self.pos[:rows], past_key_values=self.cache,
-                            use_cache=True, **self.fwd_kwargs).logits[:, -1]
+                            position_ids=self.pos[:rows], **self.fwd_kwargs).logits[:, -1]
         done = self.done[:rows]
         nxt = torch.where(done, self.pad_id, self._choose(logits, self.key[:rows]))
         self.out[:rows].index_copy_(1, self.step, nxt.unsqueeze(1))
@@ -205,20 +238,19 @@ class DecodeLoop:
         self.step += 1
 
     def _capture(self, rows: int, kv: int) -> torch.cuda.CUDAGraph:
-        """Capture `_step(rows, kv)`. Before the first capture, a warm-up run on the same
-        inputs does the libraries' lazy set-up (not allowed during capture); its state changes
-        are undone."""
+        """Capture `_step(rows, kv)`. Before each capture, a warm-up run on the same inputs
+        does the libraries' lazy set-up and any compiling for this shape (neither is allowed
+        during capture); its state changes are undone."""
         started = time.perf_counter()
-        if not self.graphs:
-            state = [self.tok, self.pos, self.done, self.out, self.step, self.col]
-            saved = [t.clone() for t in state]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._step(rows, kv)  # writes this step's K/V column; the replay rewrites it
-            torch.cuda.current_stream().wait_stream(side)
-            for t, s in zip(state, saved, strict=True):
-                t.copy_(s)
+        state = [self.tok, self.pos, self.done, self.out, self.step, self.col]
+        saved = [t.clone() for t in state]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step(rows, kv)  # writes this step's K/V column; the replay rewrites it
+        torch.cuda.current_stream().wait_stream(side)
+        for t, s in zip(state, saved, strict=True):
+            t.copy_(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
             self._step(rows, kv)

@@ -88,7 +88,7 @@ def nucleus_threshold(probs: torch.Tensor, top_p: float, prefilter: int | None =
     rows' mass on the host. Graphs use prefilter=None: one sort of every row, which on an H100
     (250 x 32000) took 0.9 ms with softmax and cumsum, against 2.6 ms for the 30-pass bisection
     run eagerly (a random-weight model's nucleus holds thousands of tokens, so no top-k
-    prefilter is exact there).
+    prefilter is exact there; compiled, the 30 passes took 7 ms on an H200, worse still).
     """
     if prefilter is None or prefilter >= probs.shape[-1]:
         return nucleus_threshold_sorted(probs.sort(dim=-1, descending=True).values, top_p)

@@ -34,6 +34,7 @@ SCORE_RE = re.compile(
 
 
 FORCE_SUFFIX = "\nScore:"  # the paper's own format prefix, appended when forcing a score
+FORCE_CHUNK = 64  # responses judged, then forced, per engine call when forcing scores
 
 
 @dataclass(frozen=True)
@@ -96,29 +97,28 @@ def forced_scores(model, tokenizer, sequences: list[list[int]]) -> list[float]:
 
     The expectation rather than the argmax, because a small judge's argmax is nearly constant
     (SmolLM2-135M: "1" for 58 of 58 failed judgments) and would leave every response tied.
-    sequences: token ids of prompt + judgment; one left-padded forward, last position only.
+    sequences: token ids of prompt + judgment; prefilled by the engine (the rubric that every
+    judge prompt starts with is computed once), last position only.
     """
     import torch
+
+    from prefloop import engine
 
     digits = digit_tokens(tokenizer)
     if not digits:
         raise PrefloopError("rank.judge_force_score: the judge's tokenizer has no single-token "
                             "digits 0-5; turn judge_force_score off")
     suffix = tokenizer(FORCE_SUFFIX, add_special_tokens=False)["input_ids"]
-    rows = [list(seq) + list(suffix) for seq in sequences]
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id or 0
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # [B, L]
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])  # [B, L]
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
-                       logits_to_keep=1).logits[:, -1]  # [B, V]
     cand = list(digits)
-    probs = logits.float().softmax(-1)[:, cand]  # [B, D]
-    values = torch.tensor([float(digits[t]) for t in cand], device=probs.device)  # [D]
-    return ((probs * values).sum(-1) / probs.sum(-1)).tolist()
+    rows = [tuple(seq) + tuple(suffix) for seq in sequences]
+    unique = list(dict.fromkeys(rows))  # equal judgments (common at low temperature): once
+    logits = engine.last_logits(model, unique, cand,
+                                pad_token_id=tokenizer.pad_token_id or 0)  # [U, D]
+    # softmax over the digits alone equals p(d) / Σ_d p(d) over the full vocabulary
+    probs = logits.softmax(-1)
+    values = torch.tensor([float(digits[t]) for t in cand])  # [D]
+    score = dict(zip(unique, (probs * values).sum(-1).tolist(), strict=True))
+    return [score[r] for r in rows]
 
 
 def valid_scores(scores: list[float | None]) -> list[float]:
@@ -172,36 +172,53 @@ class JudgeRanker:
             if on_done:
                 on_done(i, out[i])
 
-        def finished(j: int, completions) -> None:
-            i = fits[j]
-            out[i] = [self._judgment(c) for c in completions]
-            if cfg.judge_force_score:
-                out[i] = self._force(prompts[i], completions, out[i])
+        def emit(i: int, judged: list[Judgment]) -> None:
+            out[i] = judged
             if on_done:
-                on_done(i, out[i])
+                on_done(i, judged)
 
-        if fits:
-            sampling = engine.Sampling(temperature=cfg.judge_temperature, top_p=cfg.judge_top_p,
-                                       max_new_tokens=cfg.judge_max_new_tokens, seed=cfg.seed)
-            engine.generate(self.model, [prompts[i] for i in fits], n, sampling,
+        # Forcing reads the judge once more per failed judgment; done per chunk of responses so
+        # that one batched prefill (rubric shared) serves the chunk, and a kill loses one chunk.
+        step = FORCE_CHUNK if cfg.judge_force_score else max(len(fits), 1)
+        sampling = engine.Sampling(temperature=cfg.judge_temperature, top_p=cfg.judge_top_p,
+                                   max_new_tokens=cfg.judge_max_new_tokens, seed=cfg.seed)
+        for start in range(0, len(fits), step):
+            part = fits[start: start + step]
+            unforced: dict[int, tuple] = {}
+
+            def finished(j: int, completions, part=part, unforced=unforced) -> None:
+                i = part[j]
+                judged = [self._judgment(c) for c in completions]
+                if cfg.judge_force_score:
+                    unforced[i] = (completions, judged)
+                else:
+                    emit(i, judged)
+
+            # Each response keeps the random stream it has in one unchunked call.
+            engine.generate(self.model, [prompts[i] for i in part], n, sampling,
+                            stream_ids=range(start, start + len(part)),
                             eos_token_ids=eos_ids(self.model, self.tokenizer),
                             pad_token_id=self.tokenizer.pad_token_id,
                             batch_size=cfg.batch_size, on_prompt_done=finished)
+            for i, judged in self._force(prompts, unforced).items():
+                emit(i, judged)
         return out  # type: ignore[return-value]
 
     def _judgment(self, completion) -> Judgment:
         text = self.tokenizer.decode(_without_eos(completion), skip_special_tokens=True).strip()
         return Judgment(text, parse_score(text))
 
-    def _force(self, prompt: list[int], completions, judged: list[Judgment]) -> list[Judgment]:
-        """Give unparsable judgments the judge's most likely digit after "Score:" (non-paper)."""
-        failed = [k for k, j in enumerate(judged) if j.score is None]
-        if not failed:
-            return judged
-        seqs = [prompt + _without_eos(completions[k]) for k in failed]
-        forced = dict(zip(failed, forced_scores(self.model, self.tokenizer, seqs), strict=True))
-        return [Judgment(j.text, forced[k], forced=True) if k in forced else j
-                for k, j in enumerate(judged)]
+    def _force(self, prompts: list[list[int]], unforced: dict[int, tuple]
+               ) -> dict[int, list[Judgment]]:
+        """Give unparsable judgments the judge's expected digit after "Score:" (non-paper)."""
+        failed = [(i, k) for i, (_, judged) in unforced.items()
+                  for k, j in enumerate(judged) if j.score is None]
+        seqs = [prompts[i] + _without_eos(unforced[i][0][k]) for i, k in failed]
+        forced = dict(zip(failed, forced_scores(self.model, self.tokenizer, seqs) if seqs else [],
+                          strict=True))
+        return {i: [Judgment(j.text, forced[(i, k)], forced=True) if (i, k) in forced else j
+                    for k, j in enumerate(judged)]
+                for i, (_, judged) in sorted(unforced.items())}
 
     def score(self, instructions: list[str], responses: list[str]) -> list[float | None]:
         """Mean valid judge score per response (None when fewer than `min_valid` parsed)."""
