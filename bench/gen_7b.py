@@ -409,8 +409,8 @@ def main() -> None:
         rows.append(rows.pop(-2))  # keep the graphed 2nd call last, for the ratio
 
     profile = [] if args.skip_profile else step_profile(model, prompts, args.n, sampling)
-    kernels = kernel_profile(model, prompts, args.n, sampling, variants[args.kernels]) \
-        if args.kernels else []
+    kernel_opt = variants.get(args.kernels, options_for(device))  # "default": the defaults
+    kernels = kernel_profile(model, prompts, args.n, sampling, kernel_opt) if args.kernels else []
 
     if checks:
         print("\n| greedy check (engine vs generate) | prompts identical | prompts stopping on EOS |")

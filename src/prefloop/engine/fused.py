@@ -6,6 +6,7 @@ swaps them, for the duration of a `with` block, for `torch.compile`d versions (o
 kernel each) of the same formulas, which the engine's CUDA graphs then replay. Only the
 Llama-style RMSNorm (weight · x / rms(x), computed in float32) and transformers'
 `apply_rotary_pos_emb` of the model's own module are touched; anything else stays as it is.
+(A compiled SiLU·up product of the MLP was tried: 0.59 ms a step against 0.36 eager, dropped.)
 """
 
 from __future__ import annotations
