@@ -13,25 +13,19 @@ import sys
 import time
 
 import torch
+from gen_7b import graphed  # bench/ is on sys.path when this runs as a script
 
 
 def timed(fn, reps=50) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(10):
-            fn()
-    g.replay()
+    """Milliseconds per call of fn, replayed ten calls at a time in a CUDA graph."""
+    replay = graphed(lambda: [fn() for _ in range(10)], torch.device("cuda"))
+    replay()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
-        g.replay()
+        replay()
     torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps / 10 * 1e3  # ms per fn call
+    return (time.perf_counter() - t0) / reps / 10 * 1e3
 
 
 def measure(m: int, w: dict, qkv: torch.Tensor, gu: torch.Tensor):

@@ -290,20 +290,29 @@ def test_stream_ids_reproduce_the_draws_of_a_larger_call(model, prompts):
 
 
 @pytest.mark.slow
-def test_compiled_kernels_and_flex_decode_match_transformers(prompts):
+def test_compiled_kernels_and_flex_decode_match_transformers(prompts, monkeypatch):
     """The CUDA defaults' compiled RMSNorm/rotary kernels and FlexAttention decode, run on the
-    CPU (torch.compile works there too, ~1 min): greedy output equals transformers', and the
-    model's own modules are restored afterwards."""
+    CPU (torch.compile works there too, ~1 min): greedy output equals transformers', also once
+    the cap on compiled attention shapes sends the later shapes to SDPA; the model's own
+    modules are restored afterwards."""
     import transformers.models.llama.modeling_llama as llama
+
+    from prefloop.engine import kv
 
     model = tiny("llama")
     rope = llama.apply_rotary_pos_emb
     eos = mid_sequence_eos(model, prompts)
     want = hf_greedy(model, prompts, 12, eos)
     opt = replace(options_for(torch.device("cpu")), fused=True, flex_decode=True)
-    got = generate(model, prompts, 2, greedy(), eos_token_ids=[eos], pad_token_id=PAD,
-                   options=opt)
-    assert [[c.token_ids for c in comps] for comps in got] == [[w] * 2 for w in want]
+    shapes = {}
+    for cap in (64, 2):
+        monkeypatch.setattr(kv, "FLEX_MAX_SHAPES", cap)
+        monkeypatch.setattr(kv, "_FLEX_SHAPES", set())
+        got = generate(model, prompts, 2, greedy(), eos_token_ids=[eos], pad_token_id=PAD,
+                       options=opt)
+        assert [[c.token_ids for c in comps] for comps in got] == [[w] * 2 for w in want]
+        shapes[cap] = len(kv._FLEX_SHAPES)
+    assert shapes[64] > 2 and shapes[2] == 2  # with the cap, most steps ran SDPA
     assert llama.apply_rotary_pos_emb is rope
     assert "forward" not in model.model.norm.__dict__
     with fused_kernels(model) as on:  # what generate() swapped in

@@ -46,7 +46,7 @@ def gqa_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: to
     if mask is not None and q_len > 1 and group > 1:
         mask = mask.unsqueeze(2).expand(batch, mask.shape[1], group, q_len, mask.shape[-1])
         mask = mask.reshape(batch, -1, group * q_len, mask.shape[-1])
-    if q_len == 1 and mask is not None and _FLEX_DECODE[0]:
+    if q_len == 1 and mask is not None and _FLEX_DECODE[0] and _flex_shape_ok(key):
         out = _flex_decode()(query, key, value, mask, scaling)  # (B, H, 1, D)
         return out.transpose(1, 2), None
     if q.is_cuda:  # measured on H100 at decode shapes: 17 % faster than the default (cuDNN)
@@ -74,6 +74,21 @@ def _flex_decode_attention(query, key, value, bias, scale):
 
 
 _FLEX_COMPILED: list = []
+# FlexAttention is compiled per (rows, keys) shape, ~1 s each on an H200. A long run meets many
+# shapes (row buckets x 64-column blocks); past this many, new shapes use SDPA (same results,
+# a little slower) instead of compiling on, or of torch falling back to eager FlexAttention.
+FLEX_MAX_SHAPES = 48
+_FLEX_SHAPES: set = set()
+
+
+def _flex_shape_ok(key: torch.Tensor) -> bool:
+    shape = (tuple(key.shape), key.dtype, key.device)
+    if shape in _FLEX_SHAPES:
+        return True
+    if len(_FLEX_SHAPES) >= FLEX_MAX_SHAPES:
+        return False
+    _FLEX_SHAPES.add(shape)
+    return True
 
 
 def _flex_decode():
