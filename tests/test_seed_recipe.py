@@ -41,11 +41,8 @@ def test_seed_recipe_loads_the_mistral_architecture(seed_run):
     assert tok.pad_token_id is not None
 
 
-def test_seed_train_section_trains_with_lora_on_every_linear_layer(seed_run):
-    recipe, _, run_dir = seed_run
-    t = recipe.train
-    assert (t.gradient_checkpointing, t.batch_size, t.grad_accum, t.epochs, t.max_length) == (
-        True, 2, 4, 3.0, 1536)
+def train_keeping_trainer(recipe, run_dir):
+    """Run the train stage; return (the trainer it built, the stage folder)."""
     seen = {}
     original = train.build_trainer
 
@@ -56,7 +53,15 @@ def test_seed_train_section_trains_with_lora_on_every_linear_layer(seed_run):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "build_trainer", spy)
         out = train.run(recipe, run_dir)
-    trainer = seen["trainer"]
+    return seen["trainer"], out
+
+
+def test_seed_train_section_trains_with_lora_on_every_linear_layer(seed_run):
+    recipe, _, run_dir = seed_run
+    t = recipe.train
+    assert (t.gradient_checkpointing, t.batch_size, t.grad_accum, t.epochs, t.max_length) == (
+        True, 2, 4, 3.0, 1536)
+    trainer, out = train_keeping_trainer(recipe, run_dir)
     args = trainer.args
     assert (args.gradient_checkpointing, args.bf16, args.fp16, args.use_cpu) == (
         True, False, False, True)
@@ -92,17 +97,7 @@ def test_seed_recipe_qlora_on_cuda(seed_run):
     recipe = apply_overrides(recipe, ["train.qlora=true", "train.max_steps=2",
                                       "train.grad_accum=1", "train.warmup_ratio=0.0",
                                       "train.learning_rate=0.01"])
-    seen = {}
-    original = train.build_trainer
-
-    def spy(*args, **kwargs):
-        seen["trainer"] = original(*args, **kwargs)
-        return seen["trainer"]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "build_trainer", spy)
-        out = train.run(recipe, run_dir)
-    trainer = seen["trainer"]
+    trainer, out = train_keeping_trainer(recipe, run_dir)
     assert (trainer.args.bf16, trainer.args.gradient_checkpointing) == (True, True)
     assert trainer.ref_model is None
     n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
