@@ -89,13 +89,9 @@ def generate(model, prompts: Sequence[Sequence[int]], n: int, sampling: Sampling
     started = time.perf_counter()
     device = next(model.parameters()).device
     opt = options or options_for(device)
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    width = max(len(p) for p in prompts)
-    columns = width + sampling.max_new_tokens - 1
+    columns = max(len(p) for p in prompts) + sampling.max_new_tokens - 1
     rows = _rows_per_batch(model, batch_size, n, len(prompts), columns, device)
-    per_group = rows // n
-    groups = [[(i, list(prompts[i])) for i in order[g: g + per_group]]
-              for g in range(0, len(order), per_group)]
+    groups = _length_groups(prompts, rows // n)
     results: list[list[Completion | None]] = [[None] * n for _ in prompts]
     pending = [n] * len(prompts)
 
@@ -107,15 +103,10 @@ def generate(model, prompts: Sequence[Sequence[int]], n: int, sampling: Sampling
 
     with (torch.inference_mode(), grouped_attention(model, opt.flex_decode),
           fused_kernels(model, opt.fused)):
-        window = sliding_window(model.config, columns)
-        loop = DecodeLoop(model, n=n, rows=min(rows, len(prompts) * n), columns=columns,
-                          temperature=sampling.temperature, top_p=sampling.top_p,
-                          max_new_tokens=sampling.max_new_tokens,
-                          min_new_tokens=sampling.min_new_tokens, seed=sampling.seed,
-                          eos_token_ids=list(eos_token_ids), pad_token_id=pad_token_id,
-                          window=window, options=opt)
+        loop = _open_loop(model, prompts, n, sampling, rows=min(rows, len(prompts) * n),
+                          columns=columns, eos_token_ids=list(eos_token_ids),
+                          pad_token_id=pad_token_id, options=opt)
         loop.stream_ids = stream_ids
-        _share_prefix(loop, prompts, opt, window)
         for group in groups:
             loop.run_group(group, report)
     if stats is not None:
@@ -137,7 +128,6 @@ def last_logits(model, prompts: Sequence[Sequence[int]], token_ids: Sequence[int
         return out
     device = next(model.parameters()).device
     opt = options or options_for(device)
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     columns = max(len(p) for p in prompts)
     rows = _rows_per_batch(model, batch_size, 1, len(prompts), columns, device)
     select = torch.tensor(list(token_ids), dtype=torch.long, device=device)
@@ -146,16 +136,35 @@ def last_logits(model, prompts: Sequence[Sequence[int]], token_ids: Sequence[int
         out[indices] = logits[:, select].float().cpu()
 
     with torch.inference_mode(), grouped_attention(model):
-        window = sliding_window(model.config, columns)
-        loop = DecodeLoop(model, n=1, rows=min(rows, len(prompts)), columns=columns,
-                          temperature=0.0, top_p=1.0, max_new_tokens=1, min_new_tokens=0, seed=0,
-                          eos_token_ids=[pad_token_id], pad_token_id=pad_token_id,
-                          window=window, options=opt)
+        loop = _open_loop(model, prompts, 1, Sampling(temperature=0.0, max_new_tokens=1),
+                          rows=min(rows, len(prompts)), columns=columns,
+                          eos_token_ids=[pad_token_id], pad_token_id=pad_token_id, options=opt)
         loop.logit_sink = sink
-        _share_prefix(loop, prompts, opt, window)
-        for g in range(0, len(order), rows):
-            loop.start_group([(i, list(prompts[i])) for i in order[g: g + rows]])
+        for group in _length_groups(prompts, rows):
+            loop.start_group(group)
     return out
+
+
+def _length_groups(prompts: Sequence[Sequence[int]], size: int) -> list[list[tuple[int, list[int]]]]:
+    """(index, prompt) pairs sorted by length (then index), in groups of `size`."""
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    return [[(i, list(prompts[i])) for i in order[g: g + size]]
+            for g in range(0, len(order), size)]
+
+
+def _open_loop(model, prompts, n: int, sampling: Sampling, *, rows: int, columns: int,
+               eos_token_ids: list[int], pad_token_id: int, options: LoopOptions) -> DecodeLoop:
+    """A DecodeLoop for `prompts` with their common prefix already prefilled (call inside the
+    inference-mode and attention contexts)."""
+    window = sliding_window(model.config, columns)
+    loop = DecodeLoop(model, n=n, rows=rows, columns=columns,
+                      temperature=sampling.temperature, top_p=sampling.top_p,
+                      max_new_tokens=sampling.max_new_tokens,
+                      min_new_tokens=sampling.min_new_tokens, seed=sampling.seed,
+                      eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, window=window,
+                      options=options)
+    _share_prefix(loop, prompts, options, window)
+    return loop
 
 
 def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
