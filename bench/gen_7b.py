@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from prefloop.engine import GenerationStats, Sampling, generate  # noqa: E402
+from prefloop.engine import GenerationStats, Sampling, Session, generate  # noqa: E402
 from prefloop.engine.kv import decode_mask, grouped_attention  # noqa: E402
 from prefloop.engine.loop import DecodeLoop, options_for  # noqa: E402
 from prefloop.engine.sampling import choose_tokens  # noqa: E402
@@ -86,6 +86,24 @@ def hf_generate(model, prompts, n, sampling: Sampling, eos=EOS):
     return [r[: next((i + 1 for i, t in enumerate(r) if t in stop), len(r))] for r in rows]
 
 
+def sampling_times(device, rows: int, vocab: int) -> list[tuple[str, float]]:
+    """Token choice alone (graphed), from bf16 logits (sorts the logits: 16-bit keys) vs from
+    their float32 copy (sorts the probabilities), with identical outputs."""
+    if device.type != "cuda":
+        return []
+    logits = (torch.randn(rows, vocab, device=device) * 2).to(torch.bfloat16)
+    keys, step = torch.arange(rows, device=device), torch.ones(1, dtype=torch.long, device=device)
+    eos = torch.tensor([EOS], device=device)
+    kw = dict(temperature=0.7, top_p=0.9, prefilter=None, eos_ids=eos, min_new_tokens=0)
+    same = torch.equal(choose_tokens(logits, keys, step, **kw),
+                       choose_tokens(logits.float(), keys, step, **kw))
+    wide = logits.float()
+    return [(f"token choice, bf16 logits (sorted as bf16), {rows} rows",
+             timed(graphed(lambda: choose_tokens(logits, keys, step, **kw), device), device, 50)),
+            (f"token choice, float32 logits (probs sorted), {rows} rows; same tokens: {same}",
+             timed(graphed(lambda: choose_tokens(wide, keys, step, **kw), device), device, 50))]
+
+
 def greedy_check(device, dtype, options=None, label="") -> tuple[str, int, int, int]:
     """Engine greedy vs transformers greedy on a small random Mistral: identical prompts?"""
     torch.manual_seed(0)
@@ -105,14 +123,15 @@ def greedy_check(device, dtype, options=None, label="") -> tuple[str, int, int, 
     return str(dtype).replace("torch.", "") + label, same, len(prompts), stops
 
 
-def engine_run(model, prompts, n, sampling, label, rows, options=None):
+def engine_run(model, prompts, n, sampling, label, rows, options=None, session=None):
     device = next(model.parameters()).device
-    reset_peak(device)
+    if session is None:
+        reset_peak(device)
     stats = GenerationStats()
     sync(device)
     t0 = time.perf_counter()
     out = generate(model, prompts, n, sampling, eos_token_ids=[EOS], pad_token_id=PAD,
-                   stats=stats, options=options)
+                   stats=stats, options=options, session=session)
     sync(device)
     dt = time.perf_counter() - t0
     tokens = sum(len(c.token_ids) for comps in out for c in comps)
@@ -217,7 +236,8 @@ def kernel_profile(model, prompts, n, sampling, options, steps: int = 5):
     width = max(map(len, prompts))
     columns = width + sampling.max_new_tokens - 1
     rows = len(prompts) * n
-    with (torch.inference_mode(), grouped_attention(model, options.flex_decode),
+    with (torch.inference_mode(),
+          grouped_attention(model, options.flex_decode, options.flex_kernel),
           fused_kernels(model, options.fused)):
         loop = DecodeLoop(model, n=n, rows=rows, columns=columns,
                           temperature=sampling.temperature, top_p=sampling.top_p,
@@ -342,7 +362,8 @@ def main() -> None:
     ap.add_argument("--variants", default="plain,fused,flex",
                     help="engine variants to time besides the default (fused kernels + flex "
                          "decode on CUDA): '+'-joined parts of fused, flex, tuned (autotuned "
-                         "flex); 'plain' for none of them ('' for no variants)")
+                         "flex), kB.S.W (flex kernel options BLOCK_N.num_stages.num_warps); "
+                         "'plain' for none of them ('' for no variants)")
     ap.add_argument("--kernels", default="",
                     help="profile the CUDA kernels of eager decode steps with this variant")
     args = ap.parse_args()
@@ -358,8 +379,11 @@ def main() -> None:
     variants = {}
     for name in filter(None, args.variants.split(",")):
         parts = set(name.split("+"))
+        kernel = [p[1:].split(".") for p in parts if p.startswith("k")]  # kBLOCK_N.stages.warps
+        flex_kernel = tuple(zip(("BLOCK_N", "num_stages", "num_warps"),
+                                map(int, kernel[0]), strict=True)) if kernel else None
         variants[name] = replace(options_for(device), fused="fused" in parts,
-                                 flex_decode="flex" in parts)
+                                 flex_decode="flex" in parts, flex_kernel=flex_kernel)
     checks = []
     if not args.skip_check:
         for dtype in (torch.float32, torch.bfloat16):
@@ -403,12 +427,19 @@ def main() -> None:
             engine_run(model, prompts, args.n, sampling, f"prefloop engine {name}, 2nd call",
                        rows, opt)
     engine_run(model, prompts, args.n, sampling, "prefloop engine, 2nd call", rows)
+    session = Session()  # later calls of a session replay the graphs of its first
+    engine_run(model, prompts, args.n, sampling, "prefloop engine, session, 1st call", rows,
+               session=session)
+    engine_run(model, prompts, args.n, sampling, "prefloop engine, session, 2nd call", rows,
+               session=session)
+    session.close()
     if args.eager:
         eager = replace(options_for(device), cuda_graphs=False)
         engine_run(model, prompts, args.n, sampling, "prefloop engine, no CUDA graphs", rows, eager)
         rows.append(rows.pop(-2))  # keep the graphed 2nd call last, for the ratio
 
-    profile = [] if args.skip_profile else step_profile(model, prompts, args.n, sampling)
+    profile = sampling_times(device, len(prompts) * args.n, model.config.vocab_size)
+    profile += [] if args.skip_profile else step_profile(model, prompts, args.n, sampling)
     kernel_opt = variants.get(args.kernels, options_for(device))  # "default": the defaults
     kernels = kernel_profile(model, prompts, args.n, sampling, kernel_opt) if args.kernels else []
 

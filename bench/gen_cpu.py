@@ -75,19 +75,39 @@ def engine(model, tok, prompts, n, sampling: Sampling) -> tuple[float, int]:
     return dt, sum(len(c.token_ids) for comps in out for c in comps)
 
 
+def matmul_floor(model, prompts, n, max_new) -> float:
+    """Seconds of the matrix products alone that any generator of this workload must run: every
+    linear layer (lm_head included) over each prompt once and over n rows for each new token
+    (random inputs of the right shapes; no attention, sampling or bookkeeping)."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    dtype = next(model.parameters()).dtype
+    prompt_tokens = sum(map(len, prompts))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for rows, times in ((prompt_tokens, 1), (len(prompts) * n, max_new - 1)):
+            inputs = {m: torch.randn(rows, m.in_features, dtype=dtype) for m in linears}
+            for _ in range(times):
+                for m in linears:
+                    m(inputs[m])
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--n", type=int, default=5)
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--skip-fixed", action="store_true", help="only the early-stopping setting")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the matrix products alone (a floor for any generator)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--dtype", default="float32", help="model dtype for both (float32, bfloat16)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
 
-    model, tok = load_model("smollm2-135m-instruct", dtype="float32", device="cpu")
+    model, tok = load_model("smollm2-135m-instruct", dtype=args.dtype, device="cpu")
     prompts = lima_prompts(tok, args.prompts)
     print(f"# {datetime.date.today()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} "
           f"threads, load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}, "
@@ -106,12 +126,20 @@ def main() -> None:
             print(f"  {name} {label}: {dt:.1f} s, {tokens} tokens, {tokens / dt:.1f} tok/s",
                   flush=True)
 
+    floor = matmul_floor(model, prompts, args.n, args.max_new) if args.floor else 0.0
     print(f"\n{args.prompts} LIMA prompts x {args.n} samples x {args.max_new} new tokens, "
-          f"T 0.7, top-p 0.9, SmolLM2-135M-Instruct fp32, load average now "
+          f"T 0.7, top-p 0.9, SmolLM2-135M-Instruct {args.dtype}, load average now "
           f"{os.getloadavg()[0]:.1f}")
     print("| setting | engine | seconds | generated tokens | tokens/s |\n|---|---|---|---|---|")
     for name, label, dt, tokens in table:
         print(f"| {name} | {label} | {dt:.1f} | {tokens} | {tokens / dt:.1f} |")
+    if floor:
+        tokens = len(prompts) * args.n * args.max_new
+        print(f"| fixed | matrix products alone (floor) | {floor:.1f} | {tokens} "
+              f"| {tokens / floor:.1f} |")
+        base = [t for t in table if t[0] == settings[-1][0] and t[1] == "model.generate"][0]
+        print(f"| {settings[-1][0]} | ceiling for any engine: generate s / floor s | | "
+              f"| {base[2] / floor:.2f}x |")
     for name, _ in settings:
         base, ours = [t for t in table if t[0] == name]
         print(f"| {name} | ratio engine / generate | | | {ours[3] / ours[2] / (base[3] / base[2]):.2f}x |")

@@ -11,10 +11,19 @@ from dataclasses import replace
 import pytest
 import torch
 
-from prefloop.engine import Completion, Sampling, common_prefix, generate, last_logits
+from prefloop.engine import (
+    Completion,
+    GenerationStats,
+    Sampling,
+    Session,
+    common_prefix,
+    generate,
+    last_logits,
+)
 from prefloop.engine.fused import fused_kernels
 from prefloop.engine.loop import LoopOptions, options_for
 from prefloop.engine.sampling import (
+    choose_tokens,
     mix32,
     nucleus_threshold,
     nucleus_threshold_bisect,
@@ -289,6 +298,57 @@ def test_stream_ids_reproduce_the_draws_of_a_larger_call(model, prompts):
 
 
 
+def test_flex_kernel_options_reach_flex_attention(model, monkeypatch):
+    from prefloop.engine import kv
+    from prefloop.engine.loop import CUDA_FLEX_KERNEL
+
+    seen = []
+    monkeypatch.setattr(kv, "_flex_decode", lambda: lambda q, k, v, bias, scale, options: (
+        seen.append(options) or torch.zeros_like(q)))
+    q, k = torch.zeros(3, 4, 1, 8), torch.zeros(3, 2, 5, 8)
+    with kv.grouped_attention(model, flex_decode=True, flex_kernel=CUDA_FLEX_KERNEL):
+        kv.gqa_sdpa_attention(None, q, k, k, torch.zeros(3, 1, 1, 5))
+    with kv.grouped_attention(model, flex_decode=True):
+        kv.gqa_sdpa_attention(None, q, k, k, torch.zeros(3, 1, 1, 5))
+    assert seen == [{"BLOCK_N": 64, "num_stages": 1, "num_warps": 4}, None]
+    assert kv._FLEX_KERNEL == [None] and kv._FLEX_DECODE == [False]
+
+# ---- sessions: one loop (buffers, CUDA graphs) for several calls --------------------------------
+
+
+@pytest.mark.parametrize("options", [None, GPU_LIKE], ids=["cpu", "gpu-like"])
+def test_session_reuses_its_loop_and_changes_no_output(model, prompts, prefixed, options):
+    def run(batch, seed, session=None, temperature=0.8):
+        out = generate(model, batch, 3, Sampling(temperature, 0.9, 10, seed=seed),
+                       eos_token_ids=[7, 8, 9], pad_token_id=PAD, options=options,
+                       session=session)
+        return [[(c.token_ids, c.finish_reason) for c in comps] for comps in out]
+
+    other = [[p[0] + 1] + p[1:] for p in prefixed]  # the same prefix length, other tokens
+    session = Session()
+    assert run(prompts, 1, session) == run(prompts, 1)
+    loop = session.loop
+    assert loop is not None and loop.capacity == len(prompts) * 3
+    assert run(prompts, 2, session) == run(prompts, 2)  # another seed, same loop
+    assert run(prompts[:2], 2, session) == run(prompts[:2], 2)  # fewer prompts, same loop
+    assert session.loop is loop
+    session.close()
+    assert run(prompts[:2], 2, session) == run(prompts[:2], 2)
+    assert session.loop.capacity == 6
+    assert run(prompts, 1, session) == run(prompts, 1)  # more prompts: a larger loop
+    assert session.loop.capacity == len(prompts) * 3
+    loop = session.loop
+    assert run(prefixed, 4, session) == run(prefixed, 4)  # a shared prefix: a new loop
+    prefixed_loop = session.loop
+    assert prefixed_loop is not loop and prefixed_loop.prefix == HEAD
+    assert run(other, 4, session) == run(other, 4)  # its prefix prefilled again
+    assert session.loop is prefixed_loop
+    assert run(other, 4, session, temperature=0.5) == run(other, 4, temperature=0.5)
+    assert session.loop is not prefixed_loop  # other sampling settings: a new loop
+    session.close()
+    assert session.loop is None
+
+
 @pytest.mark.slow
 def test_compiled_kernels_and_flex_decode_match_transformers(prompts, monkeypatch):
     """The CUDA defaults' compiled RMSNorm/rotary kernels and FlexAttention decode, run on the
@@ -320,6 +380,7 @@ def test_compiled_kernels_and_flex_decode_match_transformers(prompts, monkeypatc
         assert "forward" in model.model.norm.__dict__
     cuda = options_for(torch.device("cuda"))
     assert cuda.fused and cuda.flex_decode and cuda.cuda_graphs
+    assert dict(cuda.flex_kernel) == {"BLOCK_N": 64, "num_stages": 1, "num_warps": 4}
 
 
 # ---- sampling math -----------------------------------------------------------------------------
@@ -346,6 +407,28 @@ def test_top_p_threshold_bisection_equals_sorting():
         assert torch.equal(nucleus_threshold_bisect(probs, top_p), ref)
         assert torch.equal(nucleus_threshold(probs, top_p, prefilter=16), ref)
         assert torch.equal(nucleus_threshold(probs, top_p, prefilter=None), ref)
+
+
+def test_top_p_threshold_sorting_bf16_logits_equals_sorting_probs():
+    """The CUDA path sorts bf16 logits (16-bit keys) and reads the probs in that order: exactly
+    the sorted probs, ties included (bf16 logits tie often)."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(64, 2000, generator=g) * 2).to(torch.bfloat16)
+    assert logits[0].unique().numel() < 1500  # many ties within a row
+    for temperature in (0.7, 1.0):
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        for top_p in (0.1, 0.5, 0.9, 0.99):
+            ref = nucleus_threshold_sorted(probs.sort(descending=True).values, top_p)
+            got = nucleus_threshold(probs, top_p, prefilter=None, order=logits)
+            assert torch.equal(got, ref)
+    wrong = nucleus_threshold(probs, 0.9, prefilter=None, order=-logits)  # a wrong order fails
+    assert not torch.equal(wrong, nucleus_threshold(probs, 0.9, prefilter=None))
+    keys, step = torch.arange(64), torch.tensor([3])
+    eos = torch.tensor([5])
+    for min_new in (0, 8):  # choose_tokens: same tokens from bf16 logits as from their fp32 copy
+        kw = dict(temperature=0.7, top_p=0.9, prefilter=None, eos_ids=eos, min_new_tokens=min_new)
+        assert torch.equal(choose_tokens(logits, keys, step, **kw),
+                           choose_tokens(logits.float(), keys, step, **kw))
 
 
 def test_inverse_cdf_hand_computed():
@@ -423,3 +506,9 @@ def test_cuda_graphs_greedy_matches_transformers(prompts):
     want = hf_greedy(model, prompts, 12, eos)
     got = generate(model, prompts, 3, greedy(), eos_token_ids=[eos], pad_token_id=PAD)
     assert [[c.token_ids for c in comps] for comps in got] == [[w] * 3 for w in want]
+    session, stats = Session(), GenerationStats()
+    for capture in (True, False):  # a session's second call replays the first call's graphs
+        got = generate(model, prompts, 3, greedy(), eos_token_ids=[eos], pad_token_id=PAD,
+                       session=session, stats=stats)
+        assert [[c.token_ids for c in comps] for comps in got] == [[w] * 3 for w in want]
+        assert (stats.capture_seconds > 0) == capture

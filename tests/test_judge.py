@@ -134,10 +134,11 @@ class FakeEngine:
         self.tok, self.script, self.finish, self.calls = tok, script, finish, []
 
     def __call__(self, model, prompts, n, sampling, *, eos_token_ids, pad_token_id,
-                 batch_size=None, on_prompt_done=None, stream_ids=None):
+                 batch_size=None, on_prompt_done=None, stream_ids=None, session=None):
         self.calls.append({"prompts": [list(p) for p in prompts], "n": n, "sampling": sampling,
                            "eos": set(eos_token_ids), "pad": pad_token_id,
-                           "stream_ids": None if stream_ids is None else list(stream_ids)})
+                           "stream_ids": None if stream_ids is None else list(stream_ids),
+                           "session": session})
         out = []
         for i, ids in enumerate(prompts):
             text = self.tok.decode(ids)
@@ -272,6 +273,8 @@ def test_forcing_runs_per_chunk_with_the_draws_of_one_call(tok, fake, monkeypatc
     out = jr.judge(["q"] * 5, ["alpha", "delta", "beta", "delta", "gamma"],
                    on_done=lambda i, js: done.append(i))
     assert [c["stream_ids"] for c in fake.calls] == [[0, 1], [2, 3], [4]]
+    session = fake.calls[0]["session"]  # one engine session serves every chunk, closed after
+    assert all(c["session"] is session for c in fake.calls) and session.loop is None
     assert sorted(done) == [0, 1, 2, 3, 4] and len(done) == 5
     assert [j.score for j in out[0]] == [5.0] * 3 and [j.score for j in out[4]] == [1.0] * 3
     assert all(j.forced and 0 < j.score < 5 for i in (1, 3) for j in out[i])

@@ -47,7 +47,8 @@ def gqa_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: to
         mask = mask.unsqueeze(2).expand(batch, mask.shape[1], group, q_len, mask.shape[-1])
         mask = mask.reshape(batch, -1, group * q_len, mask.shape[-1])
     if q_len == 1 and mask is not None and _FLEX_DECODE[0] and _flex_shape_ok(key):
-        out = _flex_decode()(query, key, value, mask, scaling)  # (B, H, 1, D)
+        options = dict(_FLEX_KERNEL[0]) if _FLEX_KERNEL[0] else None
+        out = _flex_decode()(query, key, value, mask, scaling, options)  # (B, H, 1, D)
         return out.transpose(1, 2), None
     if q.is_cuda:  # measured on H100 at decode shapes: 17 % faster than the default (cuDNN)
         with sdpa_kernel(_CUDA_BACKENDS, set_priority=True):
@@ -62,7 +63,7 @@ AttentionInterface.register(ATTENTION_NAME, gqa_sdpa_attention)
 _FLEX_DECODE = [False]  # set by grouped_attention(model, flex_decode=True)
 
 
-def _flex_decode_attention(query, key, value, bias, scale):
+def _flex_decode_attention(query, key, value, bias, scale, kernel_options=None):
     """One-token attention on grouped K/V with FlexAttention: the additive mask is read as a
     score modification, so any mask the engine builds works unchanged."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -70,9 +71,13 @@ def _flex_decode_attention(query, key, value, bias, scale):
     def add_bias(score, b, h, q_idx, kv_idx):
         return score + bias[b, 0, q_idx, kv_idx]
 
-    return flex_attention(query, key, value, score_mod=add_bias, enable_gqa=True, scale=scale)
+    return flex_attention(query, key, value, score_mod=add_bias, enable_gqa=True, scale=scale,
+                          kernel_options=kernel_options)
 
 
+# Triton options of the decode kernel (BLOCK_N, num_stages, num_warps), None: torch's defaults.
+# Set through LoopOptions.flex_kernel; the benchmark compares settings.
+_FLEX_KERNEL: list = [None]
 _FLEX_COMPILED: list = []
 # FlexAttention is compiled per (rows, keys) shape, ~1 s each on an H200. A long run meets many
 # shapes (row buckets x 64-column blocks); past this many, new shapes use SDPA (same results,
@@ -102,9 +107,10 @@ def _flex_decode():
 
 
 @contextmanager
-def grouped_attention(model, flex_decode: bool = False):
+def grouped_attention(model, flex_decode: bool = False, flex_kernel: tuple | None = None):
     """Run `model` with `gqa_sdpa_attention`, restoring its attention implementation after.
-    flex_decode: one-token (decode) attention on CUDA through compiled FlexAttention.
+    flex_decode: one-token (decode) attention on CUDA through compiled FlexAttention;
+    flex_kernel: its Triton options as ((name, value), ...), None for torch's defaults.
 
     Yields whether the switch took (models without the attention interface keep their own,
     which receives the same additive masks)."""
@@ -113,12 +119,12 @@ def grouped_attention(model, flex_decode: bool = False):
         model.set_attn_implementation(ATTENTION_NAME)
     except (ValueError, AttributeError):
         pass
-    flex_before = _FLEX_DECODE[0]
-    _FLEX_DECODE[0] = flex_decode
+    flex_before, kernel_before = _FLEX_DECODE[0], _FLEX_KERNEL[0]
+    _FLEX_DECODE[0], _FLEX_KERNEL[0] = flex_decode, flex_kernel
     try:
         yield model.config._attn_implementation == ATTENTION_NAME
     finally:
-        _FLEX_DECODE[0] = flex_before
+        _FLEX_DECODE[0], _FLEX_KERNEL[0] = flex_before, kernel_before
         if model.config._attn_implementation != before:
             model.set_attn_implementation(before)
 

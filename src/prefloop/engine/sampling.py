@@ -79,9 +79,13 @@ def nucleus_threshold_bisect(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return lo.view(torch.float32)
 
 
-def nucleus_threshold(probs: torch.Tensor, top_p: float, prefilter: int | None = 64
-                      ) -> torch.Tensor:
+def nucleus_threshold(probs: torch.Tensor, top_p: float, prefilter: int | None = 64,
+                      order: torch.Tensor | None = None) -> torch.Tensor:
     """τ per row (see `nucleus_threshold_sorted`). probs: (B, V) float32 → (B,).
+
+    order: optional (B, V) values that rank like probs (the bf16 logits they came from: softmax
+    is monotone); the sort path then sorts those (16-bit keys, half the radix passes) and reads
+    probs in that order, which gives exactly the sorted probs (ties hold equal values).
 
     With `prefilter` k, the k largest probabilities decide τ for rows whose top-k mass reaches
     top_p (a trained model's usual case), and only the other rows are bisected; this reads the
@@ -91,7 +95,10 @@ def nucleus_threshold(probs: torch.Tensor, top_p: float, prefilter: int | None =
     prefilter is exact there; compiled, the 30 passes took 7 ms on an H200, worse still).
     """
     if prefilter is None or prefilter >= probs.shape[-1]:
-        return nucleus_threshold_sorted(probs.sort(dim=-1, descending=True).values, top_p)
+        if order is None:
+            return nucleus_threshold_sorted(probs.sort(dim=-1, descending=True).values, top_p)
+        ranked = probs.gather(-1, order.argsort(dim=-1, descending=True))
+        return nucleus_threshold_sorted(ranked, top_p)
     top = probs.topk(prefilter, dim=-1).values  # sorted, descending
     tau = nucleus_threshold_sorted(top, top_p)
     wide = top.sum(-1) < top_p
@@ -128,13 +135,13 @@ def choose_tokens(logits: torch.Tensor, keys: torch.Tensor, step: torch.Tensor, 
     nucleus {i: p_i ≥ τ} (tokens tied with the last nucleus token are kept), renormalised, and
     sampled with u = uniform(key, step).
     """
-    logits = logits.float()
     if min_new_tokens > 0:
         logits = suppress(logits, eos_ids, step.reshape(()) < min_new_tokens)
+    narrow = logits.element_size() < 4  # bf16/fp16 logits: sort them rather than the probs
     if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+        return logits.float().argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
-        tau = nucleus_threshold(probs, top_p, prefilter)
+        tau = nucleus_threshold(probs, top_p, prefilter, logits if narrow else None)
         probs = probs.masked_fill(probs < tau.unsqueeze(-1), 0.0)
     return sample_inverse_cdf(probs, uniform(keys, step))

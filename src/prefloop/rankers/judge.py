@@ -182,6 +182,7 @@ class JudgeRanker:
         step = FORCE_CHUNK if cfg.judge_force_score else max(len(fits), 1)
         sampling = engine.Sampling(temperature=cfg.judge_temperature, top_p=cfg.judge_top_p,
                                    max_new_tokens=cfg.judge_max_new_tokens, seed=cfg.seed)
+        session = engine.Session()  # the chunks share one loop (and its CUDA graphs)
         for start in range(0, len(fits), step):
             part = fits[start: start + step]
             unforced: dict[int, tuple] = {}
@@ -199,9 +200,11 @@ class JudgeRanker:
                             stream_ids=range(start, start + len(part)),
                             eos_token_ids=eos_ids(self.model, self.tokenizer),
                             pad_token_id=self.tokenizer.pad_token_id,
-                            batch_size=cfg.batch_size, on_prompt_done=finished)
+                            batch_size=cfg.batch_size, on_prompt_done=finished,
+                            session=session)
             for i, judged in self._force(prompts, unforced).items():
                 emit(i, judged)
+        session.close()
         return out  # type: ignore[return-value]
 
     def _judgment(self, completion) -> Judgment:
