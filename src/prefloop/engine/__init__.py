@@ -146,7 +146,8 @@ def generate(model, prompts: Sequence[Sequence[int]], n: int, sampling: Sampling
         if loop is None:
             loop = _open_loop(model, prompts, n, sampling, rows=min(rows, len(prompts) * n),
                               columns=columns, eos_token_ids=list(eos_token_ids),
-                              pad_token_id=pad_token_id, options=opt, prefix=prefix)
+                              pad_token_id=pad_token_id, options=opt, window=window,
+                              prefix=prefix)
             if session is not None:
                 session.loop, session.key = loop, key
         else:
@@ -190,7 +191,7 @@ def last_logits(model, prompts: Sequence[Sequence[int]], token_ids: Sequence[int
         loop = _open_loop(model, prompts, 1, Sampling(temperature=0.0, max_new_tokens=1),
                           rows=min(rows, len(prompts)), columns=columns,
                           eos_token_ids=[pad_token_id], pad_token_id=pad_token_id, options=opt,
-                          prefix=_prefix_length(prompts, opt, window))
+                          window=window, prefix=_prefix_length(prompts, opt, window))
         loop.logit_sink = sink
         for group in _length_groups(prompts, rows):
             loop.start_group(group)
@@ -206,15 +207,15 @@ def _length_groups(prompts: Sequence[Sequence[int]], size: int) -> list[list[tup
 
 def _open_loop(model, prompts, n: int, sampling: Sampling, *, rows: int, columns: int,
                eos_token_ids: list[int], pad_token_id: int, options: LoopOptions,
-               prefix: int) -> DecodeLoop:
+               window: int | None, prefix: int) -> DecodeLoop:
     """A DecodeLoop for `prompts` with their first `prefix` tokens (common to all) already
     prefilled (call inside the inference-mode and attention contexts)."""
     loop = DecodeLoop(model, n=n, rows=rows, columns=columns,
                       temperature=sampling.temperature, top_p=sampling.top_p,
                       max_new_tokens=sampling.max_new_tokens,
                       min_new_tokens=sampling.min_new_tokens, seed=sampling.seed,
-                      eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
-                      window=sliding_window(model.config, columns), options=options)
+                      eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, window=window,
+                      options=options)
     if prefix:
         loop.set_prefix(list(prompts[0][:prefix]))
     return loop
