@@ -161,13 +161,17 @@ SCRIPT = [
 ]
 
 
-def scripted_engine(calls: list, fail_on_call: int | None = None):
-    """engine.generate stand-in: continuation i of SCRIPT (cycled) for the i-th prompt overall."""
+def scripted_engine(calls: list, fail_on_call: int | None = None, sessions: list | None = None):
+    """engine.generate stand-in: continuation i of SCRIPT (cycled) for the i-th prompt overall;
+    records each call's engine session in `sessions`."""
+    sessions = [] if sessions is None else sessions
 
     def generate(model, prompts, n, sampling, *, eos_token_ids, pad_token_id, batch_size=None,
-                 on_prompt_done=None):
+                 on_prompt_done=None, session=None):
         assert n == 1 and eos_token_ids == {EOS} and pad_token_id == EOS
         assert (sampling.temperature, sampling.top_p) == (0.6, 0.9)
+        sessions.append(session)
+        session.loop = "a loop"  # what a real call leaves for the next
         calls.append((len(prompts), sampling.seed))
         if fail_on_call is not None and len(calls) == fail_on_call:
             raise KeyboardInterrupt
@@ -206,13 +210,14 @@ def test_generate_prompts_filters_and_counts(tmp_path, monkeypatch):
 
 
 def test_generate_prompts_stops_at_the_budget(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr("prefloop.engine.generate", scripted_engine(calls))
+    calls, sessions = [], []
+    monkeypatch.setattr("prefloop.engine.generate", scripted_engine(calls, sessions=sessions))
     cfg = IterateConfig(prompts_per_round=5)
     monkeypatch.setattr(si, "MAX_GENERATIONS_PER_PROMPT", 3)  # ceil(5 * 3 / 8) = 2 calls
     got = si.generate_prompts(FAKE_MODEL, CharTokenizer(), SEEDS, SEEDS, [], cfg,
                               tmp_path / "c.jsonl", round_seed=7)
     assert len(calls) == 2 and len(got) == 3  # the second call only repeats itself
+    assert sessions[0] is sessions[1] and sessions[0].loop is None  # one session, closed after
 
 
 def test_generate_prompts_resumes_after_an_interrupt(tmp_path, monkeypatch):

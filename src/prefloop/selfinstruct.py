@@ -176,13 +176,14 @@ def generate_prompts(model, tokenizer, seeds: list[str], existing: list[str],
                      previous: list[str], cfg: IterateConfig, out_path: Path, *,
                      round_seed: int) -> list[str]:
     """Self-Instruct until prompts_per_round prompts pass the filters (or the budget ends)."""
-    from prefloop.engine import Sampling, generate
+    from prefloop.engine import Sampling, Session, generate
     from prefloop.generate import eos_ids
 
     index = RougeIndex(existing + previous)
     accepted: list[str] = []
     call = replay(out_path, index, accepted)
     max_calls = math.ceil(cfg.prompts_per_round * MAX_GENERATIONS_PER_PROMPT / CALLS_PER_BATCH)
+    session = Session()  # the calls share one decode loop (and its CUDA graphs)
     while len(accepted) < cfg.prompts_per_round and call < max_calls:
         rng = random.Random(f"{round_seed}-{call}")
         texts = [fewshot_prompt(sample_demos(rng, seeds, previous + accepted,
@@ -192,7 +193,7 @@ def generate_prompts(model, tokenizer, seeds: list[str], existing: list[str],
         sampling = Sampling(temperature=cfg.prompt_temperature, top_p=cfg.prompt_top_p,
                             max_new_tokens=cfg.prompt_max_new_tokens, seed=round_seed + call)
         outs = generate(model, ids, 1, sampling, eos_token_ids=eos_ids(model, tokenizer),
-                        pad_token_id=tokenizer.pad_token_id)
+                        pad_token_id=tokenizer.pad_token_id, session=session)
         records = []
         for slot, (group,) in enumerate(outs):
             text = tokenizer.decode(group.token_ids, skip_special_tokens=True)
@@ -207,6 +208,7 @@ def generate_prompts(model, tokenizer, seeds: list[str], existing: list[str],
                             "finish_reason": group.finish_reason, "items": items})
         append_jsonl(out_path, records)
         call += 1
+    session.close()
     return accepted[:cfg.prompts_per_round]
 
 
