@@ -144,16 +144,14 @@ def generate(model, prompts: Sequence[Sequence[int]], n: int, sampling: Sampling
     with (torch.inference_mode(), grouped_attention(model, opt.flex_decode, opt.flex_kernel),
           fused_kernels(model, opt.fused)):
         if loop is None:
-            loop = _open_loop(model, prompts, n, sampling, rows=min(rows, len(prompts) * n),
+            loop = _open_loop(model, n, sampling, rows=min(rows, len(prompts) * n),
                               columns=columns, eos_token_ids=list(eos_token_ids),
-                              pad_token_id=pad_token_id, options=opt, window=window,
-                              prefix=prefix)
+                              pad_token_id=pad_token_id, options=opt, window=window)
             if session is not None:
                 session.loop, session.key = loop, key
-        else:
-            loop.seed = sampling.seed
-            if prefix:
-                loop.set_prefix(list(prompts[0][:prefix]))
+        loop.seed = sampling.seed
+        if prefix:
+            loop.set_prefix(list(prompts[0][:prefix]))
         captured = loop.capture_seconds
         loop.stream_ids = stream_ids
         for group in groups:
@@ -187,11 +185,14 @@ def last_logits(model, prompts: Sequence[Sequence[int]], token_ids: Sequence[int
         out[indices] = logits[:, select].float().cpu()
 
     window = sliding_window(model.config, columns)
+    prefix = _prefix_length(prompts, opt, window)
     with torch.inference_mode(), grouped_attention(model):
-        loop = _open_loop(model, prompts, 1, Sampling(temperature=0.0, max_new_tokens=1),
+        loop = _open_loop(model, 1, Sampling(temperature=0.0, max_new_tokens=1),
                           rows=min(rows, len(prompts)), columns=columns,
                           eos_token_ids=[pad_token_id], pad_token_id=pad_token_id, options=opt,
-                          window=window, prefix=_prefix_length(prompts, opt, window))
+                          window=window)
+        if prefix:
+            loop.set_prefix(list(prompts[0][:prefix]))
         loop.logit_sink = sink
         for group in _length_groups(prompts, rows):
             loop.start_group(group)
@@ -205,20 +206,16 @@ def _length_groups(prompts: Sequence[Sequence[int]], size: int) -> list[list[tup
             for g in range(0, len(order), size)]
 
 
-def _open_loop(model, prompts, n: int, sampling: Sampling, *, rows: int, columns: int,
+def _open_loop(model, n: int, sampling: Sampling, *, rows: int, columns: int,
                eos_token_ids: list[int], pad_token_id: int, options: LoopOptions,
-               window: int | None, prefix: int) -> DecodeLoop:
-    """A DecodeLoop for `prompts` with their first `prefix` tokens (common to all) already
-    prefilled (call inside the inference-mode and attention contexts)."""
-    loop = DecodeLoop(model, n=n, rows=rows, columns=columns,
+               window: int | None) -> DecodeLoop:
+    """A DecodeLoop with `sampling`'s settings (its caller prefills any shared prefix)."""
+    return DecodeLoop(model, n=n, rows=rows, columns=columns,
                       temperature=sampling.temperature, top_p=sampling.top_p,
                       max_new_tokens=sampling.max_new_tokens,
                       min_new_tokens=sampling.min_new_tokens, seed=sampling.seed,
                       eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, window=window,
                       options=options)
-    if prefix:
-        loop.set_prefix(list(prompts[0][:prefix]))
-    return loop
 
 
 def common_prefix(prompts: Sequence[Sequence[int]]) -> int:

@@ -137,11 +137,11 @@ def choose_tokens(logits: torch.Tensor, keys: torch.Tensor, step: torch.Tensor, 
     """
     if min_new_tokens > 0:
         logits = suppress(logits, eos_ids, step.reshape(()) < min_new_tokens)
-    narrow = logits.element_size() < 4  # bf16/fp16 logits: sort them rather than the probs
     if temperature == 0:
         return logits.float().argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
+        narrow = logits.element_size() < 4  # bf16/fp16: sort the logits rather than the probs
         tau = nucleus_threshold(probs, top_p, prefilter, logits if narrow else None)
         probs = probs.masked_fill(probs < tau.unsqueeze(-1), 0.0)
     return sample_inverse_cdf(probs, uniform(keys, step))
