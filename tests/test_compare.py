@@ -16,10 +16,10 @@ from tiny import (
     write_pairs,
 )
 
-from prefloop import compare
 from prefloop.artifacts import write_manifest
 from prefloop.config import Recipe, apply_overrides
 from prefloop.errors import PrefloopError
+from prefloop.stages import compare
 
 HELDOUT = ["write a poem about the moon", "give two tips to learn code",
            "what is the capital city ?", "explain the sun in simple words",
@@ -90,8 +90,8 @@ def _recipe(run_dir, *extra):
 
 def test_compare_tables_and_verdict(run_dir, capsys):
     from prefloop.engine import Sampling, generate
-    from prefloop.generate import eos_ids
     from prefloop.models import load_model
+    from prefloop.stages.generate import eos_ids
 
     ranker = FakeRanker([2.0, -1.0, 0.0, math.nan, 0.5])
     out = compare.run(_recipe(run_dir), run_dir, ranker=ranker)
@@ -156,7 +156,7 @@ def test_default_judge_is_the_original_model(run_dir, monkeypatch):
     """Without an injected ranker, the judge gets the policy and runs with the adapter off."""
     from peft.tuners.lora import LoraLayer
 
-    import prefloop.rank
+    import prefloop.stages.rank
 
     seen = {}
 
@@ -172,7 +172,7 @@ def test_default_judge_is_the_original_model(run_dir, monkeypatch):
         seen["model"], seen["tokenizer"] = model, tokenizer
         return Judge()
 
-    monkeypatch.setattr(prefloop.rank, "make_ranker", fake_make_ranker)
+    monkeypatch.setattr(prefloop.stages.rank, "make_ranker", fake_make_ranker)
     compare.run(_recipe(run_dir, "compare.max_new_tokens=3"), run_dir)
     assert type(seen["model"]).__name__ == "PeftModelForCausalLM"  # task type from the adapter
     assert seen["disabled"] is True
@@ -279,8 +279,8 @@ def test_cuda_original_side_is_the_base_model(run_dir):
 
     from prefloop.chat import render_prompt
     from prefloop.engine import Sampling, generate
-    from prefloop.generate import eos_ids
     from prefloop.models import load_model
+    from prefloop.stages.generate import eos_ids
 
     out = compare.run(_recipe(run_dir), run_dir, ranker=FakeRanker([1.0] * 5))
     by_id = {r["id"]: r for r in read_jsonl_lines(out / "original.jsonl")}

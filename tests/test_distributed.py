@@ -25,7 +25,7 @@ from prefloop.artifacts import write_jsonl
 from prefloop.distributed import Topology, merge, shard, shard_path, shard_paths, shard_sizes
 from prefloop.engine import Sampling
 from prefloop.errors import PrefloopError
-from prefloop.generate import finished_groups, generate_responses, merge_shard_files
+from prefloop.stages.generate import finished_groups, generate_responses, merge_shard_files
 
 REPO = Path(__file__).resolve().parents[1]
 CPU2 = REPO / "configs" / "accelerate" / "cpu2.yaml"
@@ -293,8 +293,8 @@ def test_train_under_ddp_with_two_processes(tmp_path, monkeypatch):
     import datasets
     from safetensors.torch import load_file
 
-    from prefloop import train
     from prefloop.config import Recipe, apply_overrides
+    from prefloop.stages import train
 
     model_dir = save_model_folder(tmp_path / "model")
     one, two = tmp_path / "one", tmp_path / "two"
@@ -335,7 +335,7 @@ def test_train_under_ddp_with_two_processes(tmp_path, monkeypatch):
 
 
 def test_train_refuses_fsdp1_before_loading_anything(monkeypatch):
-    from prefloop.train import check_fsdp
+    from prefloop.stages.train import check_fsdp
 
     for key in ("ACCELERATE_USE_FSDP", "FSDP_VERSION"):
         monkeypatch.delenv(key, raising=False)

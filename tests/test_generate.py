@@ -10,9 +10,9 @@ import time
 import pytest
 from tiny import one_thread, read_jsonl_lines, save_model_folder, write_instructions
 
-from prefloop import generate
 from prefloop.config import recipe_from_dict
 from prefloop.errors import PrefloopError
+from prefloop.stages import generate
 
 TRAIN = ["write a short poem about the sea", "give three tips to sleep",
          "what is the capital of france ?", "explain data in simple words", "name a big river",

@@ -3,10 +3,10 @@ import json
 import pandas as pd
 import pytest
 
-from prefloop import instructions
 from prefloop.config import InstructionsConfig, Recipe, recipe_from_dict
 from prefloop.errors import PrefloopError
-from prefloop.instructions import dedupe, load_local, load_source, normalize, split
+from prefloop.stages import instructions
+from prefloop.stages.instructions import dedupe, load_local, load_source, normalize, split
 
 
 def test_normalize_and_dedupe_keep_first():

@@ -13,7 +13,6 @@ import torch
 from test_judge import judge_tokenizer
 from tiny import WORDS, one_thread, read_jsonl_lines, tiny_llama
 
-from prefloop import iterate, train
 from prefloop.artifacts import read_manifest, write_jsonl
 from prefloop.config import (
     CompareConfig,
@@ -24,8 +23,10 @@ from prefloop.config import (
     Recipe,
     TrainConfig,
     load_recipe,
+    shipped_recipe_path,
 )
 from prefloop.errors import PrefloopError
+from prefloop.stages import iterate, train
 
 # -- fast: pure pieces -----------------------------------------------------------------------------
 
@@ -160,7 +161,7 @@ def test_shipped_self_reward_recipe():
     assert (r.iterate.prompt_temperature, r.iterate.prompt_top_p) == (0.6, 0.9)
     assert (r.iterate.fewshot_seed, r.iterate.fewshot_generated) == (6, 2)
     assert r.train.beta == 0.1 and r.rank.ranker == "judge" and r.rank.judge_model is None
-    text = Path(iterate.__file__).with_name("recipes").joinpath("self-reward.yaml").read_text()
+    text = shipped_recipe_path("self-reward").read_text()
     assert text.startswith("# ") and "prefloop iterate --recipe self-reward" in text
 
 
@@ -238,7 +239,7 @@ def loop(tmp_path_factory):
                   "round2_train_started": (run_dir / "rounds/2/train").exists()}
         mp.setattr(train, "run", real_train)
         mp.setattr(engine, "generate", counting_generate)
-        mp.setattr("prefloop.generate.generate", counting_generate)
+        mp.setattr("prefloop.stages.generate.generate", counting_generate)
         mp.setattr(train, "build_trainer", counting_build)
         iterate.run(recipe, run_dir)
         after = _mtimes(run_dir, done)

@@ -12,10 +12,11 @@ import yaml
 from test_judge import FakeEngine, judge_tokenizer
 from tiny import read_jsonl_lines, tiny_llama
 
-from prefloop import engine, pairs, rank
+from prefloop import engine
 from prefloop.artifacts import read_manifest, write_jsonl, write_manifest
 from prefloop.config import RankConfig, Recipe, dump_recipe
 from prefloop.errors import PrefloopError
+from prefloop.stages import pairs, rank
 
 INSTRUCTIONS = {"q0": "name a big river", "q1": "write a poem about the sea",
                 "q2": "give three tips to sleep"}

@@ -10,9 +10,9 @@ import pytest
 import torch
 from tiny import one_thread, read_jsonl_lines, save_model_folder, write_pairs
 
-from prefloop import train
 from prefloop.config import load_recipe
 from prefloop.models import load_model
+from prefloop.stages import train
 
 MISTRAL_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from prefloop import selfinstruct as si
 from prefloop.artifacts import write_manifest
 from prefloop.config import InstructionsConfig, IterateConfig, Recipe
 from prefloop.engine import Completion
 from prefloop.errors import PrefloopError
+from prefloop.stages import selfinstruct as si
 
 # -- template and parsing --------------------------------------------------------------------------
 

@@ -11,10 +11,10 @@ import torch
 import yaml
 from tiny import one_thread, read_jsonl_lines, save_model_folder, write_pairs
 
-from prefloop import train
 from prefloop.cards import adapter_card
 from prefloop.config import Recipe, apply_overrides
 from prefloop.errors import PrefloopError
+from prefloop.stages import train
 
 STEPS = 2
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -52,22 +53,9 @@ def resolve(args: argparse.Namespace) -> tuple[Recipe, Path]:
 
 
 def run_stage(stage: str, recipe: Recipe, run_dir: Path, force: bool) -> Path:
-    if stage == "instructions":
-        from prefloop import instructions as module
-    elif stage == "generate":
-        from prefloop import generate as module
-    elif stage == "rank":
-        from prefloop import rank as module
-    elif stage == "pairs":
-        from prefloop import pairs as module
-    elif stage == "train":
-        from prefloop import train as module
-    elif stage == "compare":
-        from prefloop import compare as module
-    elif stage == "iterate":
-        from prefloop import iterate as module
-    else:
+    if stage not in (*STAGES, "iterate"):
         raise PrefloopError(f"unknown stage '{stage}'")
+    module = importlib.import_module(f"prefloop.stages.{stage}")
     where = run_dir if stage == "iterate" else run_dir / stage
     print(f"[prefloop] {stage} -> {where}", file=sys.stderr)
     return module.run(recipe, run_dir, force=force)

@@ -157,8 +157,8 @@ class JudgeRanker:
               ) -> list[list[Judgment]]:
         """N judgments per response; `on_done(i, judgments)` fires as each response finishes."""
         from prefloop import engine
-        from prefloop.generate import eos_ids
         from prefloop.models import context_length
+        from prefloop.stages.generate import eos_ids
 
         _check_lengths(instructions, responses)
         n, cfg = self.cfg.judge_samples, self.cfg

@@ -29,8 +29,8 @@ from prefloop.artifacts import (
 )
 from prefloop.config import SHIPPED_RECIPES, Recipe, dump_recipe
 from prefloop.errors import PrefloopError
-from prefloop.rank import read_generations
 from prefloop.rankers.judge import score_variance
+from prefloop.stages.rank import read_generations
 
 DATA_FILE = Path("data") / "train-00000-of-00001.parquet"
 DROP_REASONS = ("too_few_scored", "all_tied", "below_min_margin")

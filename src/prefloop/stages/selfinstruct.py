@@ -177,7 +177,7 @@ def generate_prompts(model, tokenizer, seeds: list[str], existing: list[str],
                      round_seed: int) -> list[str]:
     """Self-Instruct until prompts_per_round prompts pass the filters (or the budget ends)."""
     from prefloop.engine import Sampling, Session, generate
-    from prefloop.generate import eos_ids
+    from prefloop.stages.generate import eos_ids
 
     index = RougeIndex(existing + previous)
     accepted: list[str] = []

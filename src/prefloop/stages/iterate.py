@@ -53,7 +53,6 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from prefloop import generate, instructions, pairs, rank, selfinstruct, train
 from prefloop.artifacts import (
     append_jsonl,
     atomic_write_json,
@@ -67,6 +66,7 @@ from prefloop.artifacts import (
 )
 from prefloop.config import Recipe, dump_recipe
 from prefloop.errors import PrefloopError
+from prefloop.stages import generate, instructions, pairs, rank, selfinstruct, train
 
 
 def round_dir(run_dir: Path, t: int) -> Path:

@@ -33,7 +33,7 @@ from prefloop.artifacts import (
 )
 from prefloop.config import Recipe
 from prefloop.errors import PrefloopError
-from prefloop.instructions import normalize
+from prefloop.stages.instructions import normalize
 
 COLUMNS = ["instruction", "original", "dpo"]
 Z95 = 1.959964
@@ -243,7 +243,7 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
     `ranker`: an object with `.name` and `.compare(instructions, a, b)`; default: the recipe's.
     """
     from prefloop.engine import Sampling
-    from prefloop.generate import generate_responses
+    from prefloop.stages.generate import generate_responses
 
     cfg = recipe.compare
     run_dir = Path(run_dir)
@@ -278,7 +278,7 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
                                                       for a, b in zip(original, dpo, strict=True))}
     if cfg.verdict:
         if ranker is None:
-            from prefloop.rank import make_ranker
+            from prefloop.stages.rank import make_ranker
 
             # The judge is the original model (adapter disabled) unless the recipe names one.
             own = recipe.rank.ranker == "judge" and recipe.rank.judge_model is None
