@@ -23,9 +23,9 @@ import torch
 from prefloop import engine
 from prefloop.chat import render_prompt
 from prefloop.config import RankConfig
+from prefloop.engine.backend import eos_ids
 from prefloop.models import load_model
 from prefloop.rankers.judge import JudgeRanker, mean_score
-from prefloop.stages.generate import eos_ids
 
 LIMA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lima_prompts.jsonl"
 

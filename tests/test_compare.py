@@ -90,8 +90,8 @@ def _recipe(run_dir, *extra):
 
 def test_compare_tables_and_verdict(run_dir, capsys):
     from prefloop.engine import Sampling, generate
+    from prefloop.engine.backend import eos_ids
     from prefloop.models import load_model
-    from prefloop.stages.generate import eos_ids
 
     ranker = FakeRanker([2.0, -1.0, 0.0, math.nan, 0.5])
     out = compare.run(_recipe(run_dir), run_dir, ranker=ranker)
@@ -156,8 +156,6 @@ def test_default_judge_is_the_original_model(run_dir, monkeypatch):
     """Without an injected ranker, the judge gets the policy and runs with the adapter off."""
     from peft.tuners.lora import LoraLayer
 
-    import prefloop.stages.rank
-
     seen = {}
 
     class Judge:
@@ -168,11 +166,11 @@ def test_default_judge_is_the_original_model(run_dir, monkeypatch):
             seen["disabled"] = all(m.disable_adapters for m in layers) and bool(layers)
             return [1.0] * len(a)
 
-    def fake_make_ranker(recipe, model=None, tokenizer=None, **kw):
-        seen["model"], seen["tokenizer"] = model, tokenizer
+    def fake_make_ranker(recipe, policy=None):
+        seen["model"], seen["tokenizer"] = policy.model, policy.tokenizer
         return Judge()
 
-    monkeypatch.setattr(prefloop.stages.rank, "make_ranker", fake_make_ranker)
+    monkeypatch.setattr(compare, "make_ranker", fake_make_ranker)
     compare.run(_recipe(run_dir, "compare.max_new_tokens=3"), run_dir)
     assert type(seen["model"]).__name__ == "PeftModelForCausalLM"  # task type from the adapter
     assert seen["disabled"] is True
@@ -279,8 +277,8 @@ def test_cuda_original_side_is_the_base_model(run_dir):
 
     from prefloop.chat import render_prompt
     from prefloop.engine import Sampling, generate
+    from prefloop.engine.backend import eos_ids
     from prefloop.models import load_model
-    from prefloop.stages.generate import eos_ids
 
     out = compare.run(_recipe(run_dir), run_dir, ranker=FakeRanker([1.0] * 5))
     by_id = {r["id"]: r for r in read_jsonl_lines(out / "original.jsonl")}

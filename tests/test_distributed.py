@@ -24,6 +24,7 @@ from prefloop import distributed
 from prefloop.artifacts import write_jsonl
 from prefloop.distributed import Topology, merge, shard, shard_path, shard_paths, shard_sizes
 from prefloop.engine import Sampling
+from prefloop.engine.backend import LocalBackend
 from prefloop.errors import PrefloopError
 from prefloop.stages.generate import finished_groups, generate_responses, merge_shard_files
 
@@ -170,7 +171,7 @@ PROMPTS = [{"id": f"tr-{i}", "instruction": t} for i, t in enumerate(
 def test_single_process_reuses_files_left_by_a_multi_process_run(tmp_path, tiny):
     model, tok = tiny
     with one_thread():
-        ref = generate_responses(model, tok, PROMPTS, tmp_path / "ref.jsonl", k=2,
+        ref = generate_responses(LocalBackend(model, tok), PROMPTS, tmp_path / "ref.jsonl", k=2,
                                  sampling=GREEDY)
     assert [(r["id"], r["sample"]) for r in ref] == [(p["id"], j) for p in PROMPTS
                                                      for j in range(2)]
@@ -180,7 +181,7 @@ def test_single_process_reuses_files_left_by_a_multi_process_run(tmp_path, tiny)
     write_jsonl(shard_path(out, 0), planted + [by_id["tr-3"][0]])  # tr-3 cut short
     write_jsonl(shard_path(out, 3), by_id["tr-2"])
     with one_thread():
-        got = generate_responses(model, tok, PROMPTS, out, k=2, sampling=GREEDY)
+        got = generate_responses(LocalBackend(model, tok), PROMPTS, out, k=2, sampling=GREEDY)
     assert got == planted + [r for r in ref if r["id"] != "tr-0"]
     assert shard_paths(out) == []
     lines = read_jsonl_lines(out)

@@ -26,7 +26,8 @@ from prefloop.config import (
     shipped_recipe_path,
 )
 from prefloop.errors import PrefloopError
-from prefloop.stages import iterate, train
+from prefloop.stages import iterate, report, train
+from prefloop.stages.compare import wilson_interval
 
 # -- fast: pure pieces -----------------------------------------------------------------------------
 
@@ -52,13 +53,19 @@ def test_round_recipe_points_round_t_at_M_t_and_self_judging(tmp_path):
 
 @pytest.mark.parametrize("margins,expected", [
     ([1.0, 0.5, -2.0, 0.0, None, float("nan")],
-     {"wins": 2, "ties": 1, "losses": 1, "unscored": 2, "win_rate": 0.625}),
-    ([], {"wins": 0, "ties": 0, "losses": 0, "unscored": 0, "win_rate": None}),
-    ([None], {"wins": 0, "ties": 0, "losses": 0, "unscored": 1, "win_rate": None}),
-    ([-1.0, -0.1, 0.0], {"wins": 0, "ties": 1, "losses": 2, "unscored": 0, "win_rate": 0.1667}),
+     {"n": 4, "wins": 2, "ties": 1, "losses": 1, "invalid": 2, "win_rate": 0.625}),
+    ([], {"n": 0, "wins": 0, "ties": 0, "losses": 0, "invalid": 0, "win_rate": None}),
+    ([None], {"n": 0, "wins": 0, "ties": 0, "losses": 0, "invalid": 1, "win_rate": None}),
+    ([-1.0, -0.1, 0.0], {"n": 3, "wins": 0, "ties": 1, "losses": 2, "invalid": 0,
+                         "win_rate": 1 / 6}),
 ])
 def test_win_rate(margins, expected):
-    assert iterate.win_rate(margins) == expected
+    """The eval's win-rate is compare's, Wilson interval included."""
+    got = iterate.win_rate(margins)
+    assert {k: v for k, v in got.items() if k != "ci95"} == expected
+    n = expected["n"]
+    assert got["ci95"] == (list(wilson_interval(expected["wins"] + expected["ties"] / 2, n))
+                           if n else None)
 
 
 @pytest.mark.parametrize("sets,message", [
@@ -92,13 +99,13 @@ def test_pairwise_eval_judge_margins_are_compared_once_and_cached(tmp_path):
 
     class FakePairRM:
         name = "pairrm:x"
+        pointwise = False
 
         def compare(self, instructions, a, b):
             calls.append((instructions, a, b))
             return [1.5, float("nan"), -0.25]
 
-    judge = iterate._LazyRanker(Recipe())
-    judge._ranker = FakePairRM()
+    judge = FakePairRM()
     scores = {g["id"]: {"ranker": "pairrm:x", "score": None} for g in gens}
     path = tmp_path / "vs_M1.jsonl"
     assert iterate._margins(judge, gens, scores, other, path) == [1.5, None, -0.25]
@@ -110,9 +117,9 @@ def test_pairwise_eval_judge_margins_are_compared_once_and_cached(tmp_path):
 
 def test_length_score_corr():
     rows = [{"response_tokens": n, "score": s} for n, s in ((10, 1.0), (20, 2.0), (30, 4.0))]
-    assert iterate.length_score_corr(rows) == 0.982
-    assert iterate.length_score_corr(rows[:2]) is None  # too few points
-    assert iterate.length_score_corr(rows + [{"response_tokens": 5, "score": None}]) == 0.982
+    assert report.length_score_corr(rows) == 0.982
+    assert report.length_score_corr(rows[:2]) is None  # too few points
+    assert report.length_score_corr(rows + [{"response_tokens": 5, "score": None}]) == 0.982
 
 
 def test_summary_table_formats_one_line_per_model():
@@ -125,7 +132,7 @@ def test_summary_table_formats_one_line_per_model():
          "self_judge_score": 3.25, "step0": {"rewards/chosen": 0.0},
          "vs_prev": {"wins": 6, "ties": 2, "losses": 2, "win_rate": 0.7}, "vs_m1": None},
     ]
-    assert iterate.summary_table(rows).splitlines()[2:] == [
+    assert report.summary_table(rows).splitlines()[2:] == [
         "| M1 | – | – | – | – | – | – | – | – | 2.5 | 120.0 | 25.0% |",
         "| M2 | 20 | 12 | 7 / 1 | 12.5% | 3.25 | 0 | 70.0% (6/2/2) | – | 3 | 150.5 | 0.0% |",
     ]
@@ -142,7 +149,7 @@ def test_report_of_a_round_that_stopped(tmp_path):
                    counts={"source": "seed", "train": 3})
     write_jsonl(run_dir / "rounds/1/pairs/dropped.jsonl",
                 [{"id": str(i), "reason": "too_few_scored"} for i in range(3)])
-    iterate.write_report(Recipe(), run_dir, stopped="no preference pairs")
+    report.write_report(Recipe(), run_dir, stopped="no preference pairs")
     text = (run_dir / "report.md").read_text()
     assert text.startswith("# Self-rewarding run: smollm2-135m-instruct, 0 of 2 rounds\n\n"
                            "**Stopped in round 1:** no preference pairs\n")
@@ -239,7 +246,6 @@ def loop(tmp_path_factory):
                   "round2_train_started": (run_dir / "rounds/2/train").exists()}
         mp.setattr(train, "run", real_train)
         mp.setattr(engine, "generate", counting_generate)
-        mp.setattr("prefloop.stages.generate.generate", counting_generate)
         mp.setattr(train, "build_trainer", counting_build)
         iterate.run(recipe, run_dir)
         after = _mtimes(run_dir, done)

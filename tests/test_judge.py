@@ -13,6 +13,7 @@ from tiny import CHAT_TEMPLATE, SPECIALS, WORDS, tiny_llama
 from prefloop import engine
 from prefloop.chat import render_prompt
 from prefloop.config import RankConfig
+from prefloop.engine.backend import LocalBackend
 from prefloop.errors import PrefloopError
 from prefloop.rankers import judge as J
 
@@ -167,10 +168,18 @@ def fake(tok, monkeypatch):
 
 def make_judge(tok, **cfg) -> J.JudgeRanker:
     rank = replace(RankConfig(), judge_max_new_tokens=32, **cfg)
-    return J.JudgeRanker(tiny_llama(tok), tok, rank, name="judge:tiny")
+    return J.JudgeRanker(LocalBackend(tiny_llama(tok), tok), rank, name="judge:tiny")
 
 
-def test_judge_samples_and_scores_in_one_batched_call(tok, fake):
+def contract_scores(jr, tmp_path, responses: list[str]) -> list[float | None]:
+    """The ranker contract's per-response scores (one instruction "q")."""
+    records = [{"id": f"r{i}", "sample": 0, "instruction": "q", "response": r}
+               for i, r in enumerate(responses)]
+    fields, _ = jr.score(records, tmp_path)
+    return [f["score"] for f in fields]
+
+
+def test_judge_samples_and_scores_in_one_batched_call(tok, fake, tmp_path):
     jr = make_judge(tok)
     done = []
     out = jr.judge(["name a river"] * 4, ["alpha", "beta", "gamma", "delta"],
@@ -190,18 +199,19 @@ def test_judge_samples_and_scores_in_one_batched_call(tok, fake):
     rendered = tok.apply_chat_template([{"role": "user", "content": expected}], tokenize=False,
                                        add_generation_prompt=True)
     assert call["prompts"][1] == tok(rendered, add_special_tokens=False)["input_ids"]
-    assert jr.score(["q"] * 4, ["alpha", "beta", "gamma", "delta"]) == [5.0, 3.0, 1.0, None]
+    assert contract_scores(jr, tmp_path, ["alpha", "beta", "gamma", "delta"]) == [
+        5.0, 3.0, 1.0, None]
 
 
-def test_judge_min_valid_and_length_finish(tok, monkeypatch):
+def test_judge_min_valid_and_length_finish(tok, monkeypatch, tmp_path):
     def script(text, s):
         return "Score : 4" if s == 0 else "it is fine ."
 
     monkeypatch.setattr(engine, "generate", FakeEngine(tok, script, finish="length"))
     out = make_judge(tok, min_valid=2).judge(["q"], ["alpha"])
     assert [j.text for j in out[0]] == ["Score : 4", "it is fine.", "it is fine."]
-    assert make_judge(tok, min_valid=2).score(["q"], ["alpha"]) == [None]
-    assert make_judge(tok, min_valid=1).score(["q"], ["alpha"]) == [4.0]
+    assert contract_scores(make_judge(tok, min_valid=2), tmp_path / "a", ["alpha"]) == [None]
+    assert contract_scores(make_judge(tok, min_valid=1), tmp_path / "b", ["alpha"]) == [4.0]
 
 
 def test_prompt_too_long_is_a_failure_without_generation(tok, fake):
@@ -226,7 +236,7 @@ def test_forced_score_weighs_the_judges_digits_after_score(tok, fake):
     jr = make_judge(tok, judge_force_score=True)
     two = tok.convert_tokens_to_ids("2")
     seen = []
-    jr.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].tolist()),
+    jr.backend.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].tolist()),
                                        with_kwargs=True)
 
     def favour_two(module, args, output):
@@ -234,7 +244,7 @@ def test_forced_score_weighs_the_judges_digits_after_score(tok, fake):
         output[..., two] += 1e4
         return output
 
-    jr.model.lm_head.register_forward_hook(favour_two)
+    jr.backend.model.lm_head.register_forward_hook(favour_two)
     out = jr.judge(["q", "q"], ["alpha", "delta"])  # alpha parses (5), delta never does
     assert [j.score for j in out[0]] == [5.0] * 3 and not any(j.forced for j in out[0])
     assert [(j.text, j.score, j.forced) for j in out[1]] == [("it is fine.", 2.0, True)] * 3
@@ -251,7 +261,7 @@ def test_forced_scores_left_padding_matches_single_sequences(tok):
     model = tiny_llama(tok, seed=3)
     seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in
             ("it is fine .", "alpha beta gamma delta it is okay .", "Score", "1 2 3 4 5 6 7 .")]
-    batched = J.forced_scores(model, tok, seqs)
+    batched = J.forced_scores(LocalBackend(model, tok), seqs)
     digits = J.digit_tokens(tok)
     suffix = tok(J.FORCE_SUFFIX, add_special_tokens=False)["input_ids"]
     alone = []
@@ -293,7 +303,7 @@ def test_forced_scores_share_the_rubric_prefix_with_the_same_result(tok):
     shapes = []
     handle = model.register_forward_pre_hook(
         lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
-    got = J.forced_scores(model, tok, seqs)
+    got = J.forced_scores(LocalBackend(model, tok), seqs)
     handle.remove()
     head = next(i for i in range(len(seqs[0])) if len({s[i] for s in seqs}) > 1)
     assert shapes[0] == (1, head) and head > 100  # the rubric, once

@@ -12,10 +12,11 @@ import yaml
 from test_judge import FakeEngine, judge_tokenizer
 from tiny import read_jsonl_lines, tiny_llama
 
-from prefloop import engine
+from prefloop import cards, engine
 from prefloop.artifacts import read_manifest, write_jsonl, write_manifest
 from prefloop.config import RankConfig, Recipe, dump_recipe
 from prefloop.errors import PrefloopError
+from prefloop.rankers.pairrm import PairRMRanker
 from prefloop.stages import pairs, rank
 
 INSTRUCTIONS = {"q0": "name a big river", "q1": "write a poem about the sea",
@@ -261,12 +262,14 @@ def test_card_and_recipe_copy(tmp_path):
     assert row["prompt"] == [{"role": "system", "content": "Be brief."},
                              {"role": "user", "content": "name a big river"}]
     lima = replace(r, instructions=replace(r.instructions, source="GAIR/lima"))
-    meta, note = pairs.license_meta(lima.instructions.source)
+    meta, note = cards.license_meta(lima.instructions.source)
     assert meta == {"license": "other", "license_name": "lima-derived",
                     "license_link": "https://creativecommons.org/licenses/by-nc-sa/4.0/"}
     assert "CC BY-NC-SA 4.0" in note
-    assert "PairRM `llm-blender/PairRM` at revision" in pairs.dataset_card(
-        replace(lima, rank=replace(lima.rank, ranker="pairrm")), {"pairs": 1}, {})
+    lima_pairrm = replace(lima, rank=replace(lima.rank, ranker="pairrm"))
+    assert "PairRM `llm-blender/PairRM` at revision" in cards.dataset_card(
+        lima_pairrm, {"pairs": 1}, {}, pairs.features(),
+        PairRMRanker.card_lines(lima_pairrm))
 
 
 # -- PairRM through the rank stage (fake model) ------------------------------------------------
@@ -326,8 +329,7 @@ def test_rank_with_pairrm(tmp_path, monkeypatch, capsys):
     counts = read_manifest(out)["counts"]
     assert counts["over_candidate_budget"] == 1 and counts["duplicates"] == 1
     assert "1 responses exceed PairRM's 4-token candidate budget" in capsys.readouterr().out
-    ranker = rank.PairRMRanker(fake, "pairrm:fake")
-    assert ranker.score(["p", "p", "q"], ["aa", "a", "b"]) == [1.0, -1.0, 0.0]
+    ranker = PairRMRanker(lambda: fake, "pairrm:fake")
     assert ranker.compare(["p"], ["aaa"], ["a"]) == [4.0]
 
 

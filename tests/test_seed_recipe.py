@@ -32,7 +32,7 @@ def seed_run(tmp_path, monkeypatch):
 def test_seed_recipe_loads_the_mistral_architecture(seed_run):
     recipe, model_dir, _ = seed_run
     assert recipe.model.name == str(model_dir)
-    model, tok = load_model(recipe.model.name, dtype=recipe.model.dtype)
+    model, tok = load_model(recipe.model)
     cfg = model.config
     assert type(model).__name__ == "MistralForCausalLM"
     assert (cfg.sliding_window, cfg.num_attention_heads, cfg.num_key_value_heads) == (None, 4, 2)

@@ -13,6 +13,7 @@ import pytest
 from prefloop.artifacts import write_manifest
 from prefloop.config import InstructionsConfig, IterateConfig, Recipe
 from prefloop.engine import Completion
+from prefloop.engine.backend import LocalBackend
 from prefloop.errors import PrefloopError
 from prefloop.stages import selfinstruct as si
 
@@ -151,7 +152,12 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids if i != EOS)
 
 
-FAKE_MODEL = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=EOS))
+FAKE_MODEL = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=EOS),
+                             config=SimpleNamespace(max_position_embeddings=4096))
+
+
+def fake_backend() -> LocalBackend:
+    return LocalBackend(FAKE_MODEL, CharTokenizer())
 
 SCRIPT = [
     " Plan a weekend trip to Rome.\n10. Plan a weekend trip to Rome.\n11. Hi\n\n",
@@ -167,7 +173,7 @@ def scripted_engine(calls: list, fail_on_call: int | None = None, sessions: list
     sessions = [] if sessions is None else sessions
 
     def generate(model, prompts, n, sampling, *, eos_token_ids, pad_token_id, batch_size=None,
-                 on_prompt_done=None, session=None):
+                 on_prompt_done=None, stream_ids=None, session=None):
         assert n == 1 and eos_token_ids == {EOS} and pad_token_id == EOS
         assert (sampling.temperature, sampling.top_p) == (0.6, 0.9)
         sessions.append(session)
@@ -197,7 +203,7 @@ def test_generate_prompts_filters_and_counts(tmp_path, monkeypatch):
     monkeypatch.setattr("prefloop.engine.generate", scripted_engine(calls))
     cfg = IterateConfig(prompts_per_round=3)
     out = tmp_path / "candidates.jsonl"
-    got = si.generate_prompts(FAKE_MODEL, CharTokenizer(), SEEDS, SEEDS, [], cfg, out,
+    got = si.generate_prompts(fake_backend(), SEEDS, SEEDS, [], cfg, out,
                               round_seed=7)
     # one call of 8 prompts runs through the 4 scripted continuations twice
     assert calls == [(8, 7)]
@@ -214,7 +220,7 @@ def test_generate_prompts_stops_at_the_budget(tmp_path, monkeypatch):
     monkeypatch.setattr("prefloop.engine.generate", scripted_engine(calls, sessions=sessions))
     cfg = IterateConfig(prompts_per_round=5)
     monkeypatch.setattr(si, "MAX_GENERATIONS_PER_PROMPT", 3)  # ceil(5 * 3 / 8) = 2 calls
-    got = si.generate_prompts(FAKE_MODEL, CharTokenizer(), SEEDS, SEEDS, [], cfg,
+    got = si.generate_prompts(fake_backend(), SEEDS, SEEDS, [], cfg,
                               tmp_path / "c.jsonl", round_seed=7)
     assert len(calls) == 2 and len(got) == 3  # the second call only repeats itself
     assert sessions[0] is sessions[1] and sessions[0].loop is None  # one session, closed after
@@ -243,11 +249,11 @@ def test_generate_prompts_resumes_after_an_interrupt(tmp_path, monkeypatch):
     out = tmp_path / "candidates.jsonl"
     first = run(fail_on_call=3)
     with pytest.raises(KeyboardInterrupt):
-        si.generate_prompts(FAKE_MODEL, CharTokenizer(), seeds, seeds, [], cfg, out,
+        si.generate_prompts(fake_backend(), seeds, seeds, [], cfg, out,
                             round_seed=100)
     assert first == [100, 101, 102] and len(out.read_text().splitlines()) == 2
     second = run(fail_on_call=None)
-    got = si.generate_prompts(FAKE_MODEL, CharTokenizer(), seeds, seeds, [], cfg, out,
+    got = si.generate_prompts(fake_backend(), seeds, seeds, [], cfg, out,
                               round_seed=100)
     assert second == [102, 103]  # calls 0 and 1 were not redone
     assert got == [s.strip() for s in script]
@@ -289,8 +295,8 @@ def test_run_round_self_instruct_loads_the_fixed_prompt_model(tmp_path, monkeypa
     run_dir = _run_dir(tmp_path)
     loaded = []
 
-    def fake_load(name, **kw):
-        loaded.append(name)
+    def fake_load(cfg):
+        loaded.append(cfg.name)
         return FAKE_MODEL, CharTokenizer()
 
     monkeypatch.setattr("prefloop.models.load_model", fake_load)

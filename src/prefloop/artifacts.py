@@ -18,9 +18,91 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from prefloop import distributed
 from prefloop.errors import PrefloopError
 
 STAGES = ("instructions", "generate", "rank", "pairs", "train", "compare")
+
+
+class RunDir:
+    """Every artifact of a run directory by name: the one place that spells the layout.
+
+    A round of the iterate loop (rounds/<t>/) is a run directory of its own.
+    """
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    def stage(self, name: str) -> Path:
+        return self.root / name
+
+    def upstream(self, stage: str) -> str:
+        """The config hash a finished stage recorded (chains invalidation downstream)."""
+        return upstream_hash(self.root, stage)
+
+    def pushed_dataset_id(self) -> str | None:
+        """The Hub repository the pairs dataset was pushed to, if it was."""
+        if not self.pushed_dataset.exists():
+            return None
+        return json.loads(self.pushed_dataset.read_text(encoding="utf-8")).get("repo_id")
+
+    def round(self, t: int) -> RunDir:
+        return RunDir(self.root / "rounds" / str(t))
+
+    recipe = property(lambda self: self.root / "recipe.yaml")
+    train_instructions = property(lambda self: self.root / "instructions" / "train.jsonl")
+    heldout_instructions = property(lambda self: self.root / "instructions" / "heldout.jsonl")
+    generations = property(lambda self: self.root / "generate" / "generations.jsonl")
+    scores = property(lambda self: self.root / "rank" / "scores.jsonl")
+    dropped = property(lambda self: self.root / "pairs" / "dropped.jsonl")
+    dataset = property(lambda self: self.root / "pairs" / "dataset")
+    pushed_dataset = property(lambda self: self.root / "pairs" / "push.json")
+    adapter = property(lambda self: self.root / "train" / "adapter")
+    train_log = property(lambda self: self.root / "train" / "log.jsonl")
+    curves = property(lambda self: self.root / "train" / "curves.png")
+    trainer_scratch = property(lambda self: self.root / "train" / "trainer")
+    merged_model = property(lambda self: self.root / "model")  # iterate: M_{t+1} of round t
+    report = property(lambda self: self.root / "report.md")
+
+
+class Stage:
+    """One stage folder's lifecycle: `begin` (skip when finished, resume a partial run of the
+    same config, start afresh with force), `finish` (the manifest), `abandon` (no manifest and no
+    partial marker: the next run starts afresh).
+
+    Several processes (`accelerate launch`): the main process begins first and alone deletes
+    or writes; the others wait for it at each step.
+    """
+
+    def __init__(self, folder: Path, name: str, config: Any):
+        self.folder, self.name = Path(folder), name
+        self.hash = config_hash(config)
+        self.started = time.time()
+
+    def begin(self, *, force: bool = False, restart=None) -> bool:
+        """True when the stage already finished with this config (skip it). `restart()` runs in
+        the main process when the stage (re)starts, e.g. to drop what a killed run left."""
+        with distributed.main_first():
+            main = distributed.is_main()
+            if begin_stage(self.folder, self.name, self.hash, force=force and main):
+                return True
+            if restart is not None and main:
+                restart()
+        self.started = time.time()
+        return False
+
+    def finish(self, counts: dict | None = None, extra: dict | None = None) -> Path:
+        if distributed.is_main():
+            write_manifest(self.folder, self.name, self.hash, started=self.started,
+                           counts=counts, extra=extra)
+        distributed.barrier()  # the next stage reads this manifest in every process
+        return self.folder
+
+    def abandon(self) -> None:
+        (self.folder / "in_progress.json").unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -180,10 +262,6 @@ def write_manifest(stage_dir: Path, stage: str, cfg_hash: str, *, started: float
     (Path(stage_dir) / "in_progress.json").unlink(missing_ok=True)
 
 
-def clear_manifest(stage_dir: Path) -> None:
-    manifest_path(stage_dir).unlink(missing_ok=True)
-
-
 def begin_stage(stage_dir: Path, stage: str, cfg_hash: str, *, force: bool = False) -> bool:
     """Prepare a stage folder; return True when the stage is already finished (skip it).
 
@@ -219,3 +297,21 @@ def upstream_hash(run_dir: Path, stage: str) -> str:
             f"--output-dir {run_dir} first (or `prefloop run`)"
         )
     return m["config_hash"]
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure as a PNG atomically, readable by everyone (a report), and close
+    it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)

@@ -1,6 +1,7 @@
-"""The adapter card (train/adapter/README.md): provenance, hyper-parameters, metrics, usage.
+"""The two Hub cards: the preference dataset's (pairs/dataset/README.md) and the adapter's
+(train/adapter/README.md): provenance, settings, counts, metrics, how to reproduce and use.
 
-TRL's own card has no hyper-parameters or results; this one links the adapter to its base model,
+TRL's own card has no hyper-parameters or results; ours link the adapter to its base model,
 its preference dataset and the command that reproduces it.
 """
 
@@ -10,20 +11,13 @@ from pathlib import Path
 
 import yaml
 
-from prefloop.config import Recipe, dump_recipe
+from prefloop.artifacts import RunDir
+from prefloop.config import SHIPPED_RECIPES, Recipe, dump_recipe
+from prefloop.models import EMBEDDED_SOURCE, hub_base_id
 
-# The Hub repository each embedded model was converted from (for `base_model` metadata).
-EMBEDDED_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+LIMA_LICENSE_URL = "https://creativecommons.org/licenses/by-nc-sa/4.0/"
+
 CARD_TAGS = ["dpo", "lora", "trl", "prefloop"]
-
-
-def base_model_id(name: str) -> str | None:
-    """The Hub id to cite as `base_model`, or None for a local folder (the Hub rejects paths)."""
-    if name in EMBEDDED_HUB_IDS:
-        return EMBEDDED_HUB_IDS[name]
-    if Path(name).expanduser().exists():
-        return None
-    return name
 
 
 def _fmt(value) -> str:
@@ -46,7 +40,7 @@ def adapter_card(recipe: Recipe, run_dir: Path, *, hyper: dict, final: dict, las
     logged step and averaged over the last `last_n` logged steps; timing: seconds, tokens/s.
     """
     base = recipe.model.name
-    base_id = base_model_id(base)
+    base_id = hub_base_id(base)
     meta: dict = {}
     if base_id:
         meta["base_model"] = base_id
@@ -56,10 +50,10 @@ def adapter_card(recipe: Recipe, run_dir: Path, *, hyper: dict, final: dict, las
         meta["datasets"] = [dataset_repo_id]
     front = yaml.safe_dump(meta, sort_keys=False).strip()
 
-    run_dir = Path(run_dir)
-    adapter_ref = recipe.push.adapter_repo_id or str(run_dir / "train" / "adapter")
+    run = RunDir(run_dir)
+    adapter_ref = recipe.push.adapter_repo_id or str(run.adapter)
     load_base = base_id or base
-    dataset_line = (f"Dataset: {dataset_repo_id} on the Hub (local copy: {run_dir / 'pairs' / 'dataset'})"
+    dataset_line = (f"Dataset: {dataset_repo_id} on the Hub (local copy: {run.dataset})"
                     if dataset_repo_id else "Dataset: local (pairs/dataset)")
     metric_rows = [(k, f"{_fmt(final.get(k))} / {_fmt(mean_last.get(k))}") for k in final]
     lines = [
@@ -102,5 +96,98 @@ def adapter_card(recipe: Recipe, run_dir: Path, *, hyper: dict, final: dict, las
         "",
         "<details><summary>recipe.yaml</summary>", "",
         "```yaml", dump_recipe(recipe).rstrip(), "```", "", "</details>", "",
+    ]
+    return "\n".join(lines)
+
+
+# -- the dataset card ----------------------------------------------------------------------------
+
+
+def license_meta(source: str) -> tuple[dict, str]:
+    """(YAML license keys, a sentence for the card) from the instruction source."""
+    if source == "builtin":
+        return {"license": "apache-2.0"}, (
+            "The instructions are prefloop's built-in set (Apache-2.0).")
+    if "lima" in source.lower():
+        return {"license": "other", "license_name": "lima-derived",
+                "license_link": LIMA_LICENSE_URL}, (
+            f"License: other. The instructions come from LIMA (`{source}`), whose prompts are "
+            f"under CC BY-NC-SA 4.0 ({LIMA_LICENSE_URL}: non-commercial, share-alike, "
+            "attribution) and LIMA's own terms; this dataset inherits them.")
+    return {"license": "unknown"}, (
+        f"The instructions come from `{source}`; its license applies to them.")
+
+
+def card_metadata(recipe: Recipe, n_rows: int, features) -> dict:
+    from datasets import DatasetInfo
+
+    meta = license_meta(recipe.instructions.source)[0]
+    meta.update({
+        "language": ["en"], "task_categories": ["text-generation"],
+        "tags": ["dpo", "preference", "synthetic", "prefloop"],
+        "size_categories": ["n<1K" if n_rows < 1000 else "1K<n<10K"],
+        "configs": [{"config_name": "default",
+                     "data_files": [{"split": "train", "path": "data/train-*"}]}],
+        "dataset_info": {**DatasetInfo(features=features)._to_yaml_dict(),
+                         "splits": [{"name": "train", "num_examples": n_rows}]},
+    })
+    return meta
+
+
+def _hub_note(name: str) -> str:
+    """Where an embedded model comes from on the Hub (nothing for Hub ids and folders)."""
+    hub_id = hub_base_id(name) if name in EMBEDDED_SOURCE else None
+    return f" (embedded copy of [{hub_id}](https://huggingface.co/{hub_id}))" if hub_id else ""
+
+
+def dataset_card(recipe: Recipe, counts: dict, stats: dict, features,
+                 ranker_lines: list[str]) -> str:
+    """README.md: YAML front matter for the Hub, then provenance, counts and reproduction."""
+    g = recipe.generate
+    front = yaml.safe_dump(card_metadata(recipe, counts["pairs"], features), sort_keys=False,
+                           allow_unicode=True).strip()
+    note = license_meta(recipe.instructions.source)[1]
+    system = recipe.model.system_prompt
+    shipped = (f"It started from the shipped recipe `{recipe.name}` (`prefloop run --recipe "
+               f"{recipe.name}`); recipe.yaml records every override."
+               if recipe.name in SHIPPED_RECIPES else f"Recipe name: `{recipe.name}`.")
+    lines = [
+        "---", front, "---", "",
+        f"# Preference pairs from {recipe.model.name}", "",
+        "Best-vs-worst DPO pairs built by [prefloop](https://pypi.org/project/prefloop/): "
+        f"{g.k} sampled responses per instruction, scored by a ranker; per instruction the "
+        "highest-scored response is `chosen` and the lowest-scored is `rejected`. Columns follow "
+        "TRL's conversational format, so `DPOTrainer` takes the dataset unchanged.", "",
+        "## Provenance", "",
+        f"- Generator: `{recipe.model.name}`" + _hub_note(recipe.model.name)
+        + (f" at revision `{recipe.model.revision}`" if recipe.model.revision else ""),
+        f"- Sampling: k={g.k}, temperature {g.temperature}, top-p {g.top_p}, up to "
+        f"{g.max_new_tokens} new tokens, seed {g.seed}; the model's own chat template, "
+        + ("system prompt: " + repr(system) if system is not None else "no system prompt"),
+        f"- Instructions: `{recipe.instructions.source}` ({recipe.instructions.n_train} for "
+        f"training, seed {recipe.instructions.seed})",
+        *ranker_lines,
+        "- Pairing: duplicates (byte-identical responses) removed first"
+        + (", responses cut at the token limit excluded" if recipe.pairs.require_eos else "")
+        + f"; ties (all scores equal) dropped; minimum margin {recipe.pairs.min_margin}; among "
+        "equal best (worst) scores the lowest judge variance wins, then the shorter (longer) "
+        "response",
+        "", "## Counts", "",
+        "| what | count |", "|---|---|",
+        *[f"| {k} | {v} |" for k, v in counts.items()],
+        "", "## Scores", "",
+        "| statistic | value |", "|---|---|",
+        *[f"| {k} | {v} |" for k, v in stats.items()],
+        "", "## Columns", "",
+        "`id`, `prompt` (user turn, after the system turn if any), `chosen` / `rejected` "
+        "(one assistant turn each), `prompt_text` (the rendered chat prompt), `chosen_score`, "
+        "`rejected_score`, `candidates` (all responses, in sample order) with their `scores` "
+        "(null: no valid score), `ranker`, `generator`.",
+        "", "## Reproduce", "",
+        "recipe.yaml beside this card is the resolved recipe of this run. " + shipped, "",
+        "```bash", "pip install prefloop", "prefloop run --recipe recipe.yaml --until pairs",
+        "```",
+        "", "## License", "", note + " Responses were generated by "
+        f"`{recipe.model.name}`; its license and terms apply to them.", "",
     ]
     return "\n".join(lines)

@@ -31,6 +31,7 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str | None = None  # None: cuda when available, else cpu
     system_prompt: str | None = None  # None: the chat template's own default
+    backend: Literal["local"] = "local"  # who generates: prefloop.engine.backends.BACKENDS
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from prefloop.artifacts import atomic_write_json, read_manifest
+from prefloop.artifacts import RunDir, atomic_write_json, read_manifest
 from prefloop.config import Recipe
 from prefloop.errors import PrefloopError
 
@@ -27,10 +27,11 @@ def dataset_url(repo_id: str) -> str:
 
 def _folder(what: str, run_dir: Path) -> Path:
     """The local folder to upload; an error naming the stage to run when it is not there."""
+    run = RunDir(run_dir)
     if what == "dataset":
-        folder, stage, marker = run_dir / "pairs" / "dataset", "pairs", "README.md"
+        folder, stage, marker = run.dataset, "pairs", "README.md"
     else:
-        folder, stage, marker = run_dir / "train" / "adapter", "train", "adapter_config.json"
+        folder, stage, marker = run.adapter, "train", "adapter_config.json"
     manifest = read_manifest(run_dir / stage)
     if manifest is None or manifest.get("status") != "done" or not (folder / marker).is_file():
         raise PrefloopError(f"{folder}: no finished {what} to push; run `prefloop {stage} "
@@ -87,13 +88,6 @@ def adapter_card(text: str, dataset_repo_id: str) -> str:
     return text.rstrip("\n") + f"\n\nDataset: {url}\n"
 
 
-def pushed_dataset(run_dir: Path) -> str | None:
-    path = run_dir / "pairs" / "push.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text(encoding="utf-8")).get("repo_id")
-
-
 def _staged_adapter(folder: Path, dataset_repo_id: str | None, base_id: str | None,
                     tmp: Path) -> Path:
     """A copy of the adapter folder for the Hub: its README links the pushed dataset, and its
@@ -122,7 +116,7 @@ def push(what: Literal["dataset", "adapter"], recipe: Recipe, run_dir: Path, *,
     rid = _repo_id(what, recipe, repo_id)
     repo_type = "dataset" if what == "dataset" else "model"
     private = private or recipe.push.private
-    linked = pushed_dataset(run_dir) if what == "adapter" else None
+    linked = RunDir(run_dir).pushed_dataset_id() if what == "adapter" else None
     with tempfile.TemporaryDirectory(prefix="prefloop-push-") as tmp:
         upload = folder
         if what == "adapter":
@@ -148,8 +142,8 @@ def push(what: Literal["dataset", "adapter"], recipe: Recipe, run_dir: Path, *,
             raise push_error(what, rid, folder, e) from None
     url = str(url)
     if what == "dataset":
-        atomic_write_json(run_dir / "pairs" / "push.json", {"repo_id": rid, "url": url,
-                                                            "private": private})
+        atomic_write_json(RunDir(run_dir).pushed_dataset, {"repo_id": rid, "url": url,
+                                                           "private": private})
     print(f"[prefloop] pushed {what}: {url}", flush=True)
     return url
 
@@ -159,7 +153,7 @@ def push_if_configured(recipe: Recipe, run_dir: Path) -> list[str]:
     urls = []
     if recipe.push.dataset_repo_id:
         urls.append(push("dataset", recipe, run_dir))
-    adapter_ready = (Path(run_dir) / "train" / "adapter" / "adapter_config.json").is_file()
+    adapter_ready = (RunDir(run_dir).adapter / "adapter_config.json").is_file()
     if recipe.push.adapter_repo_id and adapter_ready:
         urls.append(push("adapter", recipe, run_dir))
     return urls

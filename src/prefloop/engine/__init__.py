@@ -47,6 +47,11 @@ class Completion:
     token_ids: list[int]  # generated ids without the prompt; ends with the EOS id if it stopped
     finish_reason: str  # "eos" or "length"
 
+    @property
+    def content_ids(self) -> list[int]:
+        """The generated ids without the closing EOS."""
+        return self.token_ids[:-1] if self.finish_reason == "eos" else list(self.token_ids)
+
 
 @dataclass
 class GenerationStats:

@@ -1,0 +1,53 @@
+"""Rankers: what turns responses into scores. One contract, one module per ranker, and
+`RANKERS`, the one place that maps a recipe's `rank.ranker` name to its class.
+
+A ranker scores an instruction's responses (`score`) and compares two responses to the same
+instruction (`compare`, used by evaluations); class-level methods describe it without loading
+anything (its label for manifests, the lines of the dataset card, whether it depends on the
+policy model, so the rank stage's config hash can include it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from prefloop.errors import PrefloopError
+from prefloop.rankers.judge import JudgeRanker
+from prefloop.rankers.pairrm import PairRMRanker
+
+RANKERS: dict[str, type] = {"judge": JudgeRanker, "pairrm": PairRMRanker}
+
+
+class Ranker(Protocol):
+    name: str  # recorded with every score, e.g. "judge:smollm2-135m-instruct"
+    pointwise: bool  # scores are absolute (comparable across instructions), not only in a group
+
+    def score(self, records: list[dict], workdir: Path) -> tuple[list[dict], dict]:
+        """Score generation records (id, sample, instruction, response, finish_reason, ...).
+
+        Returns one dict of fields per record ("score": float | None first, then the ranker's
+        own), and the ranker's own counts for the manifest. `workdir` holds any log the ranker
+        keeps so that a killed stage resumes without scoring anything twice.
+        """
+
+    def compare(self, instructions: list[str], a: list[str], b: list[str]) -> list[float]:
+        """margin(a, b) per instruction: > 0 when a is better; NaN when it cannot tell."""
+
+    def summary(self, counts: dict) -> str | None:
+        """One line for the user about how the scores were obtained (None: nothing to say)."""
+
+
+def ranker_class(name: str) -> type:
+    """The class behind a recipe's rank.ranker name."""
+    if name not in RANKERS:
+        raise PrefloopError(f"rank.ranker: unknown ranker '{name}'; use one of "
+                            f"{', '.join(RANKERS)}")
+    return RANKERS[name]
+
+
+def make_ranker(recipe, policy=None) -> Ranker:
+    """The recipe's ranker; `policy` (a generation backend) is the model being trained, which a
+    self-judging ranker uses instead of loading the model again."""
+    return ranker_class(recipe.rank.ranker).from_recipe(recipe, policy=policy)
+

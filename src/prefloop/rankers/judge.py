@@ -3,20 +3,23 @@
 Each response is judged N times (sampled, T 0.7, top-p 0.9 by default) and its score is the mean of
 the valid judgments. The filled prompt is sent as one user turn through the judge's own chat
 template; the paper fine-tuned a base model in Open Assistant format instead, so this is our choice.
-A judgment whose score cannot be parsed counts as missing, never as a number (self_rewarding.md
-§2.6): mapping failures to 0 or -1 would turn broken judgments into "rejected" responses.
+A judgment whose score cannot be parsed counts as missing, never as a number (docs/self_rewarding.md): mapping failures to 0 or -1 would turn broken judgments into "rejected" responses.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
+from pathlib import Path
 
+from prefloop.artifacts import append_jsonl, read_jsonl, write_jsonl
 from prefloop.chat import render_prompt
 from prefloop.config import RankConfig
+from prefloop.engine.backend import decode
 from prefloop.errors import PrefloopError
 
 INSTRUCTION_SLOT = "<INSTRUCTION_HERE>"
@@ -91,19 +94,18 @@ def digit_tokens(tokenizer) -> dict[int, int]:
     return out
 
 
-def forced_scores(model, tokenizer, sequences: list[list[int]]) -> list[float]:
+def forced_scores(backend, sequences: list[list[int]]) -> list[float]:
     """s = Σ_d d·p(d) / Σ_d p(d), d ∈ 0..5, p(d) = p(next token spells d | prompt, judgment,
     "\nScore:"): the probability-weighted score of G-Eval (Liu et al. 2023), not the paper's.
 
     The expectation rather than the argmax, because a small judge's argmax is nearly constant
     (SmolLM2-135M: "1" for 58 of 58 failed judgments) and would leave every response tied.
-    sequences: token ids of prompt + judgment; prefilled by the engine (the rubric that every
+    sequences: token ids of prompt + judgment; prefilled by the backend (the rubric that every
     judge prompt starts with is computed once), last position only.
     """
     import torch
 
-    from prefloop import engine
-
+    tokenizer = backend.tokenizer
     digits = digit_tokens(tokenizer)
     if not digits:
         raise PrefloopError("rank.judge_force_score: the judge's tokenizer has no single-token "
@@ -112,8 +114,7 @@ def forced_scores(model, tokenizer, sequences: list[list[int]]) -> list[float]:
     cand = list(digits)
     rows = [tuple(seq) + tuple(suffix) for seq in sequences]
     unique = list(dict.fromkeys(rows))  # equal judgments (common at low temperature): once
-    logits = engine.last_logits(model, unique, cand,
-                                pad_token_id=tokenizer.pad_token_id or 0)  # [U, D]
+    logits = backend.last_logits(unique, cand)  # [U, D]
     # softmax over the digits alone equals p(d) / Σ_d p(d) over the full vocabulary
     probs = logits.softmax(-1)
     values = torch.tensor([float(digits[t]) for t in cand])  # [D]
@@ -145,26 +146,116 @@ def score_variance(scores: list[float | None]) -> float:
 class JudgeRanker:
     """Scores responses with a causal LM and the Yuan et al. 2024 prompt (N samples each)."""
 
-    def __init__(self, model, tokenizer, cfg: RankConfig, *, name: str):
-        self.model = model
-        self.tokenizer = tokenizer
+    pointwise = True
+
+    def __init__(self, backend, cfg: RankConfig, *, name: str):
+        """`backend`: a generation backend, or a function that loads one on first use (a
+        resumed stage with nothing left to judge then loads no model)."""
+        self._backend = backend if hasattr(backend, "generate") else None
+        self._load = None if self._backend is not None else backend
         self.cfg = cfg
         self.name = name
         self.template = load_template(cfg.judge_template)
+
+    @property
+    def backend(self):
+        if self._backend is None:
+            self._backend = self._load()
+        return self._backend
+
+    # -- description without loading ---------------------------------------------------------
+
+    @classmethod
+    def label(cls, recipe) -> str:
+        return f"judge:{recipe.rank.judge_model or recipe.model.name}"
+
+    @classmethod
+    def depends_on_policy(cls, rank: RankConfig) -> bool:
+        return rank.judge_model is None
+
+    @classmethod
+    def from_recipe(cls, recipe, policy=None) -> JudgeRanker:
+        """rank.judge_model, or (None) the policy judging itself: `policy` when given."""
+        from prefloop.engine.backends import load_backend
+
+        cfg = recipe.rank
+        if cfg.judge_model is None and policy is not None:
+            return cls(policy, cfg, name=cls.label(recipe))
+        model = recipe.model if cfg.judge_model is None else replace(
+            recipe.model, name=cfg.judge_model, revision=cfg.judge_revision)
+        return cls(lambda: load_backend(model), cfg, name=cls.label(recipe))
+
+    @classmethod
+    def card_lines(cls, recipe) -> list[str]:
+        r = recipe.rank
+        judge = (f"`{r.judge_model}`" if r.judge_model
+                 else f"`{recipe.model.name}` (the generator judging itself)")
+        return [
+            f"- Ranker: LLM-as-a-judge, model {judge}",
+            f"- Judge prompt: `prompts/judge_{r.judge_template}.txt` (the additive 5-point "
+            "prompt of Yuan et al. 2024, Fig. 2, verbatim), sent as one user turn through the judge's chat "
+            "template",
+            f"- Judge sampling: {r.judge_samples} samples per response, temperature "
+            f"{r.judge_temperature}, top-p {r.judge_top_p}, up to {r.judge_max_new_tokens} new "
+            f"tokens; score = mean of the parsable samples (at least {r.min_valid}); the last "
+            "\"Score: X\" in [0, 5] counts, "
+            + ("unparsable samples get Σ d·p(d) over the judge's next-token probabilities of "
+               "0-5 after an appended \"Score:\" (judge_force_score, G-Eval style, not in the "
+               "paper)" if r.judge_force_score
+               else "unparsable samples count as missing"),
+        ]
+
+    # -- the rank stage ----------------------------------------------------------------------
+
+    def score(self, records: list[dict], workdir: Path) -> tuple[list[dict], dict]:
+        """Judge every response not judged yet (appended to workdir/judgments.jsonl as each one
+        finishes, so a killed stage resumes), then one score per response."""
+        from tqdm.auto import tqdm
+
+        path = Path(workdir) / "judgments.jsonl"
+        done = judged_groups(path, self.cfg.judge_samples)
+        todo = [r for r in records if (r["id"], r["sample"]) not in done]
+        if todo:
+            bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="judge",
+                       unit="resp")
+
+            def on_done(i: int, judgments: list[Judgment]) -> None:
+                append_jsonl(path, [_judgment_row(todo[i], j, jd)
+                                    for j, jd in enumerate(judgments)])
+                bar.update(1)
+
+            self.judge([r["instruction"] for r in todo], [r["response"] for r in todo],
+                       on_done=on_done)
+            bar.close()
+            done = judged_groups(path, self.cfg.judge_samples)
+        fields = []
+        for r in records:
+            samples = [row["score"] for row in done[(r["id"], r["sample"])]]
+            fields.append({"score": mean_score(samples, self.cfg.min_valid),
+                           "n_valid": sum(s is not None for s in samples), "scores": samples})
+        rows = [row for r in records for row in done[(r["id"], r["sample"])]]
+        return fields, judge_counts(rows)
+
+    def summary(self, counts: dict) -> str | None:
+        if not counts.get("judge_samples"):
+            return None
+        return (f"rank: {counts['scored']}/{counts['responses']} responses scored; "
+                f"{counts['parse_failures']} of {counts['judge_samples']} judge samples had no "
+                "parsable score")
+
+    # -- judging ------------------------------------------------------------------------------
 
     def judge(self, instructions: list[str], responses: list[str], *,
               on_done: Callable[[int, list[Judgment]], None] | None = None,
               ) -> list[list[Judgment]]:
         """N judgments per response; `on_done(i, judgments)` fires as each response finishes."""
         from prefloop import engine
-        from prefloop.models import context_length
-        from prefloop.stages.generate import eos_ids
 
         _check_lengths(instructions, responses)
-        n, cfg = self.cfg.judge_samples, self.cfg
-        prompts = [render_prompt(self.tokenizer, fill_template(self.template, i, r)).ids
+        n, cfg, backend = self.cfg.judge_samples, self.cfg, self.backend
+        prompts = [render_prompt(backend.tokenizer, fill_template(self.template, i, r)).ids
                    for i, r in zip(instructions, responses, strict=True)]
-        limit = context_length(self.model) - cfg.judge_max_new_tokens
+        limit = backend.context_length - cfg.judge_max_new_tokens
         fits = [i for i, ids in enumerate(prompts) if len(ids) <= limit]
         out: list[list[Judgment] | None] = [None] * len(prompts)
         for i in sorted(set(range(len(prompts))) - set(fits)):
@@ -182,7 +273,7 @@ class JudgeRanker:
         step = FORCE_CHUNK if cfg.judge_force_score else max(len(fits), 1)
         sampling = engine.Sampling(temperature=cfg.judge_temperature, top_p=cfg.judge_top_p,
                                    max_new_tokens=cfg.judge_max_new_tokens, seed=cfg.seed)
-        session = engine.Session()  # the chunks share one loop (and its CUDA graphs)
+        session = backend.session()  # the chunks share one loop (and its CUDA graphs)
         for start in range(0, len(fits), step):
             part = fits[start: start + step]
             unforced: dict[int, tuple] = {}
@@ -196,19 +287,17 @@ class JudgeRanker:
                     emit(i, judged)
 
             # Each response keeps the random stream it has in one unchunked call.
-            engine.generate(self.model, [prompts[i] for i in part], n, sampling,
-                            stream_ids=range(start, start + len(part)),
-                            eos_token_ids=eos_ids(self.model, self.tokenizer),
-                            pad_token_id=self.tokenizer.pad_token_id,
-                            batch_size=cfg.batch_size, on_prompt_done=finished,
-                            session=session)
+            backend.generate([prompts[i] for i in part], n, sampling,
+                             stream_ids=range(start, start + len(part)),
+                             batch_size=cfg.batch_size, on_prompt_done=finished,
+                             session=session)
             for i, judged in self._force(prompts, unforced).items():
                 emit(i, judged)
         session.close()
         return out  # type: ignore[return-value]
 
     def _judgment(self, completion) -> Judgment:
-        text = self.tokenizer.decode(_without_eos(completion), skip_special_tokens=True).strip()
+        text = decode(self.backend.tokenizer, completion)
         return Judgment(text, parse_score(text))
 
     def _force(self, prompts: list[list[int]], unforced: dict[int, tuple]
@@ -216,30 +305,67 @@ class JudgeRanker:
         """Give unparsable judgments the judge's expected digit after "Score:" (non-paper)."""
         failed = [(i, k) for i, (_, judged) in unforced.items()
                   for k, j in enumerate(judged) if j.score is None]
-        seqs = [prompts[i] + _without_eos(unforced[i][0][k]) for i, k in failed]
-        forced = dict(zip(failed, forced_scores(self.model, self.tokenizer, seqs) if seqs else [],
+        seqs = [prompts[i] + unforced[i][0][k].content_ids for i, k in failed]
+        forced = dict(zip(failed, forced_scores(self.backend, seqs) if seqs else [],
                           strict=True))
         return {i: [Judgment(j.text, forced[(i, k)], forced=True) if (i, k) in forced else j
                     for k, j in enumerate(judged)]
                 for i, (_, judged) in sorted(unforced.items())}
 
-    def score(self, instructions: list[str], responses: list[str]) -> list[float | None]:
-        """Mean valid judge score per response (None when fewer than `min_valid` parsed)."""
-        judged = self.judge(instructions, responses)
-        return [mean_score([j.score for j in js], self.cfg.min_valid) for js in judged]
-
     def compare(self, instructions: list[str], a: list[str], b: list[str]) -> list[float]:
         """score(a) − score(b), each judged on its own so order cannot matter; NaN if one fails."""
         _check_lengths(instructions, a, b)
-        s = self.score(list(instructions) * 2, list(a) + list(b))
+        judged = self.judge(list(instructions) * 2, list(a) + list(b))
+        s = [mean_score([j.score for j in js], self.cfg.min_valid) for js in judged]
         k = len(a)
         return [math.nan if x is None or y is None else x - y
                 for x, y in zip(s[:k], s[k:], strict=True)]
 
 
-def _without_eos(completion) -> list[int]:
-    ids = list(completion.token_ids)
-    return ids[:-1] if completion.finish_reason == "eos" else ids
+def judged_groups(path: Path, n: int) -> dict[tuple[str, int], list[dict]]:
+    """Judgments of responses with all n samples; rewrites the file without partial groups."""
+    if not path.exists():
+        return {}
+    rows = read_jsonl(path, allow_partial_tail=True)
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["id"], row["sample"])].append(row)
+    done = {k: sorted(g, key=lambda x: x["judge_sample"]) for k, g in groups.items()
+            if sorted(x["judge_sample"] for x in g) == list(range(n))}
+    kept = [row for row in rows if (row["id"], row["sample"]) in done]
+    if len(kept) != len(rows):
+        write_jsonl(path, kept)
+    return done
+
+
+def _judgment_row(r: dict, j: int, jd: Judgment) -> dict:
+    row = {"id": r["id"], "sample": r["sample"], "judge_sample": j, "text": jd.text,
+           "score": jd.score}
+    if jd.error:
+        row["error"] = jd.error
+    if jd.forced:
+        row["forced"] = True
+    return row
+
+
+def judge_counts(rows: list[dict]) -> dict:
+    """Judge-sample parse failures and the exact per-sample score counts.
+
+    parse_failures counts every sample without a parsable score, forced ones included;
+    judge_sample_failure_rate is the share still without a score after forcing.
+    """
+    failed = sum(row["score"] is None for row in rows)
+    forced = sum(bool(row.get("forced")) for row in rows)
+    return {
+        "judge_samples": len(rows),
+        "parse_failures": sum(row["score"] is None and "error" not in row for row in rows)
+        + forced,
+        "forced_scores": forced,
+        "prompt_too_long": sum("error" in row for row in rows),
+        "judge_sample_failure_rate": round(failed / len(rows), 4) if rows else 0.0,
+        "judge_sample_scores": {f"{k:g}": v for k, v in sorted(  # 0.1 bins: forced scores vary
+            Counter(round(row["score"], 1) for row in rows if row["score"] is not None).items())},
+    }
 
 
 def _check_lengths(*lists: list) -> None:

@@ -604,3 +604,95 @@ class PairRM:
 def _check_texts(name: str, texts: Sequence[str]) -> None:
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise ValueError(f"{name}: expected a list of strings")
+
+
+class PairRMRanker:
+    """PairRM behind the ranker contract: an instruction's distinct responses are ranked
+    together, score_i = (1/n) Σ_j (M_ij − M_ji); duplicates copy their first's score."""
+
+    pointwise = False  # a score means something only within its instruction's group
+
+    def __init__(self, load, name: str):
+        """`load`: a function returning the `PairRM` model, called on first use."""
+        self._load, self._pairrm = load, None
+        self.name = name
+
+    @property
+    def pairrm(self) -> PairRM:
+        if self._pairrm is None:
+            self._pairrm = self._load()
+        return self._pairrm
+
+    @classmethod
+    def label(cls, recipe) -> str:
+        return f"pairrm:{recipe.rank.pairrm_model}@{recipe.rank.pairrm_revision or PAIRRM_REVISION}"
+
+    @classmethod
+    def depends_on_policy(cls, rank) -> bool:
+        return False
+
+    @classmethod
+    def from_recipe(cls, recipe, policy=None) -> PairRMRanker:
+        cfg = recipe.rank
+
+        def load() -> PairRM:
+            try:
+                return PairRM.load(cfg.pairrm_model, revision=cfg.pairrm_revision or PAIRRM_REVISION,
+                                   device=recipe.model.device, dtype="auto",
+                                   batch_size=cfg.batch_size or 32)
+            except ValueError as e:  # a bad folder or id; PairRMUnavailable is a PrefloopError
+                raise PrefloopError(f"rank.pairrm_model: {e}") from None
+
+        return cls(load, cls.label(recipe))
+
+    @classmethod
+    def card_lines(cls, recipe) -> list[str]:
+        r = recipe.rank
+        return [
+            f"- Ranker: PairRM `{r.pairrm_model}` at revision `{r.pairrm_revision or PAIRRM_REVISION}`"
+            " (native reimplementation)",
+            "- Score: (1/n) Σ_j (logit(i, j) − logit(j, i)) over the instruction's distinct "
+            "responses",
+            f"- Truncation: prompt ≤ {PAIRRM_MAX_SOURCE_TOKENS} tokens, each response ≤ "
+            f"{PAIRRM_MAX_CANDIDATE_TOKENS} tokens plus half the prompt's unused budget; longer "
+            "responses are judged on their beginning only",
+        ]
+
+    def rank_groups(self, sources: list[str], groups: list[list[str]]) -> list[list[float]]:
+        """PairRM scores of each group's candidates, all groups in one batched call."""
+        if not sources:
+            return []
+        return [list(r.scores) for r in self.pairrm.rank(sources, groups)]
+
+    def score(self, records: list[dict], workdir: Path) -> tuple[list[dict], dict]:
+        """One batched call over every instruction's distinct responses (seconds on a GPU, so a
+        killed stage simply reruns it: nothing is logged in `workdir`)."""
+        first: dict[tuple[str, str], int] = {}
+        by_id: dict[str, list[dict]] = {}
+        for r in records:
+            if first.setdefault((r["id"], r["response"]), r["sample"]) == r["sample"]:
+                by_id.setdefault(r["id"], []).append(r)
+        ids = list(by_id)
+        ranked = self.rank_groups([by_id[i][0]["instruction"] for i in ids],
+                                  [[r["response"] for r in by_id[i]] for i in ids])
+        score_of = {(r["id"], r["sample"]): s for i, scores in zip(ids, ranked, strict=True)
+                    for r, s in zip(by_id[i], scores, strict=True)}
+        fields = [{"score": score_of[(r["id"], first[(r["id"], r["response"])])], "n_valid": 1,
+                   "scores": [], "over_budget": self.over_budget(r["response"])}
+                  for r in records]
+        return fields, {"over_candidate_budget": sum(f["over_budget"] for f in fields)}
+
+    def summary(self, counts: dict) -> str | None:
+        n = counts.get("over_candidate_budget")
+        if not n:
+            return None
+        return (f"rank: {n} responses exceed PairRM's {self.pairrm.candidate_max_tokens}-token "
+                "candidate budget; it judges only their beginning")
+
+    def compare(self, instructions: list[str], a: list[str], b: list[str]) -> list[float]:
+        """logit(a, b) − logit(b, a): both orders, so PairRM's position bias cancels."""
+        return list(self.pairrm.compare(instructions, a, b))
+
+    def over_budget(self, text: str) -> bool:
+        """True when PairRM may see only the beginning of `text` (> 412 candidate tokens)."""
+        return self.pairrm.count_candidate_tokens(text) > self.pairrm.candidate_max_tokens

@@ -17,22 +17,14 @@ from __future__ import annotations
 import math
 import shutil
 import textwrap
-import time
 from pathlib import Path
 
 import pandas as pd
 
-from prefloop.artifacts import (
-    atomic_write_json,
-    atomic_write_text,
-    begin_stage,
-    config_hash,
-    read_jsonl,
-    upstream_hash,
-    write_manifest,
-)
+from prefloop.artifacts import RunDir, Stage, atomic_write_json, atomic_write_text, read_jsonl
 from prefloop.config import Recipe
 from prefloop.errors import PrefloopError
+from prefloop.rankers import make_ranker
 from prefloop.stages.instructions import normalize
 
 COLUMNS = ["instruction", "original", "dpo"]
@@ -48,7 +40,7 @@ def _first_overlap(items: list[dict], seen: set[str]) -> tuple[int, str | None]:
 
 def pairs_prompts(run_dir: Path) -> set[str]:
     """Normalised user messages of the pairs dataset (empty when the folder is absent)."""
-    path = Path(run_dir) / "pairs" / "dataset"
+    path = RunDir(run_dir).dataset
     if not (path / "data").is_dir():
         return set()
     from datasets import load_dataset
@@ -59,8 +51,8 @@ def pairs_prompts(run_dir: Path) -> set[str]:
 
 def heldout_items(run_dir: Path) -> list[dict]:
     """Held-out instructions, refusing any that the model was trained on."""
-    folder = Path(run_dir) / "instructions"
-    heldout_path, train_path = folder / "heldout.jsonl", folder / "train.jsonl"
+    run = RunDir(run_dir)
+    heldout_path, train_path = run.heldout_instructions, run.train_instructions
     items = read_jsonl(heldout_path)
     if not items:
         raise PrefloopError(f"{heldout_path}: no held-out instructions; set "
@@ -73,14 +65,14 @@ def heldout_items(run_dir: Path) -> list[dict]:
     n, first = _first_overlap(items, pairs_prompts(run_dir))
     if n:
         raise PrefloopError(f"{heldout_path}: {n} held-out instruction(s) are prompts of the "
-                            f"pairs dataset {Path(run_dir) / 'pairs' / 'dataset'} (first: "
+                            f"pairs dataset {run.dataset} (first: "
                             f"'{first}'); held-out instructions must be unseen, re-run "
                             "`prefloop pairs --force` and `prefloop train --force`")
     return items
 
 
 def adapter_dir(run_dir: Path) -> Path:
-    path = Path(run_dir) / "train" / "adapter"
+    path = RunDir(run_dir).adapter
     if not (path / "adapter_config.json").exists():
         raise PrefloopError(f"{path}: no trained adapter found; run `prefloop train --output-dir "
                             f"{run_dir}` first")
@@ -93,8 +85,7 @@ def load_with_adapter(recipe: Recipe, adapter: Path):
 
     from prefloop.models import load_model
 
-    base, tok = load_model(recipe.model.name, revision=recipe.model.revision,
-                           dtype=recipe.model.dtype, device=recipe.model.device)
+    base, tok = load_model(recipe.model)
     model = PeftModel.from_pretrained(base, str(adapter))
     return model.eval(), tok
 
@@ -170,30 +161,39 @@ def _content_tokens(record: dict) -> int:
     return record["response_tokens"] - (record["finish_reason"] == "eos")
 
 
-def tally(items: list[dict], original: list[dict], dpo: list[dict], margins: list,
-          ranker_name: str) -> dict:
-    """wins/ties/losses of DPO over the original, win-rate, Wilson 95% CI, mean lengths."""
+def win_rate(margins: list) -> dict:
+    """W/T/L = #margins > 0 / = 0 / < 0 (None or NaN: invalid, left out of n = W + T + L),
+    the win-rate w = (W + T/2) / n and its Wilson 95% interval."""
     outcomes = [outcome(m) for m in margins]
     wins, ties, losses = (outcomes.count(k) for k in ("win", "tie", "loss"))
     n = wins + ties + losses
-    win_rate = (wins + 0.5 * ties) / n if n else None
     lo, hi = wilson_interval(wins + 0.5 * ties, n)
+    return {"n": n, "wins": wins, "ties": ties, "losses": losses,
+            "invalid": outcomes.count("invalid"),
+            "win_rate": (wins + 0.5 * ties) / n if n else None,
+            "ci95": [lo, hi] if n else None}
+
+
+def tally(items: list[dict], original: list[dict], dpo: list[dict], margins: list,
+          ranker_name: str) -> dict:
+    """wins/ties/losses of DPO over the original, win-rate, Wilson 95% CI, mean lengths."""
+    w = win_rate(margins)
 
     def mean(values):
         return sum(values) / len(values) if values else None
 
     return {
-        "ranker": ranker_name, "n": n, "wins": wins, "ties": ties, "losses": losses,
-        "invalid": outcomes.count("invalid"),
+        "ranker": ranker_name, **{k: w[k] for k in ("n", "wins", "ties", "losses", "invalid")},
         "identical": sum(a["response"] == b["response"] for a, b in zip(original, dpo,
                                                                           strict=True)),
-        "win_rate": win_rate, "ci95": [lo, hi] if n else None, "ci_method": "wilson",
+        "win_rate": w["win_rate"], "ci95": w["ci95"], "ci_method": "wilson",
         "mean_tokens": {"original": mean([_content_tokens(r) for r in original]),
                         "dpo": mean([_content_tokens(r) for r in dpo])},
         "mean_words": {"original": mean([len(r["response"].split()) for r in original]),
                        "dpo": mean([len(r["response"].split()) for r in dpo])},
         "items": [{"id": it["id"], "margin": None if o == "invalid" else float(m), "outcome": o}
-                  for it, m, o in zip(items, margins, outcomes, strict=True)],
+                  for it, m, o in zip(items, margins, [outcome(m) for m in margins],
+                                      strict=True)],
     }
 
 
@@ -243,30 +243,31 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
     `ranker`: an object with `.name` and `.compare(instructions, a, b)`; default: the recipe's.
     """
     from prefloop.engine import Sampling
+    from prefloop.engine.backend import LocalBackend
     from prefloop.stages.generate import generate_responses
 
     cfg = recipe.compare
-    run_dir = Path(run_dir)
-    out = run_dir / "compare"
+    run = RunDir(run_dir)
+    out = run.stage("compare")
     adapter = adapter_dir(run_dir)
-    h = config_hash({"compare": cfg, "model": recipe.model,
-                     "rank": recipe.rank if cfg.verdict else None,
-                     "instructions": upstream_hash(run_dir, "instructions"),
-                     "upstream": upstream_hash(run_dir, "train")})
+    stage = Stage(out, "compare", {"compare": cfg, "model": recipe.model,
+                                   "rank": recipe.rank if cfg.verdict else None,
+                                   "instructions": run.upstream("instructions"),
+                                   "upstream": run.upstream("train")})
     items = heldout_items(run_dir)
-    if begin_stage(out, "compare", h, force=force):
+    if stage.begin(force=force):
         return out
-    started = time.time()
     model, tok = load_with_adapter(recipe, adapter)
+    backend = LocalBackend(model, tok)  # one base, the adapter switched off for the original
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p,
                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     common = {"k": 1, "sampling": sampling, "system": recipe.model.system_prompt,
-              "where": str(run_dir / "instructions" / "heldout.jsonl")}
+              "where": str(run.heldout_instructions)}
     with model.disable_adapter():
-        original = generate_responses(model, tok, items, out / "original.jsonl",
+        original = generate_responses(backend, items, out / "original.jsonl",
                                       extra={"model": "original"}, desc="compare: original",
                                       **common)
-    dpo = generate_responses(model, tok, items, out / "dpo.jsonl", extra={"model": "dpo"},
+    dpo = generate_responses(backend, items, out / "dpo.jsonl", extra={"model": "dpo"},
                              desc="compare: dpo", **common)
 
     df = comparison_frame(items, original, dpo)
@@ -277,18 +278,12 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
     counts = {"heldout": len(items), "identical": sum(a["response"] == b["response"]
                                                       for a, b in zip(original, dpo, strict=True))}
     if cfg.verdict:
-        if ranker is None:
-            from prefloop.stages.rank import make_ranker
-
-            # The judge is the original model (adapter disabled) unless the recipe names one.
-            own = recipe.rank.ranker == "judge" and recipe.rank.judge_model is None
-            ranker = make_ranker(recipe, model=model if own else None,
-                                 tokenizer=tok if own else None)
+        # A self-judging ranker judges with the original model (the adapter disabled).
+        ranker = ranker or make_ranker(recipe, policy=backend)
         with model.disable_adapter():
             margins = judge_margins(ranker, items, original, dpo)
         v = tally(items, original, dpo, margins, ranker.name)
         atomic_write_json(out / "verdict.json", v)
         print(verdict_text(v))
         counts.update({k: v[k] for k in ("wins", "ties", "losses", "invalid")})
-    write_manifest(out, "compare", h, started=started, counts=counts)
-    return out
+    return stage.finish(counts)

@@ -13,28 +13,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from prefloop import distributed
-from prefloop.artifacts import (
-    append_jsonl,
-    begin_stage,
-    config_hash,
-    read_jsonl,
-    upstream_hash,
-    write_jsonl,
-    write_manifest,
-)
+from prefloop.artifacts import RunDir, Stage, append_jsonl, read_jsonl, write_jsonl
 from prefloop.chat import render_prompt
 from prefloop.config import Recipe
-from prefloop.engine import Sampling, generate
+from prefloop.engine import Sampling
+from prefloop.engine.backend import Backend, decode
 from prefloop.errors import PrefloopError
-from prefloop.models import context_length, load_model
-
-
-def eos_ids(model, tokenizer) -> set[int]:
-    """Every id that ends a turn: the tokenizer's EOS plus the generation config's."""
-    ids = {tokenizer.eos_token_id}
-    gen = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(gen if isinstance(gen, list) else [gen])
-    return {i for i in ids if i is not None}
 
 
 def complete_groups(records: list[dict], k: int) -> dict[str, list[dict]]:
@@ -102,7 +86,7 @@ def render_all(tokenizer, items: list[dict], system: str | None, max_new_tokens:
     return rendered
 
 
-def generate_responses(model, tokenizer, items: list[dict], out_path: Path, *, k: int,
+def generate_responses(backend: Backend, items: list[dict], out_path: Path, *, k: int,
                        sampling: Sampling, system: str | None = None,
                        batch_size: int | None = None, where: str = "generate",
                        extra: dict | None = None, desc: str = "generate") -> list[dict]:
@@ -116,17 +100,17 @@ def generate_responses(model, tokenizer, items: list[dict], out_path: Path, *, k
             "where": where, "extra": extra}
     topo = distributed.topology()
     if topo.world_size > 1:
-        return _generate_sharded(model, tokenizer, items, out_path, topo, desc=desc, **opts)
+        return _generate_sharded(backend, items, out_path, topo, desc=desc, **opts)
     if distributed.shard_paths(out_path):  # left by an interrupted multi-process run: reuse
         merge_shard_files(out_path, items, k, require_all=False)
     done = completed_groups(out_path, k)
     todo = [it for it in items if it["id"] not in done]
-    _generate_into(model, tokenizer, todo, out_path, total=len(items), desc=desc, **opts)
+    _generate_into(backend, todo, out_path, total=len(items), desc=desc, **opts)
     by_id = completed_groups(out_path, k)
     return [r for it in items for r in by_id[it["id"]]]
 
 
-def _generate_sharded(model, tokenizer, items: list[dict], out_path: Path, topo, *, k: int,
+def _generate_sharded(backend: Backend, items: list[dict], out_path: Path, topo, *, k: int,
                       desc: str, **opts) -> list[dict]:
     """One process's part of a multi-process run; see `generate_responses`."""
     own = distributed.shard_path(out_path, topo.rank)
@@ -138,7 +122,7 @@ def _generate_sharded(model, tokenizer, items: list[dict], out_path: Path, topo,
     done = finished_groups([out_path, *distributed.shard_paths(out_path)], k)
     mine = distributed.shard(items, topo.rank, topo.world_size)
     todo = [it for it in mine if it["id"] not in done]
-    _generate_into(model, tokenizer, todo, own, k=k, total=len(mine), show=topo.is_main,
+    _generate_into(backend, todo, own, k=k, total=len(mine), show=topo.is_main,
                    desc=f"{desc} [process {topo.rank + 1}/{topo.world_size}]", **opts)
     distributed.barrier()
     if topo.is_main:
@@ -148,12 +132,13 @@ def _generate_sharded(model, tokenizer, items: list[dict], out_path: Path, topo,
     return [r for it in items for r in by_id[it["id"]]]
 
 
-def _generate_into(model, tokenizer, todo: list[dict], path: Path, *, k: int, sampling: Sampling,
+def _generate_into(backend: Backend, todo: list[dict], path: Path, *, k: int, sampling: Sampling,
                    system: str | None, batch_size: int | None, where: str, extra: dict | None,
                    desc: str, total: int, show: bool = True) -> None:
     """Generate k responses for each of `todo` and append them to `path`, one prompt at a time."""
+    tokenizer = backend.tokenizer
     rendered = render_all(tokenizer, todo, system, sampling.max_new_tokens,
-                          context_length(model), where)
+                          backend.context_length, where)
     bar = tqdm(total=total * k, initial=(total - len(todo)) * k, desc=desc, unit="resp",
                disable=not show)
     started, new_tokens = time.time(), 0
@@ -168,22 +153,20 @@ def _generate_into(model, tokenizer, todo: list[dict], path: Path, *, k: int, sa
         bar.set_postfix(tok_s=f"{new_tokens / max(time.time() - started, 1e-9):.1f}")
 
     if todo:
-        generate(model, [rp.ids for rp in rendered], k, sampling,
-                 eos_token_ids=eos_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                 batch_size=batch_size, on_prompt_done=on_prompt_done)
+        backend.generate([rp.ids for rp in rendered], k, sampling, batch_size=batch_size,
+                         on_prompt_done=on_prompt_done)
     bar.close()
 
 
 def _record(tokenizer, item: dict, rp, sample: int, completion, extra: dict | None) -> dict:
     ids = completion.token_ids
-    text_ids = ids[:-1] if completion.finish_reason == "eos" else ids
     return {
         "id": item["id"],
         "sample": sample,
         "instruction": item["instruction"],
         "prompt_text": rp.text,
         "prompt_tokens": len(rp.ids),
-        "response": tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
+        "response": decode(tokenizer, completion),
         "response_tokens": len(ids),
         "finish_reason": completion.finish_reason,
         **(extra or {}),
@@ -191,32 +174,29 @@ def _record(tokenizer, item: dict, rp, sample: int, completion, extra: dict | No
 
 
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
+    from prefloop.engine.backends import load_backend
+
     cfg = recipe.generate
-    run_dir = Path(run_dir)
-    out = run_dir / "generate"
-    h = config_hash({"generate": cfg, "model": recipe.model,
-                     "upstream": upstream_hash(run_dir, "instructions")})
-    topo = distributed.topology()  # first: under a launcher it also picks this process's GPU
-    with distributed.main_first():  # only the main process may --force-delete the folder
-        if begin_stage(out, "generate", h, force=force and topo.is_main):
-            return out
-    started = time.time()
-    items = read_jsonl(run_dir / "instructions" / "train.jsonl")
-    model, tok = load_model(recipe.model.name, revision=recipe.model.revision,
-                            dtype=recipe.model.dtype, device=recipe.model.device)
+    run = RunDir(run_dir)
+    distributed.topology()  # first: under a launcher it also picks this process's GPU
+    stage = Stage(run.stage("generate"), "generate",
+                  {"generate": cfg, "model": recipe.model,
+                   "upstream": run.upstream("instructions")})
+    if stage.begin(force=force):
+        return stage.folder
+    items = read_jsonl(run.train_instructions)
+    backend = load_backend(recipe.model)
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p,
                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    records = generate_responses(model, tok, items, out / "generations.jsonl", k=cfg.k,
+    records = generate_responses(backend, items, run.generations, k=cfg.k,
                                  sampling=sampling, system=recipe.model.system_prompt,
-                                 batch_size=cfg.batch_size, where=str(run_dir / "instructions"),
+                                 batch_size=cfg.batch_size, where=str(run.stage("instructions")),
                                  extra={"model": recipe.model.name})
-    if topo.is_main:
-        write_jsonl(out / "generations.jsonl", records)  # completion order -> instruction order
-        write_manifest(out, "generate", h, started=started, counts={
-            "instructions": len(items), "responses": len(records),
-            "eos": sum(r["finish_reason"] == "eos" for r in records),
-            "length": sum(r["finish_reason"] == "length" for r in records),
-            "response_tokens": sum(r["response_tokens"] for r in records)},
-            extra={"processes": topo.world_size})
-    distributed.barrier()  # the next stage reads this manifest in every process
-    return out
+    if distributed.is_main():
+        write_jsonl(run.generations, records)  # completion order -> instruction order
+    return stage.finish({
+        "instructions": len(items), "responses": len(records),
+        "eos": sum(r["finish_reason"] == "eos" for r in records),
+        "length": sum(r["finish_reason"] == "length" for r in records),
+        "response_tokens": sum(r["response_tokens"] for r in records)},
+        extra={"processes": distributed.topology().world_size})

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from importlib import resources
 from pathlib import Path
 
-from prefloop.artifacts import begin_stage, config_hash, iter_jsonl, write_jsonl, write_manifest
+from prefloop.artifacts import RunDir, Stage, iter_jsonl, write_jsonl
 from prefloop.config import InstructionsConfig, Recipe
 from prefloop.errors import PrefloopError
 
@@ -179,11 +178,11 @@ def split(items: list[dict], n_train: int, n_heldout: int, seed: int,
 
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     cfg = recipe.instructions
-    out = Path(run_dir) / "instructions"
-    h = config_hash({"instructions": cfg, "model": recipe.model.name})
-    if begin_stage(out, "instructions", h, force=force):
-        return out
-    started = time.time()
+    run = RunDir(run_dir)
+    stage = Stage(run.stage("instructions"), "instructions",
+                  {"instructions": cfg, "model": recipe.model.name})
+    if stage.begin(force=force):
+        return stage.folder
     raw = load_source(cfg)
     items = dedupe(raw)
     if cfg.min_tokens is not None or cfg.max_tokens is not None:
@@ -191,9 +190,7 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
 
         items = length_filter(items, cfg, load_tokenizer(recipe.model.name, recipe.model.revision))
     train, heldout = split(items, cfg.n_train, cfg.n_heldout, cfg.seed)
-    write_jsonl(out / "train.jsonl", train)
-    write_jsonl(out / "heldout.jsonl", heldout)
-    write_manifest(out, "instructions", h, started=started, counts={
-        "loaded": len(raw), "after_dedupe_and_filter": len(items), "train": len(train),
-        "heldout": len(heldout)})
-    return out
+    write_jsonl(run.train_instructions, train)
+    write_jsonl(run.heldout_instructions, heldout)
+    return stage.finish({"loaded": len(raw), "after_dedupe_and_filter": len(items),
+                         "train": len(train), "heldout": len(heldout)})

@@ -48,41 +48,31 @@ import math
 import shutil
 import statistics
 import sys
-import time
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 from prefloop.artifacts import (
+    RunDir,
+    Stage,
     append_jsonl,
-    atomic_write_json,
     atomic_write_text,
-    begin_stage,
-    config_hash,
     read_jsonl,
     read_manifest,
-    upstream_hash,
-    write_manifest,
+    write_jsonl,
 )
 from prefloop.config import Recipe, dump_recipe
 from prefloop.errors import PrefloopError
+from prefloop.rankers import make_ranker
 from prefloop.stages import generate, instructions, pairs, rank, selfinstruct, train
-
-
-def round_dir(run_dir: Path, t: int) -> Path:
-    return Path(run_dir) / "rounds" / str(t)
+from prefloop.stages.compare import win_rate
+from prefloop.stages.report import label, round_row, summary_table, write_report
 
 
 def model_name(recipe: Recipe, run_dir: Path, t: int) -> str:
     """M_{t+1}: the starting model for t = 0, else the merged folder rounds/<t>/model."""
     if t == 0:
         return recipe.model.name
-    return str((round_dir(run_dir, t) / "model").resolve())
-
-
-def label(t: int) -> str:
-    """The paper's name of the model that round t produces (round 0: the start, M1)."""
-    return f"M{t + 1}"
+    return str(RunDir(run_dir).round(t).merged_model.resolve())
 
 
 # -- recipes ---------------------------------------------------------------------------------------
@@ -137,96 +127,63 @@ def merge(recipe_t: Recipe, rdir: Path, *, force: bool = False) -> Path:
 
     from prefloop.models import load_model
 
-    out = rdir / "model"
-    adapter = rdir / "train" / "adapter"
-    h = config_hash({"model": recipe_t.model, "upstream": upstream_hash(rdir, "train")})
-    if begin_stage(out, "model", h, force=force):
+    rnd = RunDir(rdir)
+    out = rnd.merged_model
+    stage = Stage(out, "model", {"model": recipe_t.model, "upstream": rnd.upstream("train")})
+    if stage.begin(force=force):
         return out
-    started = time.time()
-    base, tok = load_model(recipe_t.model.name, revision=recipe_t.model.revision,
-                           dtype=recipe_t.model.dtype, device=recipe_t.model.device)
-    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    base, tok = load_model(recipe_t.model)
+    merged = PeftModel.from_pretrained(base, str(rnd.adapter)).merge_and_unload()
     merged.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
-    write_manifest(out, "model", h, started=started,
-                   counts={"parameters": sum(p.numel() for p in merged.parameters())},
-                   extra={"base": recipe_t.model.name, "adapter": str(adapter),
-                          "dtype": str(next(merged.parameters()).dtype).replace("torch.", "")})
-    return out
+    return stage.finish({"parameters": sum(p.numel() for p in merged.parameters())},
+                        extra={"base": recipe_t.model.name, "adapter": str(rnd.adapter),
+                               "dtype": str(next(merged.parameters()).dtype).replace("torch.", "")})
 
 
 # -- evaluation on the fixed held-out prompts ------------------------------------------------------
 
 
-def win_rate(margins: list[float | None]) -> dict:
-    """w = (W + T/2) / (W + T + L) over the prompts with a margin; None/NaN count as unscored."""
-    valid = [m for m in margins if m is not None and not math.isnan(m)]
-    w, t_, lo = (sum(m > 0 for m in valid), sum(m == 0 for m in valid),
-                 sum(m < 0 for m in valid))
-    return {"wins": w, "ties": t_, "losses": lo, "unscored": len(margins) - len(valid),
-            "win_rate": round((w + t_ / 2) / len(valid), 4) if valid else None}
-
-
-class _LazyRanker:
-    """The fixed evaluation judge, loaded only if something is left to judge."""
-
-    def __init__(self, recipe: Recipe):
-        self.recipe, self._ranker = recipe, None
-
-    def get(self):
-        if self._ranker is None:
-            self._ranker = rank.make_ranker(self.recipe)
-        return self._ranker
-
-
 def _eval_responses(recipe: Recipe, name: str, t: int, items: list[dict], out: Path) -> list[dict]:
     """One response per eval prompt from model `name` (compare-section decoding), resumable."""
     from prefloop.engine import Sampling
-    from prefloop.models import load_model
+    from prefloop.engine.backends import load_backend
 
     path = out / "generations.jsonl"
     done = generate.completed_groups(path, 1)
     if all(it["id"] in done for it in items):
         return [done[it["id"]][0] for it in items]
     c = recipe.compare
-    model, tok = load_model(name, revision=recipe.model.revision if t == 0 else None,
-                            dtype=recipe.model.dtype, device=recipe.model.device)
+    backend = load_backend(replace(recipe.model, name=name,
+                                   revision=recipe.model.revision if t == 0 else None))
     sampling = Sampling(temperature=c.temperature, top_p=c.top_p,
                         max_new_tokens=c.max_new_tokens, seed=c.seed)
     records = generate.generate_responses(
-        model, tok, items, path, k=1, sampling=sampling, system=recipe.model.system_prompt,
+        backend, items, path, k=1, sampling=sampling, system=recipe.model.system_prompt,
         batch_size=recipe.generate.batch_size, where=str(out), extra={"model": label(t)},
         desc=f"eval {label(t)}")
-    del model, tok
+    del backend
     _free()
     return records
 
 
-def _eval_scores(judge: _LazyRanker, gens: list[dict], path: Path) -> dict[str, dict]:
-    """Fixed-judge score of each eval response, appended per response; id -> record."""
-    from prefloop.rankers.judge import JudgeRanker, mean_score
-
-    done = {r["id"]: r for r in read_jsonl(path, allow_partial_tail=True)} if path.exists() else {}
-    todo = [g for g in gens if g["id"] not in done]
-    if todo:
-        ranker = judge.get()
-        instr, resp = [g["instruction"] for g in todo], [g["response"] for g in todo]
-        if isinstance(ranker, JudgeRanker):
-            def on_done(i, judgments):
-                samples = [j.score for j in judgments]
-                append_jsonl(path, [{"id": todo[i]["id"], "ranker": ranker.name,
-                                     "score": mean_score(samples, ranker.cfg.min_valid),
-                                     "scores": samples, "texts": [j.text for j in judgments]}])
-
-            ranker.judge(instr, resp, on_done=on_done)
-        else:  # PairRM has no pointwise score for a lone response: only margins count
-            append_jsonl(path, [{"id": g["id"], "ranker": ranker.name, "score": None,
-                                 "scores": [], "texts": []} for g in todo])
-        done = {r["id"]: r for r in read_jsonl(path)}
+def _eval_scores(judge, gens: list[dict], out: Path) -> dict[str, dict]:
+    """Fixed-judge score of each eval response (None from a ranker that only compares); the
+    judge's own log in `out` makes it resumable. id -> record."""
+    path = out / "scores.jsonl"
+    if not path.exists():
+        if judge.pointwise:
+            fields, _ = judge.score(gens, out)
+        else:
+            fields = [{"score": None, "scores": []} for _ in gens]
+        write_jsonl(path, [{"id": g["id"], "ranker": judge.name, "score": f["score"],
+                            "scores": f.get("scores", [])}
+                           for g, f in zip(gens, fields, strict=True)])
+    done = {r["id"]: r for r in read_jsonl(path)}
     return {g["id"]: done[g["id"]] for g in gens}
 
 
-def _margins(judge: _LazyRanker, gens: list[dict], scores: dict, other_dir: Path,
+def _margins(judge, gens: list[dict], scores: dict, other_dir: Path,
              path: Path) -> list[float | None]:
     """margin(new, other) per eval prompt; pointwise from scores, else the ranker's compare."""
     other_gens = {g["id"]: g for g in read_jsonl(other_dir / "generations.jsonl")}
@@ -234,24 +191,18 @@ def _margins(judge: _LazyRanker, gens: list[dict], scores: dict, other_dir: Path
     done = {r["id"]: r for r in read_jsonl(path, allow_partial_tail=True)} if path.exists() else {}
     todo = [g for g in gens if g["id"] not in done]
     if todo:
-        if _pointwise(scores):
+        if judge.pointwise:
             rows = [{"id": g["id"], "margin": _diff(scores[g["id"]]["score"],
                                                     other_scores[g["id"]]["score"])}
                     for g in todo]
         else:
-            ranker = judge.get()
-            m = ranker.compare([g["instruction"] for g in todo], [g["response"] for g in todo],
-                               [other_gens[g["id"]]["response"] for g in todo])
+            m = judge.compare([g["instruction"] for g in todo], [g["response"] for g in todo],
+                              [other_gens[g["id"]]["response"] for g in todo])
             rows = [{"id": g["id"], "margin": None if math.isnan(x) else float(x)}
                     for g, x in zip(todo, m, strict=True)]
         append_jsonl(path, rows)
         done = {r["id"]: r for r in read_jsonl(path)}
     return [done[g["id"]]["margin"] for g in gens]
-
-
-def _pointwise(scores: dict) -> bool:
-    """True for the LLM judge (scores.jsonl holds judge samples), False for PairRM."""
-    return any(r["ranker"].startswith("judge") for r in scores.values())
 
 
 def _diff(a: float | None, b: float | None) -> float | None:
@@ -277,291 +228,29 @@ def eval_stats(gens: list[dict], scores: dict) -> dict:
 def evaluate(recipe: Recipe, run_dir: Path, t: int, *, force: bool = False) -> Path:
     """rounds/<t>/eval: M_{t+1} on the held-out prompts, judged by the fixed judge; for t >= 1
     also its margins and win rates against M_t (rounds/<t-1>/eval) and M1 (rounds/0/eval)."""
-    run_dir = Path(run_dir)
-    rdir = round_dir(run_dir, t)
-    out = rdir / "eval"
+    run = RunDir(run_dir)
+    rnd = run.round(t)
+    out = rnd.stage("eval")
     name = model_name(recipe, run_dir, t)
-    h = config_hash({
+    stage = Stage(out, "eval", {
         "compare": recipe.compare, "judge": recipe.rank, "start": recipe.model, "model": name,
-        "upstream": upstream_hash(run_dir, "instructions"),
-        "trained": upstream_hash(rdir, "model") if t else None,
-        "previous": upstream_hash(round_dir(run_dir, t - 1), "eval") if t else None})
-    if begin_stage(out, "eval", h, force=force):
+        "upstream": run.upstream("instructions"),
+        "trained": rnd.upstream("model") if t else None,
+        "previous": run.round(t - 1).upstream("eval") if t else None})
+    if stage.begin(force=force):
         return out
-    started = time.time()
-    items = read_jsonl(run_dir / "instructions" / "heldout.jsonl")
+    items = read_jsonl(run.heldout_instructions)
     gens = _eval_responses(recipe, name, t, items, out)
-    judge = _LazyRanker(recipe)
-    scores = _eval_scores(judge, gens, out / "scores.jsonl")
+    judge = make_ranker(recipe)  # fixed: the starting model, rank.judge_model or PairRM (lazy)
+    scores = _eval_scores(judge, gens, out)
     counts = eval_stats(gens, scores)
     others = sorted({t - 1, 0}) if t else []
     for o in others:
-        m = _margins(judge, gens, scores, round_dir(run_dir, o) / "eval",
+        m = _margins(judge, gens, scores, run.round(o).stage("eval"),
                      out / f"vs_{label(o)}.jsonl")
         counts[f"vs_{label(o)}"] = win_rate(m)
-    write_manifest(out, "eval", h, started=started, counts=counts,
-                   extra={"model": label(t), "model_path": name,
-                          "judge": judge._ranker.name if judge._ranker else _judge_label(recipe)})
-    return out
-
-
-def _judge_label(recipe: Recipe) -> str:
-    if recipe.rank.ranker == "pairrm":
-        return f"pairrm:{recipe.rank.pairrm_model}"
-    return f"judge:{rank.judge_model_name(recipe)}"
-
-
-# -- report ----------------------------------------------------------------------------------------
-
-
-def _counts(stage_dir: Path) -> dict:
-    return (read_manifest(stage_dir) or {}).get("counts", {})
-
-
-def length_score_corr(scores: list[dict]) -> float | None:
-    """Pearson r between response length (tokens) and the self-judge's mean score: > 0 means
-    longer answers score higher, the length bias of §6."""
-    pts = [(r["response_tokens"], r["score"]) for r in scores if r["score"] is not None]
-    if len(pts) < 3 or len({x for x, _ in pts}) < 2 or len({y for _, y in pts}) < 2:
-        return None
-    return round(statistics.correlation([x for x, _ in pts], [y for _, y in pts]), 3)
-
-
-def round_row(run_dir: Path, t: int) -> dict:
-    """Every per-round number of the report, read back from the round's manifests."""
-    rdir = round_dir(run_dir, t)
-    ev = _counts(rdir / "eval")
-    row = {"round": t, "model": label(t), "eval_score": ev.get("score_mean"),
-           "eval_tokens": ev.get("response_tokens_mean"), "eval_eos_rate": ev.get("eos_rate"),
-           "eval_judge_fail": ev.get("judge_parse_failure_rate"),
-           "vs_prev": ev.get(f"vs_{label(t - 1)}") if t else None,
-           "vs_m1": ev.get("vs_M1") if t else None}
-    if t == 0:
-        return row
-    gen, rk, pr = _counts(rdir / "generate"), _counts(rdir / "rank"), _counts(rdir / "pairs")
-    pm = read_manifest(rdir / "pairs") or {}
-    tm = read_manifest(rdir / "train") or {}
-    scores_path = rdir / "rank" / "scores.jsonl"
-    dropped = _dropped_reasons(rdir / "pairs")
-    row.update({
-        "prompts": _counts(rdir / "instructions"),
-        "candidates": gen.get("responses"),
-        "cand_tokens": (round(gen["response_tokens"] / gen["responses"], 1)
-                        if gen.get("responses") else None),
-        "cand_eos_rate": (round(gen["eos"] / gen["responses"], 4)
-                          if gen.get("responses") else None),
-        "self_judge_fail": rk.get("judge_sample_failure_rate"),
-        "self_judge_score": rk.get("score_mean"),
-        "self_judge_hist": _histogram(rk),
-        "len_score_corr": (length_score_corr(read_jsonl(scores_path))
-                           if scores_path.exists() else None),
-        "pairs": pr.get("pairs", 0 if dropped else None),
-        "dropped": ({k[len("dropped_"):]: v for k, v in pr.items() if k.startswith("dropped_")}
-                    or dropped),
-        "pair_stats": pm.get("stats", {}),
-        "train_steps": tm.get("counts", {}).get("steps"),
-        "step0": tm.get("step0_check", {}),
-        "train_final": tm.get("final", {}),
-    })
-    return row
-
-
-def _histogram(rank_counts: dict) -> dict | None:
-    """Per-sample judge scores when they are few distinct values (integers), else the unit-bin
-    histogram of the mean scores (a probability read-out gives a different value every time)."""
-    samples = rank_counts.get("judge_sample_scores")
-    if samples is not None and len(samples) <= 8:
-        return samples
-    return rank_counts.get("score_histogram")
-
-
-def _dropped_reasons(pairs_dir: Path) -> dict:
-    """Drop reasons from pairs/dropped.jsonl: what a pairs stage that found no pair leaves."""
-    path = pairs_dir / "dropped.jsonl"
-    if not path.exists():
-        return {}
-    return dict(Counter(r["reason"] for r in read_jsonl(path)))
-
-
-def _fmt(v, pct: bool = False) -> str:
-    if v is None:
-        return "–"
-    if pct:
-        return f"{100 * v:.1f}%"
-    if isinstance(v, dict):  # a histogram: "score×count"
-        return ", ".join(f"{k}×{n}" for k, n in v.items())
-    if isinstance(v, float):
-        return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
-    return str(v)
-
-
-def _wtl(w: dict | None) -> str:
-    if not w:
-        return "–"
-    return f"{_fmt(w['win_rate'], pct=True)} ({w['wins']}/{w['ties']}/{w['losses']})"
-
-
-def summary_table(rows: list[dict]) -> str:
-    """One line per model: what the round built and how the model does on the eval prompts."""
-    lines = ["| model | prompts | pairs | dropped (tie / <2 scored) | self-judge parse fail | "
-             "self-judge mean | step-0 reward | win vs previous (W/T/L) | win vs M1 (W/T/L) | "
-             "eval score | eval tokens | eval judge parse fail |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        d, s0 = r.get("dropped") or {}, r.get("step0") or {}
-        prompts = (r.get("prompts") or {}).get("train")
-        dropped = (f"{d.get('all_tied', 0)} / {d.get('too_few_scored', 0)}"
-                   if r["round"] else "–")
-        reward = s0.get("rewards/chosen")
-        lines.append(
-            f"| {r['model']} | {_fmt(prompts)} | {_fmt(r.get('pairs'))} | {dropped} | "
-            f"{_fmt(r.get('self_judge_fail'), pct=True)} | {_fmt(r.get('self_judge_score'))} | "
-            f"{_fmt(reward)} | {_wtl(r['vs_prev'])} | {_wtl(r['vs_m1'])} | "
-            f"{_fmt(r['eval_score'])} | {_fmt(r['eval_tokens'])} | "
-            f"{_fmt(r['eval_judge_fail'], pct=True)} |")
-    return "\n".join(lines)
-
-
-def detail_table(rows: list[dict]) -> str:
-    """Per round: prompt creation, candidates, self-judge score spread, pairs and training."""
-    lines = ["| round | prompts: generated / parsed / accepted | rejected by filter | candidates "
-             "(tokens, EOS) | self-judge sample scores | length-score r | chosen / rejected "
-             "tokens | chosen / rejected score | DPO steps | final loss | final reward acc |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if not r["round"]:
-            continue
-        p, st, fin = r["prompts"], r["pair_stats"], r["train_final"]
-        reasons = {k: v for k, v in p.items() if k in _FILTER_REASONS and v}
-        made = (f"{p.get('generations', '–')} / {p.get('parsed', '–')} / {p.get('accepted', '–')}"
-                if p.get("source") == "self-instruct" else f"seed: {p.get('train', '–')}")
-        lines.append(
-            f"| {r['round']} | {made} | {_fmt(reasons or None)} | {r['candidates']} "
-            f"({_fmt(r['cand_tokens'])}, {_fmt(r['cand_eos_rate'], pct=True)}) | "
-            f"{_fmt(r['self_judge_hist'] or None)} | {_fmt(r['len_score_corr'])} | "
-            f"{_fmt(st.get('chosen_tokens_mean'))} / {_fmt(st.get('rejected_tokens_mean'))} | "
-            f"{_fmt(st.get('chosen_score_mean'))} / {_fmt(st.get('rejected_score_mean'))} | "
-            f"{_fmt(r['train_steps'])} | {_fmt(fin.get('loss'))} | "
-            f"{_fmt(fin.get('rewards/accuracies'))} |")
-    return "\n".join(lines)
-
-
-_FILTER_REASONS = ("too_short", "too_long", "banned_keyword", "write_a_program",
-                   "starts_with_punctuation", "non_ascii", "rouge")
-
-
-def _save(fig, path: Path) -> None:
-    import os
-    import tempfile
-
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a plot is for everyone to read
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-
-
-def plot_rounds(rows: list[dict], folder: Path) -> list[Path]:
-    """win_rate.png, score.png, length.png and pairs.png: one point or bar per model/round."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def nan(v):
-        return math.nan if v is None else v
-
-    models = [r["model"] for r in rows]
-    trained = [r for r in rows if r["round"]]
-    names = [r["model"] for r in trained]
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
-    for key, text, style in (("vs_prev", "vs previous model", "-o"),
-                             ("vs_m1", "vs M1 (start)", "--s")):
-        ax.plot(names, [nan((r[key] or {}).get("win_rate")) for r in trained], style,
-                label=text, alpha=0.8)
-    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    ax.set(ylim=(0, 1), ylabel="win rate (ties = 1/2)", title="Held-out win rate, fixed judge")
-    ax.legend()
-    paths.append(folder / "win_rate.png")
-    _save(fig, paths[-1])
-
-    fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
-    ax.plot(models, [nan(r["eval_score"]) for r in rows], marker="o",
-            label="held-out, fixed judge")
-    ax.plot(names, [nan(r["self_judge_score"]) for r in trained], marker="s",
-            label="own candidates, self-judge")
-    ax.set(ylim=(0, 5), ylabel="mean judge score (0-5)", title="Judge scores")
-    ax.legend()
-    paths.append(folder / "score.png")
-    _save(fig, paths[-1])
-
-    fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
-    ax.plot(models, [nan(r["eval_tokens"]) for r in rows], marker="o", label="held-out responses")
-    ax.plot(names, [nan(r["pair_stats"].get("chosen_tokens_mean")) for r in trained],
-            marker="^", label="chosen (its training pairs)")
-    ax.plot(names, [nan(r["pair_stats"].get("rejected_tokens_mean")) for r in trained],
-            marker="v", label="rejected (its training pairs)")
-    ax.set(ylabel="mean response tokens", title="Response length")
-    ax.legend()
-    paths.append(folder / "length.png")
-    _save(fig, paths[-1])
-
-    fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
-    bottom = [0] * len(trained)
-    for key, text in (("pairs", "kept"), ("all_tied", "dropped: tie"),
-                      ("too_few_scored", "dropped: < 2 scored"),
-                      ("below_min_margin", "dropped: margin")):
-        vals = [(r["pairs"] if key == "pairs" else r["dropped"].get(key, 0)) or 0
-                for r in trained]
-        ax.bar([f"round {r['round']}" for r in trained], vals, bottom=bottom, label=text)
-        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    ax.set(ylabel="prompts", title="Preference pairs per round")
-    ax.legend()
-    paths.append(folder / "pairs.png")
-    _save(fig, paths[-1])
-    return paths
-
-
-def write_report(recipe: Recipe, run_dir: Path, stopped: str | None = None) -> Path:
-    """run_dir/report.md (+ report.json and plots/*.png) from the rounds' manifests; a round
-    that stopped early (`stopped`: the error) is reported as far as it got."""
-    run_dir = Path(run_dir)
-    it = recipe.iterate
-    rows = [round_row(run_dir, t) for t in range(it.rounds + 1)
-            if read_manifest(round_dir(run_dir, t) / ("eval" if t == 0 else "instructions"))]
-    finished = sum(bool(read_manifest(round_dir(run_dir, t) / "eval")) for t in range(1, len(rows)))
-    atomic_write_json(run_dir / "report.json", rows)
-    plots = plot_rounds(rows, run_dir / "plots") if rows else []
-    judge = (read_manifest(round_dir(run_dir, 0) / "eval") or {}).get("judge", "?")
-    text = [
-        f"# Self-rewarding run: {recipe.model.name}, {finished} of {it.rounds} rounds", "",
-        *([f"**Stopped in round {len(rows) - 1}:** {stopped}", ""] if stopped else []),
-        f"- Prompts per round: {it.prompts_per_round} ({it.prompt_source}"
-        + (f", generated by the fixed `{it.prompt_model or recipe.model.name}`"
-           if it.prompt_source == "self-instruct" else "") + ")",
-        f"- Candidates: {it.n_candidates} per prompt (T {it.temperature}, top-p {it.top_p}, "
-        f"≤ {it.max_new_tokens} tokens); self-judge: {it.judge_samples} samples, mean of "
-        "parsable; pairs: best vs worst, ties dropped",
-        f"- DPO: β {recipe.train.beta}, lr {recipe.train.learning_rate} ({recipe.train.scheduler}),"
-        f" LoRA r {recipe.train.lora_r}; reference = M_t (merged, adapter disabled)",
-        f"- Evaluation: {it.eval_prompts} held-out prompts, decoding T "
-        f"{recipe.compare.temperature}, ≤ {recipe.compare.max_new_tokens} tokens; fixed judge "
-        f"`{judge}`; win rate = (W + T/2)/(W + T + L)", "",
-        "## Summary", "", summary_table(rows), "",
-        "## Per round", "", detail_table(rows), "",
-        *[f"![{p.stem}](plots/{p.name})" for p in plots], "",
-    ]
-    atomic_write_text(run_dir / "report.md", "\n".join(text))
-    return run_dir / "report.md"
+    return stage.finish(counts, extra={"model": label(t), "model_path": name,
+                                       "judge": judge.name})
 
 
 # -- one round -------------------------------------------------------------------------------------
@@ -581,7 +270,7 @@ def _free() -> None:
 
 def run_round(recipe: Recipe, run_dir: Path, t: int) -> Path:
     """Round t: prompts, N candidates, self-judging, pairs, DPO against M_t, merge, evaluate."""
-    rdir = round_dir(run_dir, t)
+    rdir = RunDir(run_dir).round(t).root
     rr = round_recipe(recipe, run_dir, t)
     rdir.mkdir(parents=True, exist_ok=True)
     text = dump_recipe(rr)

@@ -12,29 +12,19 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import yaml
-
-from prefloop.artifacts import (
-    atomic_write_text,
-    begin_stage,
-    config_hash,
-    read_jsonl,
-    upstream_hash,
-    write_jsonl,
-    write_manifest,
-)
-from prefloop.config import SHIPPED_RECIPES, Recipe, dump_recipe
+from prefloop.artifacts import RunDir, Stage, atomic_write_text, read_jsonl, write_jsonl
+from prefloop.cards import dataset_card
+from prefloop.config import Recipe, dump_recipe
 from prefloop.errors import PrefloopError
+from prefloop.rankers import ranker_class
 from prefloop.rankers.judge import score_variance
 from prefloop.stages.rank import read_generations
 
 DATA_FILE = Path("data") / "train-00000-of-00001.parquet"
 DROP_REASONS = ("too_few_scored", "all_tied", "below_min_margin")
-LIMA_LICENSE_URL = "https://creativecommons.org/licenses/by-nc-sa/4.0/"
 
 
 # -- selection (pure) ----------------------------------------------------------------------------
@@ -198,133 +188,6 @@ def write_dataset(rows: list[dict], folder: Path) -> Path:
     return path
 
 
-def license_meta(source: str) -> tuple[dict, str]:
-    """(YAML license keys, a sentence for the card) from the instruction source."""
-    if source == "builtin":
-        return {"license": "apache-2.0"}, (
-            "The instructions are prefloop's built-in set (Apache-2.0).")
-    if "lima" in source.lower():
-        return {"license": "other", "license_name": "lima-derived",
-                "license_link": LIMA_LICENSE_URL}, (
-            f"License: other. The instructions come from LIMA (`{source}`), whose prompts are "
-            f"under CC BY-NC-SA 4.0 ({LIMA_LICENSE_URL}: non-commercial, share-alike, "
-            "attribution) and LIMA's own terms; this dataset inherits them.")
-    return {"license": "unknown"}, (
-        f"The instructions come from `{source}`; its license applies to them.")
-
-
-def card_metadata(recipe: Recipe, n_rows: int) -> dict:
-    from datasets import DatasetInfo
-
-    meta = license_meta(recipe.instructions.source)[0]
-    meta.update({
-        "language": ["en"], "task_categories": ["text-generation"],
-        "tags": ["dpo", "preference", "synthetic", "prefloop"],
-        "size_categories": ["n<1K" if n_rows < 1000 else "1K<n<10K"],
-        "configs": [{"config_name": "default",
-                     "data_files": [{"split": "train", "path": "data/train-*"}]}],
-        "dataset_info": {**DatasetInfo(features=features())._to_yaml_dict(),
-                         "splits": [{"name": "train", "num_examples": n_rows}]},
-    })
-    return meta
-
-
-def _ranker_lines(recipe: Recipe) -> list[str]:
-    r = recipe.rank
-    if r.ranker == "judge":
-        judge = (f"`{r.judge_model}`" if r.judge_model
-                 else f"`{recipe.model.name}` (the generator judging itself)")
-        return [
-            f"- Ranker: LLM-as-a-judge, model {judge}",
-            f"- Judge prompt: `prompts/judge_{r.judge_template}.txt` (the additive 5-point "
-            "prompt of Yuan et al. 2024, Fig. 2, verbatim), sent as one user turn through the judge's chat "
-            "template",
-            f"- Judge sampling: {r.judge_samples} samples per response, temperature "
-            f"{r.judge_temperature}, top-p {r.judge_top_p}, up to {r.judge_max_new_tokens} new "
-            f"tokens; score = mean of the parsable samples (at least {r.min_valid}); the last "
-            "\"Score: X\" in [0, 5] counts, "
-            + ("unparsable samples get Σ d·p(d) over the judge's next-token probabilities of "
-               "0-5 after an appended \"Score:\" (judge_force_score, G-Eval style, not in the "
-               "paper)" if r.judge_force_score
-               else "unparsable samples count as missing"),
-        ]
-    from prefloop.rankers.pairrm import (
-        PAIRRM_MAX_CANDIDATE_TOKENS,
-        PAIRRM_MAX_SOURCE_TOKENS,
-        PAIRRM_REVISION,
-    )
-
-    return [
-        f"- Ranker: PairRM `{r.pairrm_model}` at revision `{r.pairrm_revision or PAIRRM_REVISION}`"
-        " (native reimplementation)",
-        "- Score: (1/n) Σ_j (logit(i, j) − logit(j, i)) over the instruction's distinct "
-        "responses",
-        f"- Truncation: prompt ≤ {PAIRRM_MAX_SOURCE_TOKENS} tokens, each response ≤ "
-        f"{PAIRRM_MAX_CANDIDATE_TOKENS} tokens plus half the prompt's unused budget; longer "
-        "responses are judged on their beginning only",
-    ]
-
-
-def _hub_note(name: str) -> str:
-    """Where an embedded model comes from on the Hub (nothing for Hub ids and folders)."""
-    from prefloop.cards import EMBEDDED_HUB_IDS
-
-    hub_id = EMBEDDED_HUB_IDS.get(name)
-    return f" (embedded copy of [{hub_id}](https://huggingface.co/{hub_id}))" if hub_id else ""
-
-
-def dataset_card(recipe: Recipe, counts: dict, stats: dict) -> str:
-    """README.md: YAML front matter for the Hub, then provenance, counts and reproduction."""
-    g = recipe.generate
-    front = yaml.safe_dump(card_metadata(recipe, counts["pairs"]), sort_keys=False,
-                           allow_unicode=True).strip()
-    note = license_meta(recipe.instructions.source)[1]
-    system = recipe.model.system_prompt
-    shipped = (f"It started from the shipped recipe `{recipe.name}` (`prefloop run --recipe "
-               f"{recipe.name}`); recipe.yaml records every override."
-               if recipe.name in SHIPPED_RECIPES else f"Recipe name: `{recipe.name}`.")
-    lines = [
-        "---", front, "---", "",
-        f"# Preference pairs from {recipe.model.name}", "",
-        "Best-vs-worst DPO pairs built by [prefloop](https://pypi.org/project/prefloop/): "
-        f"{g.k} sampled responses per instruction, scored by a ranker; per instruction the "
-        "highest-scored response is `chosen` and the lowest-scored is `rejected`. Columns follow "
-        "TRL's conversational format, so `DPOTrainer` takes the dataset unchanged.", "",
-        "## Provenance", "",
-        f"- Generator: `{recipe.model.name}`" + _hub_note(recipe.model.name)
-        + (f" at revision `{recipe.model.revision}`" if recipe.model.revision else ""),
-        f"- Sampling: k={g.k}, temperature {g.temperature}, top-p {g.top_p}, up to "
-        f"{g.max_new_tokens} new tokens, seed {g.seed}; the model's own chat template, "
-        + ("system prompt: " + repr(system) if system is not None else "no system prompt"),
-        f"- Instructions: `{recipe.instructions.source}` ({recipe.instructions.n_train} for "
-        f"training, seed {recipe.instructions.seed})",
-        *_ranker_lines(recipe),
-        "- Pairing: duplicates (byte-identical responses) removed first"
-        + (", responses cut at the token limit excluded" if recipe.pairs.require_eos else "")
-        + f"; ties (all scores equal) dropped; minimum margin {recipe.pairs.min_margin}; among "
-        "equal best (worst) scores the lowest judge variance wins, then the shorter (longer) "
-        "response",
-        "", "## Counts", "",
-        "| what | count |", "|---|---|",
-        *[f"| {k} | {v} |" for k, v in counts.items()],
-        "", "## Scores", "",
-        "| statistic | value |", "|---|---|",
-        *[f"| {k} | {v} |" for k, v in stats.items()],
-        "", "## Columns", "",
-        "`id`, `prompt` (user turn, after the system turn if any), `chosen` / `rejected` "
-        "(one assistant turn each), `prompt_text` (the rendered chat prompt), `chosen_score`, "
-        "`rejected_score`, `candidates` (all responses, in sample order) with their `scores` "
-        "(null: no valid score), `ranker`, `generator`.",
-        "", "## Reproduce", "",
-        "recipe.yaml beside this card is the resolved recipe of this run. " + shipped, "",
-        "```bash", "pip install prefloop", "prefloop run --recipe recipe.yaml --until pairs",
-        "```",
-        "", "## License", "", note + " Responses were generated by "
-        f"`{recipe.model.name}`; its license and terms apply to them.", "",
-    ]
-    return "\n".join(lines)
-
-
 # -- the stage -----------------------------------------------------------------------------------
 
 
@@ -339,26 +202,22 @@ def empty_error(out: Path, counts: dict) -> PrefloopError:
 
 
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
-    run_dir = Path(run_dir)
-    out = run_dir / "pairs"
-    h = config_hash({"pairs": recipe.pairs, "name": recipe.name,
-                     "upstream": upstream_hash(run_dir, "rank")})
-    if begin_stage(out, "pairs", h, force=force):
-        return out
-    started = time.time()
-    gens = read_generations(run_dir / "generate" / "generations.jsonl")
-    scores_path = run_dir / "rank" / "scores.jsonl"
-    groups = join(gens, read_jsonl(scores_path), scores_path, recipe.model.name)
+    run = RunDir(run_dir)
+    stage = Stage(run.stage("pairs"), "pairs",
+                  {"pairs": recipe.pairs, "name": recipe.name, "upstream": run.upstream("rank")})
+    if stage.begin(force=force):
+        return stage.folder
+    gens = read_generations(run.generations)
+    groups = join(gens, read_jsonl(run.scores), run.scores, recipe.model.name)
     rows, dropped, counts = build_pairs(groups, recipe)
-    write_jsonl(out / "dropped.jsonl", dropped)
+    write_jsonl(run.dropped, dropped)
     if not rows:  # not done, no manifest; dropped.jsonl stays. The fix changes the config, so
-        (out / "in_progress.json").unlink(missing_ok=True)  # let the next run start afresh
-        raise empty_error(out, counts)
+        stage.abandon()  # let the next run start afresh
+        raise empty_error(stage.folder, counts)
     tokens = {(c["id"], c["response"]): c["response_tokens"] for g in groups for c in g}
     stats = pair_stats(rows, tokens)
-    folder = out / "dataset"
-    write_dataset(rows, folder)
-    atomic_write_text(folder / "recipe.yaml", dump_recipe(recipe))
-    atomic_write_text(folder / "README.md", dataset_card(recipe, counts, stats))
-    write_manifest(out, "pairs", h, started=started, counts=counts, extra={"stats": stats})
-    return out
+    write_dataset(rows, run.dataset)
+    atomic_write_text(run.dataset / "recipe.yaml", dump_recipe(recipe))
+    atomic_write_text(run.dataset / "README.md", dataset_card(recipe, counts, stats, features(),
+                                                           ranker_class(recipe.rank.ranker).card_lines(recipe)))
+    return stage.finish(counts, extra={"stats": stats})

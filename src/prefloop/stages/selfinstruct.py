@@ -21,19 +21,17 @@ import random
 import re
 import string
 import sys
-import time
 from collections import Counter
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
 from prefloop.artifacts import (
+    RunDir,
+    Stage,
     append_jsonl,
-    begin_stage,
-    config_hash,
     read_jsonl,
-    upstream_hash,
     write_jsonl,
-    write_manifest,
 )
 from prefloop.config import IterateConfig, Recipe
 from prefloop.errors import PrefloopError
@@ -172,18 +170,18 @@ def replay(path: Path, index: RougeIndex, accepted: list[str]) -> int:
     return max((r["call"] for r in records), default=-1) + 1
 
 
-def generate_prompts(model, tokenizer, seeds: list[str], existing: list[str],
+def generate_prompts(backend, seeds: list[str], existing: list[str],
                      previous: list[str], cfg: IterateConfig, out_path: Path, *,
                      round_seed: int) -> list[str]:
     """Self-Instruct until prompts_per_round prompts pass the filters (or the budget ends)."""
-    from prefloop.engine import Sampling, Session, generate
-    from prefloop.stages.generate import eos_ids
+    from prefloop.engine import Sampling
 
     index = RougeIndex(existing + previous)
     accepted: list[str] = []
     call = replay(out_path, index, accepted)
     max_calls = math.ceil(cfg.prompts_per_round * MAX_GENERATIONS_PER_PROMPT / CALLS_PER_BATCH)
-    session = Session()  # the calls share one decode loop (and its CUDA graphs)
+    tokenizer = backend.tokenizer
+    session = backend.session()  # the calls share one decode loop (and its CUDA graphs)
     while len(accepted) < cfg.prompts_per_round and call < max_calls:
         rng = random.Random(f"{round_seed}-{call}")
         texts = [fewshot_prompt(sample_demos(rng, seeds, previous + accepted,
@@ -192,8 +190,7 @@ def generate_prompts(model, tokenizer, seeds: list[str], existing: list[str],
         ids = [tokenizer(t)["input_ids"] for t in texts]
         sampling = Sampling(temperature=cfg.prompt_temperature, top_p=cfg.prompt_top_p,
                             max_new_tokens=cfg.prompt_max_new_tokens, seed=round_seed + call)
-        outs = generate(model, ids, 1, sampling, eos_token_ids=eos_ids(model, tokenizer),
-                        pad_token_id=tokenizer.pad_token_id, session=session)
+        outs = backend.generate(ids, 1, sampling, session=session)
         records = []
         for slot, (group,) in enumerate(outs):
             text = tokenizer.decode(group.token_ids, skip_special_tokens=True)
@@ -233,32 +230,30 @@ def run_round(recipe: Recipe, run_dir: Path, t: int, *, force: bool = False) -> 
     """Write rounds/<t>/instructions/{train,heldout}.jsonl (+ manifest) for round t."""
     run_dir = Path(run_dir)
     cfg = recipe.iterate
-    round_dir = run_dir / "rounds" / str(t)
-    out = round_dir / "instructions"
-    previous_hash = upstream_hash(run_dir / "rounds" / str(t - 1), "model") if t > 1 else None
-    h = config_hash({"iterate": _hash_fields(cfg), "round": t, "model": recipe.model.name,
-                     "upstream": upstream_hash(run_dir, "instructions"),
-                     "previous": previous_hash})
-    if begin_stage(out, "instructions", h, force=force):
+    run = RunDir(run_dir)
+    rnd = run.round(t)
+    out = rnd.stage("instructions")
+    stage = Stage(out, "instructions", {
+        "iterate": _hash_fields(cfg), "round": t, "model": recipe.model.name,
+        "upstream": run.upstream("instructions"),
+        "previous": run.round(t - 1).upstream("model") if t > 1 else None})
+    if stage.begin(force=force):
         return out
-    started = time.time()
-    pool = read_jsonl(run_dir / "instructions" / "train.jsonl")
-    heldout = read_jsonl(run_dir / "instructions" / "heldout.jsonl")
+    pool = read_jsonl(run.train_instructions)
+    heldout = read_jsonl(run.heldout_instructions)
     if cfg.prompt_source == "seed":
         items = seed_round_prompts(pool, t, cfg.prompts_per_round, cfg.seed)
         counts = {"source": "seed", "accepted": len(items)}
     else:
         items, counts = _self_instruct(recipe, run_dir, t, pool, heldout, out)
-    write_jsonl(out / "train.jsonl", items)
-    write_jsonl(out / "heldout.jsonl", heldout)
-    write_manifest(out, "instructions", h, started=started,
-                   counts={**counts, "train": len(items), "heldout": len(heldout)})
-    return out
+    write_jsonl(rnd.train_instructions, items)
+    write_jsonl(rnd.heldout_instructions, heldout)
+    return stage.finish({**counts, "train": len(items), "heldout": len(heldout)})
 
 
 def _self_instruct(recipe: Recipe, run_dir: Path, t: int, pool: list[dict],
                    heldout: list[dict], out: Path) -> tuple[list[dict], dict]:
-    from prefloop.models import load_model
+    from prefloop.engine.backends import load_backend
 
     cfg = recipe.iterate
     name = cfg.prompt_model or recipe.model.name
@@ -271,11 +266,10 @@ def _self_instruct(recipe: Recipe, run_dir: Path, t: int, pool: list[dict],
             f"(iterate.fewshot_seed needs {cfg.fewshot_seed}); raise instructions.n_train"
         )
     previous = [it["instruction"] for s in range(1, t)
-                for it in read_jsonl(run_dir / "rounds" / str(s) / "instructions" / "train.jsonl")]
+                for it in read_jsonl(RunDir(run_dir).round(s).train_instructions)]
     existing = seeds + [one_line(it["instruction"]) for it in heldout]
-    model, tok = load_model(name, revision=revision, dtype=recipe.model.dtype,
-                            device=recipe.model.device)
-    prompts = generate_prompts(model, tok, demos, existing, previous, cfg,
+    backend = load_backend(replace(recipe.model, name=name, revision=revision))
+    prompts = generate_prompts(backend, demos, existing, previous, cfg,
                                out / "candidates.jsonl", round_seed=cfg.seed * 1000 + t)
     counts = reason_counts(out / "candidates.jsonl")
     if not prompts:

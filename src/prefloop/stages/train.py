@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,13 +26,12 @@ import torch
 
 from prefloop import distributed
 from prefloop.artifacts import (
+    RunDir,
+    Stage,
     append_jsonl,
     atomic_write_text,
-    begin_stage,
-    config_hash,
     read_jsonl,
-    upstream_hash,
-    write_manifest,
+    save_figure,
 )
 from prefloop.config import Recipe, TrainConfig
 from prefloop.errors import PrefloopError
@@ -103,7 +101,7 @@ def load_pairs(run_dir: Path):
     """The pairs dataset with only the columns TRL reads (conversational prompt/chosen/rejected)."""
     from datasets import load_dataset
 
-    path = Path(run_dir) / "pairs" / "dataset"
+    path = RunDir(run_dir).dataset
     if not (path / "data").is_dir():
         raise PrefloopError(f"{path}: pairs dataset not found; run `prefloop pairs --output-dir "
                             f"{run_dir}` first")
@@ -309,15 +307,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
             ax.legend()
     axes[1, 0].set_ylim(-0.05, 1.05)
     fig.suptitle("prefloop DPO training")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; it is a report
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    save_figure(fig, path)
 
 
 def hyper_parameters(cfg: TrainConfig, args, n_pairs: int, n_used: int, steps: int,
@@ -343,15 +333,6 @@ def lora_targets(model) -> tuple[list[str], int]:
 
     names = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     return sorted({n.rsplit(".", 1)[-1] for n in names}), len(names)
-
-
-def _dataset_repo_id(run_dir: Path) -> str | None:
-    path = Path(run_dir) / "pairs" / "push.json"
-    if not path.exists():
-        return None
-    import json
-
-    return json.loads(path.read_text(encoding="utf-8")).get("repo_id")
 
 
 def full_state_dict(trainer) -> dict | None:
@@ -395,37 +376,36 @@ def _load_policy(recipe: Recipe):
     if recipe.train.qlora:
         return resolve_model(recipe.model.name), load_tokenizer(recipe.model.name,
                                                                 recipe.model.revision)
-    return load_model(recipe.model.name, revision=recipe.model.revision,
-                      dtype=recipe.model.dtype, device=recipe.model.device)
+    return load_model(recipe.model)
 
 
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     from prefloop.models import pick_device
 
     cfg = recipe.train
-    run_dir = Path(run_dir)
-    out = run_dir / "train"
-    h = config_hash({"train": cfg, "model": recipe.model,
-                     "upstream": upstream_hash(run_dir, "pairs")})
-    topo = distributed.topology()  # first: under a launcher it also picks this process's GPU
+    run = RunDir(run_dir)
+    out = run.stage("train")
+    distributed.topology()  # first: under a launcher it also picks this process's GPU
+    stage = Stage(out, "train", {"train": cfg, "model": recipe.model,
+                                 "upstream": run.upstream("pairs")})
     device = pick_device(recipe.model.device)
     check_options(cfg, device)
     check_fsdp()
-    # Only the main process deletes or writes files; the others train and wait (DDP/FSDP).
-    with distributed.main_first():
-        if begin_stage(out, "train", h, force=force and topo.is_main):
-            return out
-        if topo.is_main:  # an interrupted run restarts from step 0: drop what it left behind
-            (out / "log.jsonl").unlink(missing_ok=True)
-            (out / "curves.png").unlink(missing_ok=True)
-            shutil.rmtree(out / "adapter", ignore_errors=True)
-            shutil.rmtree(out / "trainer", ignore_errors=True)
-    started = time.time()
 
+    def restart() -> None:  # an interrupted run restarts from step 0: drop what it left
+        run.train_log.unlink(missing_ok=True)
+        run.curves.unlink(missing_ok=True)
+        shutil.rmtree(run.adapter, ignore_errors=True)
+        shutil.rmtree(run.trainer_scratch, ignore_errors=True)
+
+    # Only the main process deletes or writes files; the others train and wait (DDP/FSDP).
+    if stage.begin(force=force, restart=restart):
+        return out
+    topo = distributed.topology()
     pairs = load_pairs(run_dir)
     model, tok = _load_policy(recipe)
-    log_cb = make_log_callback(out / "log.jsonl")
-    trainer = build_trainer(model, tok, pairs, recipe, out / "trainer", [log_cb])
+    log_cb = make_log_callback(run.train_log)
+    trainer = build_trainer(model, tok, pairs, recipe, run.trainer_scratch, [log_cb])
     n_used = len(trainer.train_dataset)
     if n_used == 0:
         raise PrefloopError(f"train.max_length: every pair's prompt is at least {cfg.max_length} "
@@ -445,7 +425,7 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
         distributed.barrier()  # wait for the main process to write the adapter and manifest
         return out
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    records = read_jsonl(out / "log.jsonl") if (out / "log.jsonl").exists() else []
+    records = read_jsonl(run.train_log) if run.train_log.exists() else []
     if records:
         check["first_logged_step"] = {k: records[0][k] for k in
                                       ("step", "rewards/chosen", "rewards/rejected")}
@@ -457,26 +437,24 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
               "pairs_per_second": round(result.metrics.get("train_samples_per_second", 0.0), 3),
               "device": str(device)}
 
-    _save_adapter(policy, tok, out / "adapter", state_dict)
-    print(f"[prefloop] train: adapter saved to {out / 'adapter'} ({trainer.args.world_size} "
+    _save_adapter(policy, tok, run.adapter, state_dict)
+    print(f"[prefloop] train: adapter saved to {run.adapter} ({trainer.args.world_size} "
           "process(es))", file=sys.stderr, flush=True)
-    plot_curves(records, out / "curves.png")
+    plot_curves(records, run.curves)
     targets, n_lora = lora_targets(policy)
     final, mean_last = summarize(records)
     hyper = hyper_parameters(cfg, trainer.args, len(pairs), n_used, steps, targets)
     from prefloop.cards import adapter_card
 
-    atomic_write_text(out / "adapter" / "README.md", adapter_card(
+    atomic_write_text(run.adapter / "README.md", adapter_card(
         recipe, run_dir, hyper=hyper, final=final, last_n=min(LAST_N, len(records)),
-        mean_last=mean_last, dataset_repo_id=_dataset_repo_id(run_dir), timing=timing))
-    shutil.rmtree(out / "trainer", ignore_errors=True)
+        mean_last=mean_last, dataset_repo_id=run.pushed_dataset_id(), timing=timing))
+    shutil.rmtree(run.trainer_scratch, ignore_errors=True)
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    write_manifest(out, "train", h, started=started, counts={
+    return stage.finish({
         "pairs": len(pairs), "pairs_trained": n_used, "steps": steps, "log_lines": len(records)},
         extra={"step0_check": check, "timing": timing, "final": final, "mean_last": mean_last,
                "lora": {"targets": targets, "modules": n_lora,
                         "trainable_params": trainable},
                "reference": "base model with the LoRA adapter disabled (no second copy)",
                "processes": trainer.args.world_size})
-    distributed.barrier()
-    return out

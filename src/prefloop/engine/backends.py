@@ -1,0 +1,12 @@
+"""The one place that maps a recipe's `model.backend` name to its class."""
+
+from __future__ import annotations
+
+from prefloop.engine.backend import Backend, LocalBackend
+
+BACKENDS = {"local": LocalBackend}
+
+
+def load_backend(cfg) -> Backend:
+    """The backend of a recipe's model section (`prefloop.config.ModelConfig`), ready to use."""
+    return BACKENDS[cfg.backend].load(cfg)
