@@ -129,12 +129,14 @@ def test_summary_table_formats_one_line_per_model():
         {"round": 1, "model": "M2", "eval_score": 3.0, "eval_tokens": 150.5,
          "eval_judge_fail": 0.0, "prompts": {"train": 20}, "pairs": 12,
          "dropped": {"all_tied": 7, "too_few_scored": 1}, "self_judge_fail": 0.125,
-         "self_judge_score": 3.25, "step0": {"rewards/chosen": 0.0},
-         "vs_prev": {"wins": 6, "ties": 2, "losses": 2, "win_rate": 0.7}, "vs_m1": None},
+         "self_judge_score": 3.25,
+         "step0": {"reference_is_base_step0": True, "reference_is_base_end": True},
+         "vs_prev": {"wins": 6, "ties": 2, "losses": 2, "win_rate": 0.7}, "vs_m1": None,
+         "objective": 0.5},
     ]
     assert report.summary_table(rows).splitlines()[2:] == [
-        "| M1 | – | – | – | – | – | – | – | – | 2.5 | 120.0 | 25.0% |",
-        "| M2 | 20 | 12 | 7 / 1 | 12.5% | 3.25 | 0 | 70.0% (6/2/2) | – | 3 | 150.5 | 0.0% |",
+        "| M1 | – | – | – | – | – | – | – | – | 2.5 | 120.0 | 25.0% | – |",
+        "| M2 | 20 | 12 | 7 / 1 | 12.5% | 3.25 | yes | 70.0% (6/2/2) | – | 3 | 150.5 | 0.0% | 50.0% |",
     ]
 
 
@@ -155,8 +157,8 @@ def test_report_of_a_round_that_stopped(tmp_path):
                            "**Stopped in round 1:** no preference pairs\n")
     rows = [line for line in text.splitlines() if line.startswith("| M")]
     assert rows == [
-        "| M1 | – | – | – | – | – | – | – | – | – | 99.5 | 100.0% |",
-        "| M2 | 3 | 0 | 0 / 3 | – | – | – | – | – | – | – | – |"]
+        "| M1 | – | – | – | – | – | – | – | – | – | 99.5 | 100.0% | – |",
+        "| M2 | 3 | 0 | 0 / 3 | – | – | – | – | – | – | – | – | – |"]
 
 
 def test_shipped_self_reward_recipe():
@@ -334,7 +336,7 @@ def test_round_2_reference_is_the_merged_M2_not_M1(loop, tmp_path):
     run_dir, recipe = loop["run_dir"], loop["recipe"]
     for t in (1, 2):
         check = read_manifest(run_dir / f"rounds/{t}/train")["step0_check"]
-        assert check["policy_equals_reference"] is True
+        assert check["reference_is_base_step0"] is True and check["reference_is_base_end"]
         assert abs(check["rewards/chosen"]) < 1e-6 and abs(check["rewards/rejected"]) < 1e-6
         assert abs(check["first_logged_step"]["rewards/chosen"]) < 1e-6
     rr2 = iterate.round_recipe(recipe, run_dir, 2)

@@ -79,7 +79,7 @@ def test_seed_train_section_trains_with_lora_on_every_linear_layer(seed_run):
     m = json.loads((out / "manifest.json").read_text())
     assert m["lora"] == {"targets": MISTRAL_LINEAR, "modules": 14, "trainable_params":
                          m["lora"]["trainable_params"]}
-    assert m["step0_check"]["policy_equals_reference"] is True
+    assert m["step0_check"]["reference_is_base_step0"] is True
     log = read_jsonl_lines(out / "log.jsonl")
     assert [r["step"] for r in log] == [1]
     assert abs(log[0]["rewards/margins"]) < 1e-6  # step 1 is computed before any update

@@ -117,10 +117,28 @@ def test_reference_is_the_base_with_adapter_disabled(trained):
     assert log[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # -log σ(0)
     assert abs(log[1]["rewards/margins"]) > 0  # after one update the policy moved
     m = json.loads((trained["out"] / "manifest.json").read_text())
-    assert m["step0_check"]["rewards/chosen"] == 0.0
-    assert m["step0_check"]["rewards/rejected"] == 0.0
-    assert m["step0_check"]["policy_equals_reference"] is True
-    assert m["step0_check"]["first_logged_step"]["step"] == 1
+    check = m["step0_check"]
+    assert check["same_tokens"] is True
+    # TRL's reference scores the first pair as the base model did before any adapter existed,
+    # at step 0 and after training
+    assert check["reference_is_base_step0"] is True and check["reference_is_base_end"] is True
+    assert check["reference_logps_step0"] == pytest.approx(check["base_logps"], abs=1e-3)
+    assert check["reference_logps_end"] == pytest.approx(check["base_logps"], abs=1e-3)
+    assert check["first_logged_step"]["step"] == 1
+
+
+def test_reference_check_fails_for_a_reference_that_moved(trained):
+    """The check can fail: the trained policy (what a reference that followed the policy would
+    be) no longer scores the first pair as the base did."""
+    trainer = trained["trainer"]
+    m = json.loads((trained["out"] / "manifest.json").read_text())
+    base = m["step0_check"]["base_logps"]
+    pairs = train.load_pairs(trained["run_dir"])
+    ids = train.rendered_pair_ids(pairs[0], trainer.processing_class)
+    moved = train.model_logps(trainer.model, ids)  # adapter on: the policy after training
+    assert train.reference_check(base, moved, torch.float32, "end")[
+        "reference_is_base_end"] is False
+    assert train.reference_check(base, base, torch.float32, "end")["reference_is_base_end"]
     assert m["reference"] == "base model with the LoRA adapter disabled (no second copy)"
 
 
@@ -302,7 +320,7 @@ def test_cuda_trains_in_bf16_and_the_adapter_reloads(tmp_path):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert (a - plain).abs().max() > 1e-4
     m = json.loads((out / "manifest.json").read_text())
-    assert m["timing"]["device"] == "cuda" and m["step0_check"]["policy_equals_reference"]
+    assert m["timing"]["device"] == "cuda" and m["step0_check"]["reference_is_base_step0"]
 
 
 def test_step0_ids_fallback_matches_trl_tokenisation(trained):

@@ -36,7 +36,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class InstructionsConfig:
-    source: str = "builtin"  # "builtin", a local .jsonl/.json/.csv/.parquet, or a Hub dataset id
+    # "builtin", "verifiable" (built-in instructions with IFEval-style constraints), a local
+    # .jsonl/.json/.csv/.parquet, or a Hub dataset id (GAIR/lima, google/IFEval, ...)
+    source: str = "builtin"
     field: str | None = None  # None: auto-detect (GAIR/lima: first turn of `conversations`)
     split: str = "train"
     hub_revision: str | None = None
@@ -45,6 +47,7 @@ class InstructionsConfig:
     seed: int = 0
     min_tokens: int | None = None
     max_tokens: int | None = None
+    kinds: str | None = None  # keep instructions whose constraints are all of these kinds (a,b)
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,10 @@ class GenerateConfig:
 
 @dataclass(frozen=True)
 class RankConfig:
-    ranker: Literal["judge", "pairrm"] = "judge"
+    ranker: Literal["judge", "pairrm", "constraints"] = "judge"
+    # a second ranker whose score breaks ties between equally ranked responses (and, with
+    # pairs.quality_gate, vetoes a pair whose chosen response it scores below the rejected one)
+    quality: Literal["none", "judge", "pairrm"] = "none"
     judge_model: str | None = None  # None: the policy judges itself
     judge_revision: str | None = None  # revision of judge_model (None with the policy: its own)
     judge_template: str = "yuan2024"
@@ -82,6 +88,10 @@ class RankConfig:
 class PairsConfig:
     min_margin: float = 0.0
     require_eos: bool = False  # drop responses cut at max_new_tokens before pairing
+    # > 0: chosen and rejected must be within this ratio of lengths (shorter/longer, in
+    # tokens) unless the instruction's constraints are about length (constraints ranker)
+    length_match: float = 0.0
+    quality_gate: bool = False  # drop pairs whose chosen has the lower rank.quality score
 
 
 @dataclass(frozen=True)
@@ -113,7 +123,11 @@ class CompareConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256
     seed: int = 0
-    verdict: bool = True
+    verdict: bool = True  # a ranker's win-rate of DPO over the original
+    # the ranker that gives that win-rate (None: rank.ranker); instructions with constraints
+    # are also checked objectively, whatever ranker this names
+    ranker: Literal["judge", "pairrm", "constraints"] | None = None
+    view: Literal["dataframe", "blocks"] = "dataframe"  # how the table is printed
 
 
 @dataclass(frozen=True)
@@ -249,7 +263,7 @@ def _check_ranges(where: str, section: Any) -> None:
             raise PrefloopError(f"{where}.{f.name}: must be >= 0, got {v}")
         if f.name.endswith("top_p") and not 0 < v <= 1:
             raise PrefloopError(f"{where}.{f.name}: must be in (0, 1], got {v}")
-        if f.name in ("lora_dropout", "warmup_ratio") and not 0 <= v < 1:
+        if f.name in ("lora_dropout", "warmup_ratio", "length_match") and not 0 <= v < 1:
             raise PrefloopError(f"{where}.{f.name}: must be in [0, 1), got {v}")
         if f.name in ("n_heldout", "min_margin") and v < 0:
             raise PrefloopError(f"{where}.{f.name}: must be >= 0, got {v}")

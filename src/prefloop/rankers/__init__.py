@@ -13,15 +13,19 @@ from pathlib import Path
 from typing import Protocol
 
 from prefloop.errors import PrefloopError
+from prefloop.rankers.constraints import ConstraintsRanker
 from prefloop.rankers.judge import JudgeRanker
 from prefloop.rankers.pairrm import PairRMRanker
 
-RANKERS: dict[str, type] = {"judge": JudgeRanker, "pairrm": PairRMRanker}
+RANKERS: dict[str, type] = {"judge": JudgeRanker, "pairrm": PairRMRanker,
+                            "constraints": ConstraintsRanker}
 
 
 class Ranker(Protocol):
     name: str  # recorded with every score, e.g. "judge:smollm2-135m-instruct"
     pointwise: bool  # scores are absolute (comparable across instructions), not only in a group
+    compares: bool  # compare() works on bare (instruction, response) pairs
+    programmatic: bool  # no model (a fixed program): the iterate loop can use it as its reward
 
     def score(self, records: list[dict], workdir: Path) -> tuple[list[dict], dict]:
         """Score generation records (id, sample, instruction, response, finish_reason, ...).

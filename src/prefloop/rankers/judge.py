@@ -147,6 +147,8 @@ class JudgeRanker:
     """Scores responses with a causal LM and the Yuan et al. 2024 prompt (N samples each)."""
 
     pointwise = True
+    programmatic = False  # a model scores: the iterate loop makes M_t judge itself instead
+    compares = True
 
     def __init__(self, backend, cfg: RankConfig, *, name: str):
         """`backend`: a generation backend, or a function that loads one on first use (a

@@ -611,6 +611,8 @@ class PairRMRanker:
     together, score_i = (1/n) Σ_j (M_ij − M_ji); duplicates copy their first's score."""
 
     pointwise = False  # a score means something only within its instruction's group
+    programmatic = False  # a model scores: the iterate loop makes M_t judge itself instead
+    compares = True
 
     def __init__(self, load, name: str):
         """`load`: a function returning the `PairRM` model, called on first use."""

@@ -17,14 +17,16 @@ from __future__ import annotations
 import math
 import shutil
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
 from prefloop.artifacts import RunDir, Stage, atomic_write_json, atomic_write_text, read_jsonl
 from prefloop.config import Recipe
+from prefloop.constraints.evaluate import evaluate
 from prefloop.errors import PrefloopError
-from prefloop.rankers import make_ranker
+from prefloop.rankers import make_ranker, ranker_class
 from prefloop.stages.instructions import normalize
 
 COLUMNS = ["instruction", "original", "dpo"]
@@ -96,6 +98,21 @@ def comparison_frame(items: list[dict], original: list[dict], dpo: list[dict]) -
     return pd.DataFrame({"instruction": [it["instruction"] for it in items],
                          "original": [r["response"] for r in original],
                          "dpo": [r["response"] for r in dpo]}, columns=COLUMNS)
+
+
+def comparison(run_dir: Path) -> pd.DataFrame:
+    """The finished compare stage's table (instruction, original, dpo) of a run directory, for
+    notebooks: `prefloop.comparison("runs/default")`."""
+    out = RunDir(run_dir).stage("compare")
+    items = read_jsonl(RunDir(run_dir).heldout_instructions)
+    original = {r["id"]: r for r in read_jsonl(out / "original.jsonl")}
+    dpo = {r["id"]: r for r in read_jsonl(out / "dpo.jsonl")}
+    missing = [it["id"] for it in items if it["id"] not in original or it["id"] not in dpo]
+    if missing:
+        raise PrefloopError(f"{out}: no responses for held-out '{missing[0]}'; run `prefloop "
+                            f"compare --output-dir {run_dir}` first")
+    return comparison_frame(items, [original[it["id"]] for it in items],
+                            [dpo[it["id"]] for it in items])
 
 
 def _clip(text: str, max_chars: int) -> str:
@@ -235,6 +252,76 @@ def verdict_text(v: dict) -> str:
             "bias as much as quality.")
 
 
+def objective_text(o: dict, training_ranker: str) -> str:
+    """The objective result: both models' accuracies, the paired difference, the guards."""
+    so, sd, d = o["original"], o["dpo"], o["difference"]
+    lo, hi = d["ci95"]
+    same = ("the same checks ranked the training pairs (on other instructions): the model was "
+            "trained toward exactly this metric" if training_ranker == "constraints"
+            else f"independent of the training ranker ({training_ranker})")
+    kinds = "; ".join(f"{k.split(':')[-1]} {v['original']:.2f}→{v['dpo']:.2f} (n {v['n']})"
+                      for k, v in o["per_kind"].items())
+    lines = [
+        f"Objective evaluation (program checks of each held-out instruction's constraints; "
+        f"{same}), {o['n']} instructions:",
+        f"  prompt-level strict accuracy: original {so['prompt_strict']:.3f}, DPO "
+        f"{sd['prompt_strict']:.3f}; difference {d['prompt_strict']:+.3f} (95% CI {lo:+.3f} to "
+        f"{hi:+.3f}, {d['ci_method']}; only DPO right {d['only_dpo_right']}, only original right "
+        f"{d['only_original_right']}, exact McNemar p {d['mcnemar_p']:.3g})",
+        f"  prompt-level loose: {so['prompt_loose']:.3f} → {sd['prompt_loose']:.3f}; "
+        f"constraint-level strict: {so['constraint_strict']:.3f} → {sd['constraint_strict']:.3f}"
+        f", loose: {so['constraint_loose']:.3f} → {sd['constraint_loose']:.3f}",
+        f"  per kind (strict): {kinds}",
+        f"  guards: median words {so['words_median']:g} → {sd['words_median']:g}; empty "
+        f"{so['empty']} → {sd['empty']}, refusals {so['refusals']} → {sd['refusals']}, copies of "
+        f"the instruction {so['copies']} → {sd['copies']}; relevance to the task "
+        f"{so['relevance_mean']:.2f} → {sd['relevance_mean']:.2f}",
+    ]
+    return "\n".join(lines)
+
+
+def ranker_line(v: dict, training_ranker: str) -> str:
+    """The ranker's win-rate, labelled by whether it also made the training pairs."""
+    if not v["n"]:
+        return f"Ranker ({v['ranker']}): no valid comparison."
+    lo, hi = v["ci95"]
+    label = ("independent of the training ranker" if v["independent_of_training_ranker"]
+             else "the ranker that made the training pairs: optimistic")
+    weak = " A small model judging is a weak evaluator." if v["ranker"].startswith(
+        "judge:") else ""
+    return (f"Ranker ({v['ranker']}; {label}): DPO wins {v['wins']}, ties {v['ties']}, loses "
+            f"{v['losses']}; win-rate {v['win_rate']:.3f} (95% Wilson {lo:.3f}–{hi:.3f}).{weak}")
+
+
+def reading(o: dict) -> str:
+    """What the objective result means, guards included."""
+    lo, hi = o["difference"]["ci95"]
+    fired = o["guards_fired"]
+    if lo > 0 and fired:
+        return ("Verdict: the accuracy gain is hollow, not a success: " + "; ".join(fired) + ".")
+    if lo > 0:
+        return ("Verdict: the DPO model follows the held-out instructions' constraints better "
+                "(the 95% interval of the difference is above zero) and no guard fired.")
+    if hi < 0:
+        return "Verdict: the DPO model follows the held-out constraints worse than the original."
+    note = f" Guards: {'; '.join(fired)}." if fired else ""
+    return ("Verdict: no difference is detectable at this sample size (the 95% interval of the "
+            "difference contains zero)." + note)
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def format_frame(df: pd.DataFrame, width: int | None = None) -> str:
+    """pandas' own rendering, each cell cut to fit the terminal (full text in the CSV/MD)."""
+    if width is None:
+        width = max(80, shutil.get_terminal_size((120, 24)).columns)
+    cell = max(20, (width - 8) // len(df.columns) - 2)
+    return df.to_string(max_colwidth=cell, justify="left",
+                        formatters={c: _one_line for c in df.columns})
+
+
 # --- stage -----------------------------------------------------------------------------------
 
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> Path:
@@ -273,17 +360,36 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
     df = comparison_frame(items, original, dpo)
     atomic_write_text(out / "comparison.csv", df.to_csv(index=False))
     atomic_write_text(out / "comparison.md", markdown_table(df))
-    print(format_blocks(df))
+    print(format_blocks(df) if cfg.view == "blocks" else format_frame(df))
 
     counts = {"heldout": len(items), "identical": sum(a["response"] == b["response"]
                                                       for a, b in zip(original, dpo, strict=True))}
-    if cfg.verdict:
+    texts = []
+    objective = None
+    if all(it.get("constraints") for it in items):
+        objective = evaluate([it | {"task": it.get("task", it["instruction"])} for it in items],
+                             [r["response"] for r in original], [r["response"] for r in dpo],
+                             seed=cfg.seed)
+        atomic_write_json(out / "objective.json", objective)
+        texts.append(objective_text(objective, recipe.rank.ranker))
+        d = objective["difference"]
+        counts.update(objective_strict={"original": objective["original"]["prompt_strict"],
+                                        "dpo": objective["dpo"]["prompt_strict"]},
+                      objective_ci95=d["ci95"], guards_fired=len(objective["guards_fired"]))
+    name = cfg.ranker or recipe.rank.ranker
+    if cfg.verdict and (ranker is not None or ranker_class(name).compares):
         # A self-judging ranker judges with the original model (the adapter disabled).
-        ranker = ranker or make_ranker(recipe, policy=backend)
+        ranker = ranker or make_ranker(replace(recipe, rank=replace(recipe.rank, ranker=name)),
+                                       policy=backend)
         with model.disable_adapter():
             margins = judge_margins(ranker, items, original, dpo)
         v = tally(items, original, dpo, margins, ranker.name)
+        v["independent_of_training_ranker"] = name != recipe.rank.ranker
         atomic_write_json(out / "verdict.json", v)
-        print(verdict_text(v))
+        texts.append(verdict_text(v) if objective is None
+                     else ranker_line(v, recipe.rank.ranker))
         counts.update({k: v[k] for k in ("wins", "ties", "losses", "invalid")})
+    if objective is not None:
+        texts.append(reading(objective))
+    print("\n".join(texts))
     return stage.finish(counts)

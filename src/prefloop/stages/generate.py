@@ -20,6 +20,8 @@ from prefloop.engine import Sampling
 from prefloop.engine.backend import Backend, decode
 from prefloop.errors import PrefloopError
 
+CARRIED = ("constraints", "task")  # instruction fields a ranker or an evaluation needs later
+
 
 def complete_groups(records: list[dict], k: int) -> dict[str, list[dict]]:
     """The ids whose k samples 0..k-1 are all present, each group sorted by sample."""
@@ -169,6 +171,7 @@ def _record(tokenizer, item: dict, rp, sample: int, completion, extra: dict | No
         "response": decode(tokenizer, completion),
         "response_tokens": len(ids),
         "finish_reason": completion.finish_reason,
+        **{key: item[key] for key in CARRIED if key in item},
         **(extra or {}),
     }
 

@@ -1,4 +1,11 @@
-"""Stage 1: load instructions, de-duplicate, filter, and split into train and held-out sets."""
+"""Stage 1: load instructions, de-duplicate, filter, and split into train and held-out sets.
+
+Instructions may carry verifiable constraints (IFEval-style, prefloop.constraints): a
+`constraints` field ([{"kind", "args"}, ...]) or IFEval's own `instruction_id_list` + `kwargs`
+(google/IFEval). They travel with the instruction into every later artifact. A source whose
+records name their own `split` ("train"/"heldout", as the built-in verifiable set does, held out
+by topic) is split that way; others are split at random with the recipe's seed.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,8 @@ from prefloop.errors import PrefloopError
 
 FIELD_CANDIDATES = ("instruction", "prompt", "question", "query", "input", "text",
                     "conversations", "messages")
-ID_CANDIDATES = ("id", "question_id", "prompt_id", "uid")
+ID_CANDIDATES = ("id", "question_id", "prompt_id", "uid", "key")
+SPLITS = ("train", "heldout")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -22,8 +30,8 @@ def normalize(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
-def builtin_path() -> Path:
-    return Path(str(resources.files("prefloop") / "data" / "builtin_instructions.jsonl"))
+def builtin_path(name: str = "builtin_instructions") -> Path:
+    return Path(str(resources.files("prefloop") / "data" / f"{name}.jsonl"))
 
 
 def _pick_field(columns: list[str], field: str | None, where: str) -> str:
@@ -69,8 +77,45 @@ def _rows_to_items(rows: list[dict], field: str | None, where: str, prefix: str,
             raise PrefloopError(f"{loc}: field '{name}' is missing; fix the record or set "
                                 "instructions.field")
         rid = next((str(row[k]) for k in ID_CANDIDATES if row.get(k) not in (None, "")), None)
-        items.append({"id": rid or f"{prefix}-{i}", "instruction": _text_of(row[name], name, loc)})
+        item = {"id": rid or f"{prefix}-{i}", "instruction": _text_of(row[name], name, loc)}
+        items.append(item | _verifiable_fields(row, loc))
     return items
+
+
+def _verifiable_fields(row: dict, loc: str) -> dict:
+    """constraints (checked, as {"kind", "args"} objects), and the bare task and split if given."""
+    from prefloop.constraints import parse_constraints, parse_ifeval
+
+    out: dict = {}
+    if row.get("constraints") is not None:
+        out["constraints"] = parse_constraints(_plain(row["constraints"]), loc)
+    elif row.get("instruction_id_list") is not None:
+        out["constraints"] = parse_ifeval(_plain(row["instruction_id_list"]),
+                                          _plain(row.get("kwargs")), loc)
+    if "constraints" in out:
+        out["constraints"] = [c.to_json() for c in out["constraints"]]
+        for key in ("task", "topic"):
+            if isinstance(row.get(key), str) and row[key].strip():
+                out[key] = row[key].strip()
+    if row.get("split") in SPLITS:  # other values (a "test" column, say) are not ours
+        out["split"] = row["split"]
+    return out
+
+
+def _plain(value):
+    """Lists and dicts as JSON gives them (parquet hands numpy arrays, CSV hands strings)."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
 
 
 def load_local(path: Path, field: str | None) -> list[dict]:
@@ -131,6 +176,8 @@ def load_hub(cfg: InstructionsConfig) -> list[dict]:
 def load_source(cfg: InstructionsConfig) -> list[dict]:
     if cfg.source == "builtin":
         return load_local(builtin_path(), "instruction")
+    if cfg.source == "verifiable":
+        return load_local(builtin_path("verifiable_instructions"), "instruction")
     path = Path(cfg.source).expanduser()
     if path.exists() or path.suffix.lower() in LOCAL_SUFFIXES:
         return load_local(path, cfg.field)
@@ -176,6 +223,42 @@ def split(items: list[dict], n_train: int, n_heldout: int, seed: int,
     return train, heldout
 
 
+def keep_kinds(items: list[dict], kinds: str | None, where: str) -> list[dict]:
+    """Only instructions whose constraints are all of the given kinds (comma-separated ids)."""
+    if not kinds:
+        return items
+    from prefloop.constraints import KINDS
+
+    wanted = {k.strip() for k in kinds.split(",") if k.strip()}
+    unknown = sorted(wanted - set(KINDS))
+    if unknown:
+        raise PrefloopError(f"instructions.kinds: unknown constraint kind '{unknown[0]}'; use ids "
+                            "such as punctuation:no_comma (see docs/constraints.md)")
+    kept = [it for it in items if it.get("constraints")
+            and {c["kind"] for c in it["constraints"]} <= wanted]
+    if not kept:
+        raise PrefloopError(f"{where}: no instruction has only constraints of the kinds "
+                            f"{', '.join(sorted(wanted))}; widen instructions.kinds")
+    return kept
+
+
+def split_items(items: list[dict], cfg: InstructionsConfig,
+                where: str) -> tuple[list[dict], list[dict]]:
+    """The source's own train/held-out assignment when every record names one, else at random."""
+    if not items or any("split" not in it for it in items):
+        return split(items, cfg.n_train, cfg.n_heldout, cfg.seed, where)
+    train, _ = split([it for it in items if it["split"] == "train"], cfg.n_train, 0,
+                     cfg.seed, f"{where} (its 'train' records)")
+    heldout, _ = split([it for it in items if it["split"] == "heldout"], cfg.n_heldout, 0,
+                       cfg.seed, f"{where} (its 'heldout' records)")
+    overlap = {normalize(t["instruction"]) for t in train} & {normalize(h["instruction"])
+                                                              for h in heldout}
+    if overlap:
+        raise PrefloopError(f"{where}: train and held-out records overlap on {len(overlap)} "
+                            "instructions; de-duplicate the source")
+    return train, heldout
+
+
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     cfg = recipe.instructions
     run = RunDir(run_dir)
@@ -189,7 +272,8 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
         from prefloop.models import load_tokenizer
 
         items = length_filter(items, cfg, load_tokenizer(recipe.model.name, recipe.model.revision))
-    train, heldout = split(items, cfg.n_train, cfg.n_heldout, cfg.seed)
+    items = keep_kinds(items, cfg.kinds, f"instructions.source {cfg.source}")
+    train, heldout = split_items(items, cfg, "instructions")
     write_jsonl(run.train_instructions, train)
     write_jsonl(run.heldout_instructions, heldout)
     return stage.finish({"loaded": len(raw), "after_dedupe_and_filter": len(items),

@@ -62,7 +62,7 @@ from prefloop.artifacts import (
 )
 from prefloop.config import Recipe, dump_recipe
 from prefloop.errors import PrefloopError
-from prefloop.rankers import make_ranker
+from prefloop.rankers import make_ranker, ranker_class
 from prefloop.stages import generate, instructions, pairs, rank, selfinstruct, train
 from prefloop.stages.compare import win_rate
 from prefloop.stages.report import label, round_row, summary_table, write_report
@@ -85,15 +85,18 @@ def seed_recipe(recipe: Recipe) -> Recipe:
 
 
 def round_recipe(recipe: Recipe, run_dir: Path, t: int) -> Recipe:
-    """Round t's recipe: M_t generates N candidates and judges them itself."""
+    """Round t's recipe: M_t generates N candidates and judges them itself (the paper), or,
+    when the recipe's ranker is programmatic (rank.ranker=constraints), that ranker scores
+    them: iterative DPO with a fixed, verifiable reward."""
     it = recipe.iterate
     model = replace(recipe.model, name=model_name(recipe, run_dir, t - 1),
                     revision=recipe.model.revision if t == 1 else None)
     gen = replace(recipe.generate, k=it.n_candidates, temperature=it.temperature,
                   top_p=it.top_p, max_new_tokens=it.max_new_tokens, seed=it.seed + t)
-    judge = replace(recipe.rank, ranker="judge", judge_model=None, judge_revision=None,
-                    judge_samples=it.judge_samples)
-    return replace(recipe, name=f"{recipe.name}-round{t}", model=model, generate=gen, rank=judge)
+    rank = recipe.rank if ranker_class(recipe.rank.ranker).programmatic else replace(
+        recipe.rank, ranker="judge", judge_model=None, judge_revision=None,
+        judge_samples=it.judge_samples)
+    return replace(recipe, name=f"{recipe.name}-round{t}", model=model, generate=gen, rank=rank)
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -222,7 +225,19 @@ def eval_stats(gens: list[dict], scores: dict) -> dict:
         "judge_samples": len(samples),
         "judge_parse_failure_rate": (round(sum(s is None for s in samples) / len(samples), 4)
                                      if samples else None),
+        "objective_strict": objective_accuracy(gens),
     }
+
+
+def objective_accuracy(gens: list[dict]) -> float | None:
+    """Share of responses satisfying every constraint of their instruction (IFEval's strict
+    prompt-level accuracy); None when the eval prompts carry no constraints."""
+    if not gens or not all(g.get("constraints") for g in gens):
+        return None
+    from prefloop.constraints.evaluate import response_report
+
+    ok = [response_report(g, g["response"])["strict"] for g in gens]
+    return round(sum(ok) / len(ok), 4)
 
 
 def evaluate(recipe: Recipe, run_dir: Path, t: int, *, force: bool = False) -> Path:
@@ -289,8 +304,8 @@ def run_round(recipe: Recipe, run_dir: Path, t: int) -> Path:
         fn()
         _free()
     check = (read_manifest(rdir / "train") or {}).get("step0_check", {})
-    if check and not check.get("policy_equals_reference", True):
-        print(f"[prefloop] warning: round {t}: policy != reference (M{t}) at step 0: {check}",
+    if check and False in (check.get("reference_is_base_step0"), check.get("reference_is_base_end")):
+        print(f"[prefloop] warning: round {t}: the DPO reference is not M{t}: {check}",
               file=sys.stderr)
     return rdir
 

@@ -10,6 +10,7 @@ Tie-break among equal best (worst) scores, which the paper leaves open: the lowe
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 from collections import Counter, defaultdict
@@ -25,6 +26,8 @@ from prefloop.stages.rank import read_generations
 
 DATA_FILE = Path("data") / "train-00000-of-00001.parquet"
 DROP_REASONS = ("too_few_scored", "all_tied", "below_min_margin")
+OPTIONAL_REASONS = ("length_unmatched", "quality_gate")  # counted when their setting is on
+SCORE_EXTRAS = ("quality", "length_free", "checks", "hollow")  # ranker fields pairing reads
 
 
 # -- selection (pure) ----------------------------------------------------------------------------
@@ -51,11 +54,15 @@ def candidates_of(group: list[dict], require_eos: bool) -> tuple[list[dict], Cou
     return kept, removed
 
 
-def choose_pair(cands: list[dict], min_margin: float = 0.0) -> tuple[dict, dict] | str:
+def choose_pair(cands: list[dict], min_margin: float = 0.0, length_match: float = 0.0,
+                quality_gate: bool = False) -> tuple[dict, dict] | str:
     """(chosen, rejected) = (argmax, argmin) of score, or the drop reason.
 
-    Ties: chosen = min (variance, tokens, sample) over the best; rejected = min (variance,
-    −tokens, sample) over the worst, variance being that of the valid judge samples.
+    Ties: chosen = min (−quality, variance, tokens, sample) over the best; rejected = min
+    (quality, variance, −tokens, sample) over the worst, variance being that of the valid judge
+    samples and quality the rank.quality score (when there is one). With length_match > 0 (and
+    no length constraint on the instruction) the pair is the largest-margin one whose lengths
+    are within that ratio.
     """
     if len(cands) < 2:
         return "too_few_scored"
@@ -65,11 +72,43 @@ def choose_pair(cands: list[dict], min_margin: float = 0.0) -> tuple[dict, dict]
         return "all_tied"
     if hi - lo < min_margin:
         return "below_min_margin"
-    chosen = min((c for c in cands if c["score"] == hi),
-                 key=lambda c: (score_variance(c["scores"]), c["response_tokens"], c["sample"]))
-    rejected = min((c for c in cands if c["score"] == lo),
-                   key=lambda c: (score_variance(c["scores"]), -c["response_tokens"], c["sample"]))
-    return chosen, rejected
+    if length_match and not any(c.get("length_free") for c in cands):
+        picked = _matched_pair(cands, min_margin, length_match)
+    else:
+        chosen = min((c for c in cands if c["score"] == hi),
+                     key=lambda c: (-_quality(c), score_variance(c["scores"]),
+                                    c["response_tokens"], c["sample"]))
+        rejected = min((c for c in cands if c["score"] == lo),
+                       key=lambda c: (_quality(c), score_variance(c["scores"]),
+                                      -c["response_tokens"], c["sample"]))
+        picked = chosen, rejected
+    if quality_gate and not isinstance(picked, str) and _quality(picked[0]) < _quality(picked[1]):
+        return "quality_gate"
+    return picked
+
+
+def _quality(c: dict) -> float:
+    q = c.get("quality")
+    return 0.0 if q is None else q
+
+
+def length_ratio(a: dict, b: dict) -> float:
+    """shorter / longer, in generated tokens (1.0 for equal lengths)."""
+    x, y = sorted((max(a["response_tokens"], 1), max(b["response_tokens"], 1)))
+    return x / y
+
+
+def _matched_pair(cands: list[dict], min_margin: float, ratio: float) -> tuple[dict, dict] | str:
+    """The pair with the largest score margin among those of comparable length; then the
+    closest lengths, the better quality contrast, the lower sample indices."""
+    pairs = [(c, r) for c in cands for r in cands
+             if c["score"] - r["score"] > 0 and c["score"] - r["score"] >= min_margin
+             and length_ratio(c, r) >= ratio]
+    if not pairs:
+        return "length_unmatched"
+    return max(pairs, key=lambda p: (p[0]["score"] - p[1]["score"], length_ratio(*p),
+                                     _quality(p[0]) - _quality(p[1]),
+                                     -p[0]["sample"], -p[1]["sample"]))
 
 
 def prompt_messages(instruction: str, system: str | None) -> list[dict]:
@@ -92,7 +131,17 @@ def pair_row(group: list[dict], chosen: dict, rejected: dict, system: str | None
         "scores": [c["score"] for c in group],
         "ranker": first["ranker"],
         "generator": first["generator"],
+        **_checks_columns(group),
     }
+
+
+def _checks_columns(group: list[dict]) -> dict:
+    """The constraints ranker's per-candidate results (empty for other rankers)."""
+    if "checks" not in group[0]:
+        return {}
+    return {"constraints": json.dumps(group[0]["constraints"], ensure_ascii=False),
+            "candidate_checks": [c["checks"] for c in group],
+            "candidate_hollow": [c["hollow"] for c in group]}
 
 
 def join(generations: list[dict], scores: list[dict], where: Path, generator: str
@@ -110,19 +159,29 @@ def join(generations: list[dict], scores: list[dict], where: Path, generator: st
             "prompt_text": g.get("prompt_text", ""), "response": g["response"],
             "response_tokens": g["response_tokens"], "finish_reason": g["finish_reason"],
             "generator": g.get("model", generator), "score": s["score"],
-            "scores": s.get("scores", []), "ranker": s["ranker"]})
+            "scores": s.get("scores", []), "ranker": s["ranker"],
+            **{k: s[k] for k in SCORE_EXTRAS if k in s},
+            **({"constraints": g["constraints"]} if "constraints" in g else {})})
     return [sorted(g, key=lambda c: c["sample"]) for g in groups.values()]
+
+
+def drop_reasons(cfg) -> tuple[str, ...]:
+    """The reasons a pairs stage with these settings can drop an instruction for."""
+    return DROP_REASONS + tuple(r for r, on in zip(OPTIONAL_REASONS,
+                                                   (cfg.length_match > 0, cfg.quality_gate),
+                                                   strict=True) if on)
 
 
 def build_pairs(groups: list[list[dict]], recipe: Recipe) -> tuple[list[dict], list[dict], dict]:
     """(dataset rows, dropped instructions, counts) for every instruction's response group."""
     cfg = recipe.pairs
     rows, dropped = [], []
-    counts: Counter = Counter({r: 0 for r in DROP_REASONS})
+    reasons = drop_reasons(cfg)
+    counts: Counter = Counter({r: 0 for r in reasons})
     for group in groups:
         cands, removed = candidates_of(group, cfg.require_eos)
         counts.update(removed)
-        picked = choose_pair(cands, cfg.min_margin)
+        picked = choose_pair(cands, cfg.min_margin, cfg.length_match, cfg.quality_gate)
         if isinstance(picked, str):
             counts[picked] += 1
             dropped.append({"id": group[0]["id"], "reason": picked, "n_candidates": len(cands),
@@ -132,7 +191,7 @@ def build_pairs(groups: list[list[dict]], recipe: Recipe) -> tuple[list[dict], l
     summary = {"instructions": len(groups), "responses": sum(len(g) for g in groups),
                "scored": sum(c["score"] is not None for g in groups for c in g),
                "pairs": len(rows), "dropped": len(dropped),
-               **{f"dropped_{r}": counts[r] for r in DROP_REASONS},
+               **{f"dropped_{r}": counts[r] for r in reasons},
                "removed_unscored": counts["unscored"], "removed_not_eos": counts["not_eos"],
                "removed_duplicate": counts["duplicate"]}
     return rows, dropped, summary
@@ -161,17 +220,23 @@ def pair_stats(rows: list[dict], tokens: dict[tuple[str, str], int]) -> dict:
 # -- dataset and card ----------------------------------------------------------------------------
 
 
-def features():
+def features(checks: bool = False):
+    """The dataset's columns; `checks`: with the constraints ranker's per-candidate results."""
     from datasets import Features, List, Value
 
     message = {"role": Value("string"), "content": Value("string")}
-    return Features({
+    columns = {
         "id": Value("string"), "prompt": List(message), "chosen": List(message),
         "rejected": List(message), "prompt_text": Value("string"),
         "chosen_score": Value("float64"), "rejected_score": Value("float64"),
         "candidates": List(Value("string")), "scores": List(Value("float64")),
         "ranker": Value("string"), "generator": Value("string"),
-    })
+    }
+    if checks:
+        result = {"kind": Value("string"), "strict": Value("bool"), "loose": Value("bool")}
+        columns.update({"constraints": Value("string"), "candidate_checks": List(List(result)),
+                        "candidate_hollow": List(Value("string"))})
+    return Features(columns)
 
 
 def write_dataset(rows: list[dict], folder: Path) -> Path:
@@ -183,7 +248,8 @@ def write_dataset(rows: list[dict], folder: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     # the Arrow table carries the `datasets` features in its schema metadata
-    pq.write_table(Dataset.from_list(rows, features=features()).data.table, tmp)
+    feats = features(checks="candidate_checks" in rows[0])
+    pq.write_table(Dataset.from_list(rows, features=feats).data.table, tmp)
     os.replace(tmp, path)
     return path
 
@@ -192,7 +258,8 @@ def write_dataset(rows: list[dict], folder: Path) -> Path:
 
 
 def empty_error(out: Path, counts: dict) -> PrefloopError:
-    reasons = ", ".join(f"{r} {counts[f'dropped_{r}']}" for r in DROP_REASONS)
+    reasons = ", ".join(f"{k[len('dropped_'):]} {v}" for k, v in counts.items()
+                        if k.startswith("dropped_"))
     return PrefloopError(
         f"{out}: no preference pairs from {counts['instructions']} instructions "
         f"({counts['responses']} responses, {counts['scored']} scored; dropped: {reasons}); "
@@ -218,6 +285,6 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     stats = pair_stats(rows, tokens)
     write_dataset(rows, run.dataset)
     atomic_write_text(run.dataset / "recipe.yaml", dump_recipe(recipe))
-    atomic_write_text(run.dataset / "README.md", dataset_card(recipe, counts, stats, features(),
+    atomic_write_text(run.dataset / "README.md", dataset_card(recipe, counts, stats, features("candidate_checks" in rows[0]),
                                                            ranker_class(recipe.rank.ranker).card_lines(recipe)))
     return stage.finish(counts, extra={"stats": stats})

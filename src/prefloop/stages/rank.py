@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from prefloop.artifacts import RunDir, Stage, read_jsonl, write_jsonl
@@ -71,13 +72,22 @@ def base_counts(scored: list[dict]) -> dict:
     }
 
 
+def with_quality(recipe: Recipe, records: list[dict], fields: list[dict],
+                 workdir: Path) -> list[dict]:
+    """Each response's rank.quality score beside the main one (pairing breaks ties with it)."""
+    quality = make_ranker(replace(recipe, rank=replace(recipe.rank, ranker=recipe.rank.quality)))
+    extra, _ = quality.score(records, workdir)
+    return [f | {"quality": q["score"]} for f, q in zip(fields, extra, strict=True)]
+
+
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> Path:
     """Score run_dir/generate/generations.jsonl into run_dir/rank/scores.jsonl.
 
     `ranker` (optional) is a ready ranker, e.g. the iterate loop's current policy as judge.
     """
     run = RunDir(run_dir)
-    depends = ranker_class(recipe.rank.ranker).depends_on_policy(recipe.rank)
+    names = [recipe.rank.ranker] + ([recipe.rank.quality] if recipe.rank.quality != "none" else [])
+    depends = any(ranker_class(n).depends_on_policy(recipe.rank) for n in names)
     stage = Stage(run.stage("rank"), "rank",
                   {"rank": recipe.rank, "judge": recipe.model if depends else None,
                    "upstream": run.upstream("generate")})
@@ -86,6 +96,8 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
     records = read_generations(run.generations)
     ranker = ranker or make_ranker(recipe)
     fields, own_counts = ranker.score(records, stage.folder)
+    if recipe.rank.quality != "none":
+        fields = with_quality(recipe, records, fields, stage.folder / "quality")
     dup = duplicate_of(records)
     scored = [{**_base_record(r, ranker.name, dup), **f}
               for r, f in zip(records, fields, strict=True)]

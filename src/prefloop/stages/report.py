@@ -52,6 +52,7 @@ def round_row(run_dir: Path, t: int) -> dict:
     row = {"round": t, "model": label(t), "eval_score": ev.get("score_mean"),
            "eval_tokens": ev.get("response_tokens_mean"), "eval_eos_rate": ev.get("eos_rate"),
            "eval_judge_fail": ev.get("judge_parse_failure_rate"),
+           "objective": ev.get("objective_strict"),
            "vs_prev": ev.get(f"vs_{label(t - 1)}") if t else None,
            "vs_m1": ev.get("vs_M1") if t else None}
     if t == 0:
@@ -122,21 +123,22 @@ def _wtl(w: dict | None) -> str:
 def summary_table(rows: list[dict]) -> str:
     """One line per model: what the round built and how the model does on the eval prompts."""
     lines = ["| model | prompts | pairs | dropped (tie / <2 scored) | self-judge parse fail | "
-             "self-judge mean | step-0 reward | win vs previous (W/T/L) | win vs M1 (W/T/L) | "
-             "eval score | eval tokens | eval judge parse fail |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "self-judge mean | reference = M_t | win vs previous (W/T/L) | win vs M1 (W/T/L) | "
+             "eval score | eval tokens | eval judge parse fail | objective accuracy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d, s0 = r.get("dropped") or {}, r.get("step0") or {}
         prompts = (r.get("prompts") or {}).get("train")
         dropped = (f"{d.get('all_tied', 0)} / {d.get('too_few_scored', 0)}"
                    if r["round"] else "–")
-        reward = s0.get("rewards/chosen")
+        ref = [s0.get("reference_is_base_step0"), s0.get("reference_is_base_end")]
+        reward = None if None in ref else ("yes" if all(ref) else "NO")
         lines.append(
             f"| {r['model']} | {_fmt(prompts)} | {_fmt(r.get('pairs'))} | {dropped} | "
             f"{_fmt(r.get('self_judge_fail'), pct=True)} | {_fmt(r.get('self_judge_score'))} | "
             f"{_fmt(reward)} | {_wtl(r['vs_prev'])} | {_wtl(r['vs_m1'])} | "
             f"{_fmt(r['eval_score'])} | {_fmt(r['eval_tokens'])} | "
-            f"{_fmt(r['eval_judge_fail'], pct=True)} |")
+            f"{_fmt(r['eval_judge_fail'], pct=True)} | {_fmt(r.get('objective'), pct=True)} |")
     return "\n".join(lines)
 
 

@@ -235,15 +235,10 @@ def sequence_logps(model, prompt_ids: list[int], completion_ids: list[int]) -> t
     return logp[len(prompt_ids) - 1:].sum()
 
 
-def first_pair_ids(prepared, pairs, tokenizer) -> dict:
-    """Token ids of the first pair as the trainer sees them (TRL's prepared columns), or
-    rendered with the chat template when a trainer keeps another layout."""
-    row = prepared[0]
-    if all(k in row for k in ("prompt_ids", "chosen_ids", "rejected_ids")):
-        return {k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+def rendered_pair_ids(pair: dict, tokenizer) -> dict:
+    """Token ids of a pair rendered with the chat template, as prefloop renders prompts."""
     from prefloop.chat import render_messages
 
-    pair = pairs[0]
     prompt = render_messages(tokenizer, pair["prompt"]).ids
     out = {"prompt_ids": prompt}
     for side in ("chosen", "rejected"):
@@ -253,19 +248,50 @@ def first_pair_ids(prepared, pairs, tokenizer) -> dict:
     return out
 
 
+def first_pair_ids(prepared, pairs, tokenizer) -> dict:
+    """Token ids of the first pair as the trainer sees them (TRL's prepared columns), or
+    rendered with the chat template when a trainer keeps another layout."""
+    row = prepared[0]
+    if all(k in row for k in ("prompt_ids", "chosen_ids", "rejected_ids")):
+        return {k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    return rendered_pair_ids(pairs[0], tokenizer)
+
+
 @torch.no_grad()
-def reference_check(model, example: dict, beta: float) -> dict:
-    """Rewards β·(log πθ − log π_ref) of one pair before training; both must be 0 at step 0."""
+def model_logps(model, ids: dict) -> list[float]:
+    """[log π(chosen | prompt), log π(rejected | prompt)] of one pair under `model`."""
     was_training = model.training
     model.eval()
-    p, c, r = example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]
-    policy = [sequence_logps(model, p, c), sequence_logps(model, p, r)]
-    with model.disable_adapter():
-        ref = [sequence_logps(model, p, c), sequence_logps(model, p, r)]
+    p = ids["prompt_ids"]
+    out = [sequence_logps(model, p, ids[f"{side}_ids"]).item() for side in ("chosen", "rejected")]
     model.train(was_training)
-    chosen, rejected = (beta * (a - b).item() for a, b in zip(policy, ref, strict=True))
-    return {"rewards/chosen": chosen, "rewards/rejected": rejected,
-            "policy_equals_reference": max(abs(chosen), abs(rejected)) < 1e-4}
+    return out
+
+
+def trainer_reference_logps(trainer) -> list[float]:
+    """The first pair's reference log-probs through the trainer's own reference path (TRL:
+    `compute_ref_log_probs`, the adapter disabled), on the batch its collator builds."""
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    device = trainer.accelerator.device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    was_training = trainer.model.training
+    trainer.model.eval()
+    chosen, rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+    trainer.model.train(was_training)
+    return [chosen.sum().item(), rejected.sum().item()]
+
+
+def reference_check(base: list[float] | None, reference: list[float], dtype: torch.dtype,
+                    when: str) -> dict:
+    """Does the trainer's reference score the first pair as the model loaded for this round
+    (M_t, computed separately before any adapter existed)? It must, at step 0 and after
+    training alike: a reference that moved with the policy, or another model, fails it."""
+    if base is None:
+        return {f"reference_is_base_{when}": None, "reason": "QLoRA: the trainer loads the base"}
+    tol = 1e-3 if dtype == torch.float32 else 2e-2  # relative, of |log p|
+    ok = all(abs(a - b) <= tol * max(1.0, abs(b)) for a, b in zip(reference, base, strict=True))
+    return {f"reference_is_base_{when}": ok,
+            f"reference_logps_{when}": [round(x, 4) for x in reference]}
 
 
 def summarize(records: list[dict], n: int = LAST_N) -> tuple[dict, dict]:
@@ -404,22 +430,30 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     topo = distributed.topology()
     pairs = load_pairs(run_dir)
     model, tok = _load_policy(recipe)
+    # The base (M_t) scores the first pair before any adapter exists: the reference must match.
+    first = rendered_pair_ids(pairs[0], tok)
+    base = None if isinstance(model, str) else model_logps(model, first)
+    dtype = torch.bfloat16 if isinstance(model, str) else next(model.parameters()).dtype
     log_cb = make_log_callback(run.train_log)
     trainer = build_trainer(model, tok, pairs, recipe, run.trainer_scratch, [log_cb])
     n_used = len(trainer.train_dataset)
     if n_used == 0:
         raise PrefloopError(f"train.max_length: every pair's prompt is at least {cfg.max_length} "
                             "tokens, so TRL dropped them all; raise train.max_length")
-    check = reference_check(trainer.model, first_pair_ids(trainer.train_dataset, pairs, tok),
-                            cfg.beta)
-    if not check["policy_equals_reference"]:
-        print(f"[prefloop] warning: policy != reference at step 0 ({check}); the rewards "
-              "are offset", file=sys.stderr)
+    same_tokens = first_pair_ids(trainer.train_dataset, pairs, tok) == first
+    check = {"base_logps": base, "same_tokens": same_tokens,
+             **reference_check(base if same_tokens else None, trainer_reference_logps(trainer),
+                               dtype, "step0")}
+    if check["reference_is_base_step0"] is False:
+        print(f"[prefloop] warning: the DPO reference is not the loaded model at step 0 "
+              f"({check}); the rewards are offset", file=sys.stderr)
 
     t0 = time.time()
     result = trainer.train()
     seconds = time.time() - t0
     steps = trainer.state.global_step
+    check.update(reference_check(base if same_tokens else None,
+                                 trainer_reference_logps(trainer), dtype, "end"))
     state_dict = full_state_dict(trainer)  # every process, before the main-only part
     if not topo.is_main:
         distributed.barrier()  # wait for the main process to write the adapter and manifest

@@ -1,0 +1,250 @@
+"""Verifiable instructions end to end without a model: sources, the constraints ranker, pairing
+that cannot be won by length, the dataset's per-candidate checks, and the objective evaluation."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from prefloop.artifacts import write_jsonl, write_manifest
+from prefloop.config import InstructionsConfig, PairsConfig, RankConfig, Recipe
+from prefloop.constraints import evaluate as ev
+from prefloop.errors import PrefloopError
+from prefloop.rankers.constraints import ConstraintsRanker, check_response
+from prefloop.stages import instructions, pairs, rank
+from prefloop.stages.instructions import load_local, load_source, split_items
+
+NO_COMMA = [{"kind": "punctuation:no_comma", "args": {}}]
+TITLE_AND_PS = [{"kind": "detectable_format:title", "args": {}},
+                {"kind": "detectable_content:postscript", "args": {"postscript_marker": "P.S."}}]
+SHORT = [{"kind": "length_constraints:number_words",
+          "args": {"relation": "less than", "num_words": 8}}]
+
+
+# -- sources -------------------------------------------------------------------------------------
+
+
+def test_builtin_verifiable_set_splits_by_its_own_topics():
+    cfg = InstructionsConfig(source="verifiable", n_train=40, n_heldout=30, seed=3)
+    items = load_source(cfg)
+    train, heldout = split_items(items, cfg, "instructions")
+    assert (len(train), len(heldout)) == (40, 30)
+    assert {it["split"] for it in train} == {"train"} and {it["split"] for it in heldout} == {
+        "heldout"}
+    assert not {it["topic"] for it in train} & {it["topic"] for it in heldout}
+    assert all(it["constraints"] and it["task"] for it in train + heldout)
+    # the same seed draws the same instructions
+    assert split_items(items, cfg, "instructions")[0] == train
+
+
+def test_kinds_filter_keeps_only_instructions_of_those_kinds(tmp_path):
+    recipe = Recipe(instructions=InstructionsConfig(
+        source="verifiable", n_train=5, n_heldout=5,
+        kinds="punctuation:no_comma,detectable_format:title,detectable_content:postscript"))
+    out = instructions.run(recipe, tmp_path / "run")
+    rows = [json.loads(x) for f in ("train", "heldout")
+            for x in (out / f"{f}.jsonl").read_text().splitlines()]
+    allowed = {"punctuation:no_comma", "detectable_format:title", "detectable_content:postscript"}
+    assert len(rows) == 10 and all({c["kind"] for c in r["constraints"]} <= allowed for r in rows)
+    with pytest.raises(PrefloopError, match="instructions.kinds: unknown constraint kind "
+                                            "'punctuation:no_commas'"):
+        instructions.keep_kinds(rows, "punctuation:no_commas", "x")
+
+
+def test_local_file_constraints_are_checked_with_file_line_and_field(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    good = {"id": "a", "instruction": "Describe rain.", "constraints": NO_COMMA}
+    bad = {"id": "b", "instruction": "Describe snow.",
+           "constraints": [{"kind": "length_constraints:number_words",
+                            "args": {"relation": "less than", "num_words": "forty"}}]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(PrefloopError) as e:
+        load_local(path, None)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:2: constraints[0].args.num_words: ") and "\n" not in msg
+    path.write_text(json.dumps(good) + "\n")
+    assert load_local(path, None) == [{"id": "a", "instruction": "Describe rain.",
+                                       "constraints": NO_COMMA}]
+
+
+def test_ifeval_rows_from_the_hub_use_the_same_loader(monkeypatch):
+    rows = [{"key": 1000, "prompt": "Write a poem about tea. Do not use any commas.",
+             "instruction_id_list": ["punctuation:no_comma", "keywords:existence"],
+             "kwargs": [{"num_words": None}, {"keywords": ["leaf"], "num_words": None}]}]
+    seen = {}
+
+    def fake_load_dataset(source, split, revision=None):
+        seen.update(source=source, split=split)
+        return rows
+
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    items = load_source(InstructionsConfig(source="google/IFEval"))
+    assert seen == {"source": "google/IFEval", "split": "train"}
+    assert items == [{"id": "1000", "instruction": rows[0]["prompt"], "constraints": [
+        {"kind": "punctuation:no_comma", "args": {}},
+        {"kind": "keywords:existence", "args": {"keywords": ["leaf"]}}]}]
+
+
+# -- the ranker ----------------------------------------------------------------------------------
+
+
+def test_constraints_ranker_fields_and_hollow_answers():
+    instruction = "Describe a storm. Do not use any commas."
+    ok = check_response("Rain falls hard and the wind howls.", instruction, NO_COMMA)
+    assert ok == {"score": 1.0, "n_valid": 1, "scores": [], "strict": 1.0, "loose": 1.0,
+                  "hollow": None, "length_free": False,
+                  "checks": [{"kind": "punctuation:no_comma", "strict": True, "loose": True}]}
+    refusal = check_response("I'm sorry for the confusion.", instruction, NO_COMMA)
+    assert (refusal["score"], refusal["strict"], refusal["hollow"]) == (0.0, 1.0, "refusal")
+    copy = check_response("Describe a storm. Do not use any", instruction, NO_COMMA)
+    assert (copy["score"], copy["hollow"]) == (0.0, "copy")
+    both = check_response("<<Storm>>\nThunder rolls in.\nP.S. stay dry", "Describe a storm.",
+                          TITLE_AND_PS)
+    assert both["score"] == 1.0 and [c["strict"] for c in both["checks"]] == [True, True]
+    half = check_response("Thunder rolls in.\nP.S. stay dry", "Describe a storm.", TITLE_AND_PS)
+    assert half["score"] == 0.5
+    assert check_response("Short one.", "Be brief.", SHORT)["length_free"] is True
+
+
+def test_constraints_ranker_refuses_instructions_without_constraints(tmp_path):
+    records = [{"id": "x", "sample": 0, "instruction": "hi", "response": "hello"}]
+    with pytest.raises(PrefloopError, match="instruction 'x' has no constraints; use "
+                                            "instructions.source=verifiable"):
+        ConstraintsRanker(RankConfig(ranker="constraints")).score(records, tmp_path)
+
+
+# -- pairing -------------------------------------------------------------------------------------
+
+
+def cand(sample: int, score: float, tokens: int, **extra) -> dict:
+    return {"sample": sample, "score": score, "scores": [], "response_tokens": tokens,
+            "response": f"r{sample}", **extra}
+
+
+def test_length_matched_pair_prefers_comparable_lengths():
+    cands = [cand(0, 1.0, 10), cand(1, 0.5, 40), cand(2, 0.0, 45), cand(3, 0.0, 12)]
+    chosen, rejected = pairs.choose_pair(cands)  # unmatched: argmax vs argmin (longest)
+    assert (chosen["sample"], rejected["sample"]) == (0, 2)
+    chosen, rejected = pairs.choose_pair(cands, length_match=0.7)
+    assert (chosen["sample"], rejected["sample"]) == (0, 3)  # 10 vs 12 tokens, margin 1
+    assert pairs.choose_pair([cand(0, 1.0, 10), cand(1, 0.0, 40)],
+                             length_match=0.7) == "length_unmatched"
+    # a length constraint: length may differ (it is what the constraint is about)
+    free = [cand(0, 1.0, 10, length_free=True), cand(1, 0.0, 40, length_free=True)]
+    assert [c["sample"] for c in pairs.choose_pair(free, length_match=0.7)] == [0, 1]
+
+
+def test_quality_breaks_ties_and_gates():
+    cands = [cand(0, 1.0, 10, quality=1.0), cand(1, 1.0, 10, quality=3.0),
+             cand(2, 0.0, 10, quality=2.0), cand(3, 0.0, 10, quality=4.0)]
+    chosen, rejected = pairs.choose_pair(cands)
+    assert (chosen["sample"], rejected["sample"]) == (1, 2)  # best quality vs worst quality
+    gated = [cand(0, 1.0, 10, quality=1.0), cand(1, 0.0, 10, quality=4.0)]
+    assert pairs.choose_pair(gated, quality_gate=True) == "quality_gate"
+    assert [c["sample"] for c in pairs.choose_pair(gated)] == [0, 1]
+
+
+def _write_generations(run_dir: Path, rows: list[tuple[str, int, str, int]]) -> None:
+    recs = [{"id": i, "sample": s, "instruction": f"Tell me about {i}. Do not use any commas.",
+             "prompt_text": "p", "prompt_tokens": 3, "response": text, "response_tokens": n,
+             "finish_reason": "eos", "constraints": NO_COMMA, "task": f"Tell me about {i}.",
+             "model": "tiny"} for i, s, text, n in rows]
+    write_jsonl(run_dir / "generate" / "generations.jsonl", recs)
+    write_manifest(run_dir / "generate", "generate", "g", started=time.time())
+
+
+def test_rank_and_pairs_keep_every_candidates_checks(tmp_path, capsys):
+    from datasets import load_dataset
+
+    run_dir = tmp_path / "run"
+    _write_generations(run_dir, [
+        ("tea", 0, "Tea is a leaf brewed in hot water.", 10),
+        ("tea", 1, "Tea, a leaf, is brewed, then sipped.", 11),
+        ("tea", 2, "Tea is a drink made from leaves and water.", 30),
+        ("sun", 0, "The sun is a star.", 6), ("sun", 1, "The sun is hot and bright.", 7)])
+    recipe = Recipe(rank=RankConfig(ranker="constraints"),
+                    pairs=PairsConfig(length_match=0.8))
+    rank.run(recipe, run_dir)
+    assert "5 responses checked against their constraints (no model)" in capsys.readouterr().out
+    out = pairs.run(recipe, run_dir)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["pairs"] == 1 and manifest["counts"]["dropped_all_tied"] == 1
+    assert manifest["counts"]["dropped_length_unmatched"] == 0
+    (row,) = load_dataset(str(out / "dataset"), split="train")
+    assert row["chosen"][0]["content"] == "Tea is a leaf brewed in hot water."  # 10 vs 11 tokens
+    assert row["rejected"][0]["content"] == "Tea, a leaf, is brewed, then sipped."
+    assert json.loads(row["constraints"]) == NO_COMMA
+    assert row["candidate_checks"] == [[{"kind": "punctuation:no_comma", "strict": s,
+                                         "loose": s}] for s in (True, False, True)]
+    assert row["candidate_hollow"] == [None, None, None]
+    card = (out / "dataset" / "README.md").read_text()
+    assert "verifiable constraints (IFEval-style checks" in card
+
+
+# -- objective evaluation -------------------------------------------------------------------------
+
+
+def test_mcnemar_exact_p_values():
+    assert ev.mcnemar_p(0, 0) == 1.0
+    assert ev.mcnemar_p(1, 6) == pytest.approx(2 * (1 + 7) / 128)
+    assert ev.mcnemar_p(6, 1) == ev.mcnemar_p(1, 6)
+    assert ev.mcnemar_p(3, 3) == 1.0
+
+
+def test_paired_interval_brackets_the_difference_and_is_seeded():
+    a = [False] * 30 + [True] * 30
+    b = [True] * 45 + [False] * 15
+    lo, hi = ev.paired_interval(a, b, seed=0)
+    assert lo < 0.25 < hi and lo > 0  # Δ = 45/60 − 30/60 = 0.25
+    assert ev.paired_interval(a, b, seed=0) == (lo, hi)
+    same = ev.paired_interval(a, a, seed=0)
+    assert same == (0.0, 0.0)
+
+
+def items_and_answers():
+    items = [{"id": f"i{k}", "instruction": f"Write about topic {k}. Do not use any commas.",
+              "task": f"Write about topic {k}.", "constraints": NO_COMMA} for k in range(6)]
+    original = [f"Topic {k} is big, wide, and deep in every sense of the word today." for k in
+                range(6)]
+    return items, original
+
+
+def test_evaluate_counts_a_real_gain_without_guards():
+    items, original = items_and_answers()
+    dpo = [f"Topic {k} is big and wide and deep in every sense of the word today." for k in
+           range(6)]
+    o = ev.evaluate(items, original, dpo)
+    assert (o["original"]["prompt_strict"], o["dpo"]["prompt_strict"]) == (0.0, 1.0)
+    assert o["difference"]["only_dpo_right"] == 6 and o["guards_fired"] == []
+    assert o["difference"]["mcnemar_p"] == pytest.approx(2 / 64)
+    assert o["per_kind"] == {"punctuation:no_comma": {"n": 6, "original": 0.0, "dpo": 1.0}}
+
+
+def test_evaluate_calls_a_collapsed_or_refusing_gain_hollow():
+    items, original = items_and_answers()
+    dpo = ["I'm sorry for the confusion."] * 3 + ["Topic is big."] * 3
+    o = ev.evaluate(items, original, dpo)
+    assert o["dpo"]["prompt_strict"] == 1.0  # every answer has no comma...
+    fired = o["guards_fired"]
+    assert fired[0].startswith("answers collapsed in length (median")  # ...but it is hollow
+    assert "more refusals (3 vs 0)" in fired
+    from prefloop.stages.compare import reading
+
+    assert reading(o).startswith("Verdict: the accuracy gain is hollow, not a success:")
+
+
+def test_recipe_keys_are_validated():
+    from prefloop.config import apply_overrides
+
+    with pytest.raises(PrefloopError, match=r"pairs.length_match: must be in \[0, 1\), got 1.5"):
+        apply_overrides(Recipe(), ["pairs.length_match=1.5"])
+    with pytest.raises(PrefloopError, match="rank.quality: 'gpt' is not one of none, judge"):
+        apply_overrides(Recipe(), ["rank.quality=gpt"])
+    r = apply_overrides(Recipe(), ["rank.ranker=constraints", "compare.ranker=judge"])
+    assert replace(r.rank, ranker="constraints") == r.rank and r.compare.ranker == "judge"
