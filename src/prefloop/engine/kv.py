@@ -46,7 +46,9 @@ def gqa_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: to
     if mask is not None and q_len > 1 and group > 1:
         mask = mask.unsqueeze(2).expand(batch, mask.shape[1], group, q_len, mask.shape[-1])
         mask = mask.reshape(batch, -1, group * q_len, mask.shape[-1])
-    if q_len == 1 and mask is not None and _FLEX_DECODE[0] and _flex_shape_ok(key):
+    # FlexAttention's Triton kernel needs head_dim >= 16 (inductor: "NYI"); smaller: SDPA
+    if (q_len == 1 and mask is not None and _FLEX_DECODE[0] and dim >= FLEX_MIN_HEAD_DIM
+            and _flex_shape_ok(key)):
         options = dict(_FLEX_KERNEL[0]) if _FLEX_KERNEL[0] else None
         out = _flex_decode()(query, key, value, mask, scaling, options)  # (B, H, 1, D)
         return out.transpose(1, 2), None
@@ -83,6 +85,7 @@ _FLEX_COMPILED: list = []
 # shapes (row buckets x 64-column blocks); past this many, new shapes use SDPA (same results,
 # a little slower) instead of compiling on, or of torch falling back to eager FlexAttention.
 FLEX_MAX_SHAPES = 48
+FLEX_MIN_HEAD_DIM = 16
 _FLEX_SHAPES: set = set()
 
 
