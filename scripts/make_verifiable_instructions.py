@@ -427,28 +427,30 @@ RARE_LETTERS = ["z", "q", "x", "j", "k", "v"]
 TASK_VERBS = {"describe", "explain", "suggest", "recommend", "someone", "should", "people"}
 
 # How often each kind is drawn (relative weights); every kind lands at least 10 times.
+# Kinds a 135M chat model satisfies some of the time (bench: 20-80 % on the train split) weigh
+# more, so a model of that size can learn from the set; the rest still land at least 10 times.
 WEIGHTS = {
-    "length_constraints:number_words": 70,
-    "length_constraints:number_sentences": 40,
-    "length_constraints:number_paragraphs": 20,
-    "length_constraints:nth_paragraph_first_word": 13,
-    "keywords:existence": 55,
-    "keywords:forbidden_words": 50,
-    "keywords:frequency": 25,
+    "length_constraints:number_words": 80,
+    "length_constraints:number_sentences": 50,
+    "length_constraints:number_paragraphs": 13,
+    "length_constraints:nth_paragraph_first_word": 11,
+    "keywords:existence": 70,
+    "keywords:forbidden_words": 55,
+    "keywords:frequency": 35,
     "keywords:letter_frequency": 13,
-    "punctuation:no_comma": 45,
-    "detectable_format:title": 45,
-    "startend:quotation": 35,
-    "detectable_content:postscript": 40,
+    "punctuation:no_comma": 60,
+    "detectable_format:title": 25,
+    "startend:quotation": 20,
+    "detectable_content:postscript": 60,
     "detectable_format:number_bullet_lists": 45,
-    "detectable_format:multiple_sections": 20,
-    "startend:end_checker": 30,
-    "detectable_format:json_format": 15,
+    "detectable_format:multiple_sections": 13,
+    "startend:end_checker": 50,
+    "detectable_format:json_format": 11,
     "change_case:english_lowercase": 13,
     "change_case:english_capital": 13,
-    "detectable_format:constrained_response": 13,
-    "detectable_content:number_placeholders": 15,
-    "detectable_format:number_highlighted_sections": 13,
+    "detectable_format:constrained_response": 11,
+    "detectable_content:number_placeholders": 11,
+    "detectable_format:number_highlighted_sections": 11,
 }
 LENGTH = {k for k in WEIGHTS if k.startswith("length_constraints:")}
 STRUCTURE = {
@@ -563,9 +565,9 @@ def draw_args(kind: str, topic: str, task: str, rng: random.Random, taken: set[s
 
 def draw_item(topic: str, task: str, rng: random.Random, deck: Counter) -> list[Constraint]:
     """1-3 compatible constraints, preferring the kinds used least so far (relative to weight)."""
-    size = rng.choices([1, 2, 3], weights=[30, 45, 25])[0]
+    size = rng.choices([1, 2, 3], weights=[50, 35, 15])[0]
     kinds: list[str] = []
-    if YES_NO.match(task) and deck["detectable_format:constrained_response"] < 13:
+    if YES_NO.match(task) and deck["detectable_format:constrained_response"] < 11:
         kinds.append("detectable_format:constrained_response")
     while len(kinds) < size:
         options = [

@@ -165,7 +165,7 @@ def test_bf16_lora_training_lowers_the_loss_and_the_adapter_reloads(stage_env, e
     from tiny import read_jsonl_lines, save_model_folder, write_instructions, write_pairs
     from transformers import AutoModelForCausalLM
 
-    from prefloop import compare, train
+    from prefloop.stages import compare, train
     from prefloop.config import Recipe, apply_overrides
     from prefloop.models import load_model
 
@@ -288,7 +288,7 @@ def test_fastdpo_matches_trl_on_one_bf16_batch():
 def test_qlora_trains_a_4bit_base(stage_env):
     from tiny import read_jsonl_lines, save_model_folder, write_pairs
 
-    from prefloop import train
+    from prefloop.stages import train
     from prefloop.config import Recipe, apply_overrides
 
     model_dir = save_model_folder(stage_env / "model")

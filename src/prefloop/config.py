@@ -48,6 +48,9 @@ class InstructionsConfig:
     min_tokens: int | None = None
     max_tokens: int | None = None
     kinds: str | None = None  # keep instructions whose constraints are all of these kinds (a,b)
+    # tuning: held-out = a validation split of the training records (by topic); the source's
+    # held-out records are not read
+    validation: bool = False
 
 
 @dataclass(frozen=True)

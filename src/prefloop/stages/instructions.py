@@ -242,15 +242,40 @@ def keep_kinds(items: list[dict], kinds: str | None, where: str) -> list[dict]:
     return kept
 
 
+def _sample(pool: list[dict], n: int, seed: int, where: str, key: str, what: str) -> list[dict]:
+    if n > len(pool):
+        raise PrefloopError(f"{where}: instructions.{key} is {n} but the source has only "
+                            f"{len(pool)} {what} instructions after de-duplication and filtering;"
+                            f" lower instructions.{key} or widen instructions.kinds")
+    return random.Random(seed).sample(pool, n)
+
+
+def validation_split(train: list[dict], where: str) -> tuple[list[dict], list[dict]]:
+    """Every third training topic (sorted) becomes the validation set: disjoint by topic from
+    the rest, as the held-out set is from the training set."""
+    topics = sorted({it.get("topic", "") for it in train})
+    if len(topics) < 2:
+        raise PrefloopError(f"{where}: instructions.validation needs records of 2 or more topics")
+    chosen = set(topics[1::3])
+    return ([it for it in train if it.get("topic", "") not in chosen],
+            [it for it in train if it.get("topic", "") in chosen])
+
+
 def split_items(items: list[dict], cfg: InstructionsConfig,
                 where: str) -> tuple[list[dict], list[dict]]:
     """The source's own train/held-out assignment when every record names one, else at random."""
     if not items or any("split" not in it for it in items):
+        if cfg.validation:
+            raise PrefloopError("instructions.validation: needs a source whose records name "
+                                "their split and topic (instructions.source=verifiable)")
         return split(items, cfg.n_train, cfg.n_heldout, cfg.seed, where)
-    train, _ = split([it for it in items if it["split"] == "train"], cfg.n_train, 0,
-                     cfg.seed, f"{where} (its 'train' records)")
-    heldout, _ = split([it for it in items if it["split"] == "heldout"], cfg.n_heldout, 0,
-                       cfg.seed, f"{where} (its 'heldout' records)")
+    train_pool = [it for it in items if it["split"] == "train"]
+    heldout_pool = [it for it in items if it["split"] == "heldout"]
+    if cfg.validation:  # tune on train topics only: the held-out records are never read
+        train_pool, heldout_pool = validation_split(train_pool, where)
+    train = _sample(train_pool, cfg.n_train, cfg.seed, where, "n_train", "training")
+    heldout = _sample(heldout_pool, cfg.n_heldout, cfg.seed, where, "n_heldout",
+                      "validation" if cfg.validation else "held-out")
     overlap = {normalize(t["instruction"]) for t in train} & {normalize(h["instruction"])
                                                               for h in heldout}
     if overlap:
