@@ -260,12 +260,12 @@ def test_loss_list_matches_trl():
 def test_fast_engine_is_imported_only_when_asked(monkeypatch):
     from trl import DPOTrainer
 
-    monkeypatch.delitem(sys.modules, "prefloop.fastdpo", raising=False)
+    monkeypatch.delitem(sys.modules, "prefloop.dpo", raising=False)
     assert train.trainer_class("trl") is DPOTrainer
-    assert "prefloop.fastdpo" not in sys.modules
-    fake = types.ModuleType("prefloop.fastdpo")
+    assert "prefloop.dpo" not in sys.modules
+    fake = types.ModuleType("prefloop.dpo")
     fake.FastDPOTrainer = type("FastDPOTrainer", (), {})
-    monkeypatch.setitem(sys.modules, "prefloop.fastdpo", fake)
+    monkeypatch.setitem(sys.modules, "prefloop.dpo", fake)
     assert train.trainer_class("fast") is fake.FastDPOTrainer
 
 

@@ -103,7 +103,7 @@ class TrainConfig:
     qlora: bool = False
     seed: int = 0
     logging_steps: int = 1
-    engine: Literal["trl", "fast"] = "trl"  # "fast": prefloop.fastdpo.FastDPOTrainer
+    engine: Literal["trl", "fast"] = "trl"  # "fast": prefloop.dpo.FastDPOTrainer
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,7 @@ def dpo_config(cfg: TrainConfig, out_dir: Path, device: torch.device, dtype: tor
 
 def trainer_class(engine: str):
     if engine == "fast":
-        from prefloop.fastdpo import FastDPOTrainer
+        from prefloop.dpo import FastDPOTrainer
 
         return FastDPOTrainer
     from trl import DPOTrainer
