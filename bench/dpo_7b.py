@@ -131,7 +131,7 @@ def run_engine(name: str, engine: str, shape: Shape, dataset, tokenizer, steps: 
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from prefloop.fastdpo import FastDPOConfig, FastDPOTrainer
+    from prefloop.dpo import FastDPOConfig, FastDPOTrainer
 
     on_gpu = device == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -181,9 +181,9 @@ def run_engine(name: str, engine: str, shape: Shape, dataset, tokenizer, steps: 
         "grad_norms": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h],
         "fallback": getattr(trainer, "fast_fallback_reason", None),
     }
-    if engine == "fast" and trainer._cost is not None:
-        result["budget_gib"] = trainer._budget(trainer._cost, shape.batch) / 2**30
-        result["cost"] = str(trainer._cost)
+    if engine == "fast" and trainer.activation_cost is not None:
+        result["budget_gib"] = trainer.activation_budget(shape.batch) / 2**30
+        result["cost"] = str(trainer.activation_cost)
         result["plan"] = trainer.last_plan
         print(f"[{name}] budget {result['budget_gib']:.2f} GiB; last step's chunks (tokens, "
               f"checkpointed layers): {trainer.last_plan}", flush=True)
@@ -201,8 +201,7 @@ def check_attention(device: str) -> str:
 
     If they disagree, the fast runs use the masked path (correct, slower) and say so.
     """
-    from prefloop import fastdpo
-    from prefloop.fastdpo import _flash_varlen, _masked_sdpa, pack_pairs
+    from prefloop.dpo import disable_flash, flash_varlen, masked_sdpa, pack_pairs
 
     if device != "cuda":
         return "attention check skipped (no GPU)"
@@ -215,7 +214,7 @@ def check_attention(device: str) -> str:
     v = torch.randn(1, 8, t, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
     grads = []
     outs = []
-    for fn in (_flash_varlen, _masked_sdpa):
+    for fn in (flash_varlen, masked_sdpa):
         out = fn(q, k, v, pack, 128**-0.5)
         out.float().square().sum().backward()
         outs.append(out.detach().float())
@@ -227,7 +226,7 @@ def check_attention(device: str) -> str:
                     for a, b in zip(grads[0], grads[1], strict=True))
     ok = out_diff < 0.05 and grad_diff < 0.05
     if not ok:
-        fastdpo._flash_failed = True
+        disable_flash()
     return (f"attention check: max |out diff| {out_diff:.2e}, max relative grad diff {grad_diff:.2e}"
             f" -> {'flash varlen' if ok else 'MISMATCH, masked SDPA'} used")
 
@@ -239,9 +238,8 @@ def check_equivalence(device: str) -> str:
 
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from prefloop.fastdpo import FastDPOConfig, FastDPOTrainer, PairCollator
+    from prefloop.dpo import FastDPOConfig, FastDPOTrainer, PairCollator, TRLInternals
 
     shape = Shape(**{**vars(SHAPE_7B), "layers": 4})
     on_gpu = device == "cuda"
@@ -266,15 +264,16 @@ def check_equivalence(device: str) -> str:
         trainer.model.gradient_checkpointing_enable()
         trainer.model.train()
         rows = [trainer.train_dataset[i] for i in range(shape.batch)]
+        internals = TRLInternals(trainer)  # TRL's private attributes, for either trainer
         if engine == "trl":
-            batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id,
-                                              max_length=shape.max_length)(rows)
+            batch = TRLInternals.padded_collator(pad_token_id=tokenizer.pad_token_id,
+                                                 max_length=shape.max_length)(rows)
             with trainer.accelerator.autocast():
-                loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
+                loss = trainer.compute_loss(trainer.model, internals.prepare_inputs(batch))
             loss.backward()
         else:
             loss = trainer.training_step(trainer.model, PairCollator()(rows))
-        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        metrics = {k: v[-1] for k, v in internals.metrics("train").items()}
         grads = torch.cat([p.grad.float().flatten() for n, p in trainer.model.named_parameters()
                            if p.grad is not None])
         found[engine] = (loss.item(), metrics, grads)

@@ -28,8 +28,9 @@ def test_every_shipped_recipe_loads_and_starts_with_a_command_comment(name):
 
 def test_default_recipe_is_offline_and_seed_is_the_mission():
     d, s = load_recipe("default"), load_recipe("seed")
-    assert (d.model.name, d.instructions.source, d.rank.ranker) == (
-        "smollm2-135m-instruct", "builtin", "judge")
+    assert (d.model.name, d.instructions.source, d.rank.ranker, d.compare.ranker) == (
+        "smollm2-135m-instruct", "verifiable", "constraints", "judge")
+    assert d.instructions.n_heldout >= 60 and d.pairs.require_eos
     assert (s.model.name, s.instructions.source, s.rank.ranker) == (
         "mistralai/Mistral-7B-Instruct-v0.2", "GAIR/lima", "pairrm")
     assert (s.instructions.n_train, s.generate.k, s.instructions.n_heldout) == (50, 5, 10)
@@ -52,7 +53,7 @@ def test_precedence_defaults_recipe_overrides(tmp_path):
     ({"generate": {"k": "x"}}, "recipe: generate.k: expected an integer, got 'x'"),
     ({"generate": {"k": 0}}, "recipe: generate.k: must be > 0, got 0"),
     ({"generate": {"top_p": 2}}, "recipe: generate.top_p: must be in (0, 1], got 2.0"),
-    ({"rank": {"ranker": "foo"}}, "recipe: rank.ranker: 'foo' is not one of judge, pairrm"),
+    ({"rank": {"ranker": "foo"}}, "recipe: rank.ranker: 'foo' is not one of judge, pairrm, constraints"),
     ({"train": {"qlora": "yes"}}, "recipe: train.qlora: expected true or false, got 'yes'"),
     ({"train": 3}, "recipe: train: expected a mapping of keys, got int"),
 ])

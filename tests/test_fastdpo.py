@@ -22,19 +22,20 @@ from transformers import (
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from prefloop import fastdpo
-from prefloop.fastdpo import (
+from prefloop.dpo import (
     SUPPORTED_LOSSES,
     ActivationCost,
     FastDPOConfig,
     FastDPOTrainer,
     PairCollator,
     kept_layers,
+    memory,
     pack_mask,
     pack_pairs,
     plan_chunks,
     truncate_pair,
 )
+from prefloop.dpo import trainer as dpo_trainer
 
 TOL = 1e-5
 MAX_LENGTH = 24
@@ -188,8 +189,8 @@ def test_kept_layers_and_plan_chunks():
 def test_loss_metrics_and_gradients_match_trl(arch, budget_gb, min_chunk, lean, dataset, tokenizer,
                                              monkeypatch):
     kept = []
-    original = fastdpo.kept_layers
-    monkeypatch.setattr(fastdpo, "kept_layers", lambda *a: kept.append(original(*a)) or kept[-1])
+    original = dpo_trainer.kept_layers
+    monkeypatch.setattr(dpo_trainer, "kept_layers", lambda *a: kept.append(original(*a)) or kept[-1])
     model = tiny_model(arch)
     trl = make_trainer(DPOTrainer, DPOConfig, model, dataset, tokenizer)
     fast = make_trainer(FastDPOTrainer, FastDPOConfig, model, dataset, tokenizer,
@@ -325,7 +326,7 @@ def test_short_training_run_matches_trl(dataset, tokenizer, tmp_path):
 
 def _norm_and_swiglu(lean: bool, x, w, g, u):
     if lean:
-        return fastdpo._RMSNormFunction.apply(x, w, 1e-6), fastdpo._SiluMulFunction.apply(g, u)
+        return memory._RMSNormFunction.apply(x, w, 1e-6), memory._SiluMulFunction.apply(g, u)
     h32 = x.float()
     y = w * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
     return y, torch.nn.functional.silu(g) * u

@@ -82,8 +82,7 @@ def eos_midway(model, prompts) -> list[int]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cuda_graphs_and_flex_decode_greedy_match_generate(prompts, dtype):
-    from prefloop.engine import GenerationStats, Sampling, generate
-    from prefloop.engine import kv
+    from prefloop.engine import GenerationStats, Sampling, generate, kv
     from prefloop.engine.loop import options_for
 
     opt = options_for(torch.device("cuda"))
@@ -165,9 +164,9 @@ def test_bf16_lora_training_lowers_the_loss_and_the_adapter_reloads(stage_env, e
     from tiny import read_jsonl_lines, save_model_folder, write_instructions, write_pairs
     from transformers import AutoModelForCausalLM
 
-    from prefloop.stages import compare, train
     from prefloop.config import Recipe, apply_overrides
     from prefloop.models import load_model
+    from prefloop.stages import compare, train
 
     model_dir = save_model_folder(stage_env / "model")
     run = stage_env / "run"
@@ -214,13 +213,12 @@ def test_bf16_lora_training_lowers_the_loss_and_the_adapter_reloads(stage_env, e
 def test_fastdpo_matches_trl_on_one_bf16_batch():
     from datasets import Dataset
     from peft import LoraConfig
+    from prefloop.dpo import FastDPOConfig, FastDPOTrainer, PairCollator
     from test_fastdpo import MAX_LENGTH, TEMPLATE, WORDS
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
-
-    from prefloop.fastdpo import FastDPOConfig, FastDPOTrainer, PairCollator
 
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="w0"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -288,8 +286,8 @@ def test_fastdpo_matches_trl_on_one_bf16_batch():
 def test_qlora_trains_a_4bit_base(stage_env):
     from tiny import read_jsonl_lines, save_model_folder, write_pairs
 
-    from prefloop.stages import train
     from prefloop.config import Recipe, apply_overrides
+    from prefloop.stages import train
 
     model_dir = save_model_folder(stage_env / "model")
     write_pairs(stage_env / "run")

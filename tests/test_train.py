@@ -278,13 +278,51 @@ def test_loss_list_matches_trl():
 def test_fast_engine_is_imported_only_when_asked(monkeypatch):
     from trl import DPOTrainer
 
-    monkeypatch.delitem(sys.modules, "prefloop.fastdpo", raising=False)
+    monkeypatch.delitem(sys.modules, "prefloop.dpo", raising=False)
     assert train.trainer_class("trl") is DPOTrainer
-    assert "prefloop.fastdpo" not in sys.modules
-    fake = types.ModuleType("prefloop.fastdpo")
+    assert "prefloop.dpo" not in sys.modules
+    fake = types.ModuleType("prefloop.dpo")
     fake.FastDPOTrainer = type("FastDPOTrainer", (), {})
-    monkeypatch.setitem(sys.modules, "prefloop.fastdpo", fake)
+    monkeypatch.setitem(sys.modules, "prefloop.dpo", fake)
     assert train.trainer_class("fast") is fake.FastDPOTrainer
+
+
+def test_fast_settings_from_the_recipe_reach_the_trainer(tmp_path, monkeypatch, trained):
+    from dataclasses import fields
+
+    from trl import DPOConfig
+
+    from prefloop.dpo import FastDPOConfig, FastDPOTrainer
+
+    # TrainConfig's fast_* keys are FastDPOConfig's own fields, with the same defaults.
+    defaults = {f.name: f.default for f in fields(FastDPOConfig) if f.name.startswith("fast_")}
+    assert train.fast_settings(Recipe().train) == defaults
+    assert type(trained["trainer"].args) is DPOConfig  # engine trl: TRL's config, no fast_* keys
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir = save_model_folder(tmp_path / "model")
+    write_pairs(tmp_path / "run")
+    recipe = _recipe(model_dir, "train.engine=fast", "train.fast_activation_budget_gb=0.25",
+                     "train.fast_min_chunk_tokens=1024", "train.fast_lean_activations=false")
+    _, seen = run_capturing(recipe, tmp_path / "run")
+    trainer = seen["trainer"]
+    assert isinstance(trainer, FastDPOTrainer) and trainer.fast_fallback_reason is None
+    assert isinstance(trainer.args, FastDPOConfig)
+    assert (trainer.args.fast_activation_budget_gb, trainer.args.fast_min_chunk_tokens,
+            trainer.args.fast_lean_activations) == (0.25, 1024, False)
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("train.fast_min_chunk_tokens=0", "--set: train.fast_min_chunk_tokens: must be > 0, got 0"),
+    ("train.fast_activation_budget_gb=-1",
+     "--set: train.fast_activation_budget_gb: must be >= 0, got -1.0"),
+    ("train.fast_lean_activations=sometimes",
+     "--set: train.fast_lean_activations: expected true or false, got 'sometimes'"),
+])
+def test_invalid_fast_setting_is_one_clear_line(setting, message):
+    with pytest.raises(PrefloopError) as e:
+        apply_overrides(Recipe(), [setting])
+    assert str(e.value) == message
 
 
 @pytest.mark.gpu

@@ -117,7 +117,16 @@ class TrainConfig:
     qlora: bool = False
     seed: int = 0
     logging_steps: int = 1
-    engine: Literal["trl", "fast"] = "trl"  # "fast": prefloop.fastdpo.FastDPOTrainer
+    engine: Literal["trl", "fast"] = "trl"  # "fast": prefloop.dpo.FastDPOTrainer
+    # FastDPOTrainer's settings (prefloop.dpo.FastDPOConfig's fields, same names and defaults), used
+    # with engine "fast" only (ignored with "trl"):
+    # - fast_activation_budget_gb: activation memory a chunk of pairs may hold, in GiB (>= 0);
+    #   null: what TRL's padded layout would need for this batch size and the longest pair.
+    # - fast_min_chunk_tokens: smallest chunk of pairs given a forward/backward of its own (> 0).
+    # - fast_lean_activations: RMSNorm and SwiGLU save less for the backward (Llama/Mistral/Qwen).
+    fast_activation_budget_gb: float | None = None
+    fast_min_chunk_tokens: int = 8192
+    fast_lean_activations: bool = True
 
 
 @dataclass(frozen=True)
@@ -252,7 +261,8 @@ def _build_section(where: str, cls: type, data: Any, base: Any) -> Any:
 
 _POSITIVE = {"k", "n_train", "max_new_tokens", "judge_samples", "judge_max_new_tokens", "min_valid",
              "batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha", "rounds",
-             "prompts_per_round", "n_candidates", "eval_prompts", "logging_steps"}
+             "prompts_per_round", "n_candidates", "eval_prompts", "logging_steps",
+             "fast_min_chunk_tokens"}
 
 
 def _check_ranges(where: str, section: Any) -> None:
@@ -268,7 +278,7 @@ def _check_ranges(where: str, section: Any) -> None:
             raise PrefloopError(f"{where}.{f.name}: must be in (0, 1], got {v}")
         if f.name in ("lora_dropout", "warmup_ratio", "length_match") and not 0 <= v < 1:
             raise PrefloopError(f"{where}.{f.name}: must be in [0, 1), got {v}")
-        if f.name in ("n_heldout", "min_margin") and v < 0:
+        if f.name in ("n_heldout", "min_margin", "fast_activation_budget_gb") and v < 0:
             raise PrefloopError(f"{where}.{f.name}: must be >= 0, got {v}")
 
 

@@ -15,6 +15,7 @@ the stage is minutes long at the sizes prefloop targets.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -136,21 +137,32 @@ def _device_and_dtype(model) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
+def fast_settings(cfg: TrainConfig) -> dict:
+    """The recipe's FastDPOTrainer settings: TrainConfig's fast_* keys, named as in FastDPOConfig."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("fast_")}
+
+
 def dpo_config(cfg: TrainConfig, out_dir: Path, device: torch.device, dtype: torch.dtype,
                model_init_kwargs: dict | None = None):
     """DPOConfig with every default that matters set explicitly (TRL's bf16=True and
-    gradient_checkpointing=True defaults are wrong for a CPU run)."""
+    gradient_checkpointing=True defaults are wrong for a CPU run). With engine "fast": a
+    FastDPOConfig, which also carries the recipe's fast_* settings (TRL's DPOConfig refuses them)."""
     from dataclasses import fields
 
     from trl import DPOConfig
 
+    config_cls, extra = DPOConfig, {}
+    if cfg.engine == "fast":
+        from prefloop.dpo import FastDPOConfig
+
+        config_cls, extra = FastDPOConfig, fast_settings(cfg)
     cuda = device.type == "cuda"
     # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (old name warns)
     names = {f.name for f in fields(DPOConfig)}
     ckpt = ("activation_checkpointing" if "activation_checkpointing" in names
             else "gradient_checkpointing")
-    return DPOConfig(
-        **{ckpt: cfg.gradient_checkpointing},
+    return config_cls(
+        **{ckpt: cfg.gradient_checkpointing}, **extra,
         output_dir=str(out_dir), report_to=[], save_strategy="no", seed=cfg.seed,
         data_seed=cfg.seed, use_cpu=not cuda,
         bf16=cuda and dtype == torch.bfloat16, fp16=cuda and dtype == torch.float16,
@@ -170,7 +182,7 @@ def dpo_config(cfg: TrainConfig, out_dir: Path, device: torch.device, dtype: tor
 
 def trainer_class(engine: str):
     if engine == "fast":
-        from prefloop.fastdpo import FastDPOTrainer
+        from prefloop.dpo import FastDPOTrainer
 
         return FastDPOTrainer
     from trl import DPOTrainer
@@ -412,7 +424,10 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     run = RunDir(run_dir)
     out = run.stage("train")
     distributed.topology()  # first: under a launcher it also picks this process's GPU
-    stage = Stage(out, "train", {"train": cfg, "model": recipe.model,
+    # The fast_* settings count only with the fast engine (so a trl run's hash is unchanged by them).
+    hashed = cfg if cfg.engine == "fast" else {k: v for k, v in dataclasses.asdict(cfg).items()
+                                                if k not in fast_settings(cfg)}
+    stage = Stage(out, "train", {"train": hashed, "model": recipe.model,
                                  "upstream": run.upstream("pairs")})
     device = pick_device(recipe.model.device)
     check_options(cfg, device)
