@@ -46,3 +46,31 @@ def test_unknown_model_name_fails_before_loading(tmp_path, capsys):
     assert main(["generate", "--output-dir", str(out), "--set", "model.name=nonsense"]) == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith(
         "prefloop: error: model.name: unknown model 'nonsense'")
+
+
+def test_out_of_memory_is_one_line_naming_the_setting(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from prefloop.stages import generate
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+
+    monkeypatch.setattr(generate, "run", oom)
+    assert main(["generate", "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("prefloop: error: generate: out of memory (CUDA out of memory. Tried to "
+                   "allocate 2.00 GiB); lower generate.batch_size (e.g. --set "
+                   "generate.batch_size=64) or generate.max_new_tokens, then run the same "
+                   "command again to resume")
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(tmp_path, monkeypatch):
+    from prefloop.stages import generate
+
+    def broken(*a, **k):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(generate, "run", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["generate", "--output-dir", str(tmp_path / "run")])

@@ -58,7 +58,38 @@ def run_stage(stage: str, recipe: Recipe, run_dir: Path, force: bool) -> Path:
     module = importlib.import_module(f"prefloop.stages.{stage}")
     where = run_dir if stage == "iterate" else run_dir / stage
     print(f"[prefloop] {stage} -> {where}", file=sys.stderr)
-    return module.run(recipe, run_dir, force=force)
+    try:
+        return module.run(recipe, run_dir, force=force)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(e):
+            raise
+        raise PrefloopError(out_of_memory(stage, e)) from None
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or "out of memory" in str(err).lower())
+
+
+# What to lower, per stage, when the accelerator (or the host) runs out of memory.
+MEMORY_SETTINGS = {
+    "generate": "generate.batch_size (e.g. --set generate.batch_size=64) or generate.max_new_tokens",
+    "rank": "rank.batch_size (e.g. --set rank.batch_size=8) or, for the judge, "
+            "rank.judge_max_new_tokens",
+    "train": "train.batch_size with a larger train.grad_accum, train.max_length, or set "
+             "train.gradient_checkpointing=true or train.qlora=true",
+    "compare": "compare.max_new_tokens or the number of held-out instructions",
+    "iterate": "iterate.n_candidates, iterate.max_new_tokens or train.batch_size",
+}
+
+
+def out_of_memory(stage: str, err: BaseException) -> str:
+    """One line for an out-of-memory error: where, and which setting to lower; what was
+    already written stays (the same command resumes)."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    fix = MEMORY_SETTINGS.get(stage, "the batch sizes of this stage")
+    return (f"{stage}: out of memory ({first[:160]}); lower {fix}, then run the same command "
+            "again to resume")
 
 
 def _quiet_libraries() -> None:

@@ -572,12 +572,16 @@ class PairRM:
         Identical inputs are scored once (exact ties); batches are sorted by length, longest
         first, so padding stays small and an out-of-memory error shows up at once.
         """
+        from tqdm.auto import tqdm
+
         unique = list(dict.fromkeys(pairs))
         order = sorted(range(len(unique)), key=lambda k: -len(unique[k].ids))
         values = np.zeros(len(unique), dtype=np.float32)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            values[chunk] = self._forward([unique[k] for k in chunk])
+        with tqdm(total=len(order), desc="pairrm", unit="pair", disable=len(order) < 256) as bar:
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                values[chunk] = self._forward([unique[k] for k in chunk])
+                bar.update(len(chunk))
         position = {pair: k for k, pair in enumerate(unique)}
         return np.array([values[position[p]] for p in pairs], dtype=np.float32)
 
