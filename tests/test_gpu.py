@@ -213,12 +213,13 @@ def test_bf16_lora_training_lowers_the_loss_and_the_adapter_reloads(stage_env, e
 def test_fastdpo_matches_trl_on_one_bf16_batch():
     from datasets import Dataset
     from peft import LoraConfig
-    from prefloop.dpo import FastDPOConfig, FastDPOTrainer, PairCollator
     from test_fastdpo import MAX_LENGTH, TEMPLATE, WORDS
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from prefloop.dpo import FastDPOConfig, FastDPOTrainer, PairCollator
 
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="w0"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
