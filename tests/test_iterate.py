@@ -361,3 +361,27 @@ def test_round_2_reference_is_the_merged_M2_not_M1(loop, tmp_path):
                 assert pol == pytest.approx(ref, abs=1e-5)
                 assert ref == pytest.approx(from_m2, abs=1e-5)
                 assert abs(ref - from_m1) > 1e-2
+
+
+def test_round_recipe_keeps_a_programmatic_reward(tmp_path):
+    """rank.ranker=constraints: every round is ranked by the constraints (no self-judge);
+    the paper's loop (a model ranker) makes M_t judge itself."""
+    from prefloop.config import apply_overrides
+
+    r = apply_overrides(Recipe(), ["rank.ranker=constraints"])
+    assert iterate.round_recipe(r, tmp_path, 1).rank == r.rank
+    j = iterate.round_recipe(Recipe(), tmp_path, 1).rank
+    assert (j.ranker, j.judge_model, j.judge_samples) == ("judge", None, 3)
+
+
+def test_eval_stats_report_objective_accuracy_of_constrained_prompts():
+    no_comma = [{"kind": "punctuation:no_comma", "args": {}}]
+    gens = [{"id": str(i), "instruction": "Describe tea. Do not use any commas.",
+             "response": text, "response_tokens": 5, "finish_reason": "eos",
+             "constraints": no_comma}
+            for i, text in enumerate(["Tea is a warm drink.", "Tea, hot, is nice.",
+                                      "Green tea is calm.", "I'm sorry."])]
+    scores = {g["id"]: {"score": None, "scores": []} for g in gens}
+    assert iterate.eval_stats(gens, scores)["objective_strict"] == 0.75
+    plain = [{k: v for k, v in g.items() if k != "constraints"} for g in gens]
+    assert iterate.eval_stats(plain, scores)["objective_strict"] is None

@@ -53,7 +53,7 @@ def write_source(path: Path) -> Path:
 def recipe_for(source: Path) -> Recipe:
     return Recipe(
         instructions=InstructionsConfig(source=str(source), n_train=N_TRAIN, n_heldout=N_HELDOUT),
-        generate=GenerateConfig(k=6, temperature=1.0, top_p=0.95, max_new_tokens=64, seed=0),
+        generate=GenerateConfig(k=6, temperature=0.8, top_p=0.95, max_new_tokens=64, seed=0),
         rank=RankConfig(ranker="constraints"),
         pairs=PairsConfig(length_match=0.5),
         train=TrainConfig(learning_rate=2e-4, epochs=3, batch_size=4, warmup_ratio=0.0,
