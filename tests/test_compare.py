@@ -294,3 +294,33 @@ def test_cuda_original_side_is_the_base_model(run_dir):
     with_adapter = generate(tuned, prompts, 1, sampling, **kw)
     assert [dpo_by_id[f"ho-{i}"]["response"] for i in range(5)] == _decoded(tok, with_adapter)
     assert [c[0].token_ids for c in plain] != [c[0].token_ids for c in with_adapter]
+
+
+def test_constrained_heldout_gets_the_objective_evaluation(run_dir, capsys):
+    """Held-out instructions with constraints: both sides are checked by the program, the
+    paired difference and guards are reported, and the ranker's line says whether it made
+    the training pairs."""
+    from prefloop.artifacts import write_jsonl
+
+    no_comma = [{"kind": "punctuation:no_comma", "args": {}}]
+    items = [{"id": f"ho-{i}", "instruction": t, "constraints": no_comma}
+             for i, t in enumerate(HELDOUT)]
+    write_jsonl(run_dir / "instructions" / "heldout.jsonl", items)
+    recipe = _recipe(run_dir, "compare.max_new_tokens=4", "rank.ranker=constraints",
+                     "compare.ranker=judge")
+    out = compare.run(recipe, run_dir, ranker=FakeRanker([1.0] * 5))
+    o = json.loads((out / "objective.json").read_text())
+    assert o["n"] == 5 and set(o["per_kind"]) == {"punctuation:no_comma"}
+    original = read_jsonl_lines(out / "original.jsonl")
+    expected = sum("," not in r["response"] and r["response"].strip() != ""
+                   for r in original) / 5
+    assert o["original"]["prompt_strict"] == expected
+    v = json.loads((out / "verdict.json").read_text())
+    assert v["independent_of_training_ranker"] is True and v["wins"] == 5
+    text = capsys.readouterr().out
+    assert "Objective evaluation (program checks of each held-out instruction's constraints; " \
+           "the same checks ranked the training pairs" in text
+    assert "Ranker (fake:ranker; independent of the training ranker): DPO wins 5" in text
+    assert text.rstrip().splitlines()[-1].startswith("Verdict: ")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["objective_strict"]["original"] == expected
