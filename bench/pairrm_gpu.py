@@ -9,8 +9,8 @@ makes the token lengths exact:
 - prompts: the first 50 LIMA prompts (../shared/data/lima_prompts.jsonl, 4.2 characters per
   token) when the file is there, else 50 lengths drawn like them (lognormal, median 27 tokens);
 - responses: lognormal, median 200 tokens, cut at 400 (a 256-new-token generation cap).
-A second table times fixed-shape batches (L=256, batch 32) against the spec's reference figure
-(about 720 sequences/s in fp16 on one H100).
+A second table times fixed-shape batches (L=256, batch 32) against the reference figure in
+docs/pairrm.md §8 (about 720 sequences/s in fp16 on one H100).
 
     python bench/pairrm_gpu.py                 # GPU: fp16, bf16, fp32; prints a table last
     python bench/pairrm_gpu.py --tiny          # CPU smoke test with a 2-layer model
@@ -229,7 +229,7 @@ def main() -> None:
               f"{r['median_s']:.2f} | {r['real_tokens_per_s']:,.0f} | {r['padding']:.1%} | "
               f"{r['peak_gib']:.2f} | {r['finite']} |")  # fmt: skip
     if fixed:
-        print("\nFixed shape L=256, batch 32 (spec reference: ~720 seq/s fp16 on H100)")
+        print("\nFixed shape L=256, batch 32 (docs/pairrm.md §8: ~720 seq/s fp16 on H100)")
         print("| dtype | ms/batch | seq/s |")
         print("|---|---|---|")
         for f in fixed:
