@@ -156,7 +156,7 @@ def dpo_config(cfg: TrainConfig, out_dir: Path, device: torch.device, dtype: tor
         output_dir=str(out_dir), report_to=[], save_strategy="no", seed=cfg.seed,
         data_seed=cfg.seed, use_cpu=not cuda,
         bf16=cuda and dtype == torch.bfloat16, fp16=cuda and dtype == torch.float16,
-        disable_dropout=True,  # LoRA's too; paper: 0.1 (docs/self_rewarding.md §9.14)
+        disable_dropout=True,
         loss_type=parse_loss_types(cfg.loss_type), beta=cfg.beta,
         learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
