@@ -180,10 +180,6 @@ def write_manifest(stage_dir: Path, stage: str, cfg_hash: str, *, started: float
     (Path(stage_dir) / "in_progress.json").unlink(missing_ok=True)
 
 
-def clear_manifest(stage_dir: Path) -> None:
-    manifest_path(stage_dir).unlink(missing_ok=True)
-
-
 def begin_stage(stage_dir: Path, stage: str, cfg_hash: str, *, force: bool = False) -> bool:
     """Prepare a stage folder; return True when the stage is already finished (skip it).
 

@@ -38,7 +38,8 @@ def judge_model_name(recipe: Recipe) -> str:
 
 
 def make_ranker(recipe: Recipe, model=None, tokenizer=None, *, name: str | None = None):
-    """The recipe's ranker with `.name`, `.score(...)` and `.compare(...)`.
+    """The recipe's ranker with `.name` and `.compare(...)` (judge: also `.judge`/`.score`;
+    PairRM: `.rank_groups`).
 
     judge: `model`/`tokenizer` are the judge (e.g. the current policy in the iterate loop);
     when omitted, rank.judge_model is loaded (None: the policy of model.name).
@@ -83,19 +84,6 @@ class PairRMRanker:
         if not sources:
             return []
         return [list(r.scores) for r in self.pairrm.rank(sources, groups)]
-
-    def score(self, instructions: list[str], responses: list[str]) -> list[float | None]:
-        """Responses sharing an instruction are ranked together; a lone one scores 0."""
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, instruction in enumerate(instructions):
-            groups[instruction].append(i)
-        keys = list(groups)
-        ranked = self.rank_groups(keys, [[responses[i] for i in groups[k]] for k in keys])
-        out: list[float | None] = [None] * len(responses)
-        for key, scores in zip(keys, ranked, strict=True):
-            for i, s in zip(groups[key], scores, strict=True):
-                out[i] = s
-        return out
 
     def compare(self, instructions: list[str], a: list[str], b: list[str]) -> list[float]:
         """logit(a, b) − logit(b, a): both orders, so PairRM's position bias cancels."""
