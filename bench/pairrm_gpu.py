@@ -35,7 +35,9 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from prefloop.rankers.pairrm import (  # noqa: E402
+    CANDIDATE_MARKER,
     MARKERS,
+    SOURCE_MARKER,
     SPECIAL_TOKENS,
     PairInput,
     PairRM,
@@ -43,6 +45,7 @@ from prefloop.rankers.pairrm import (  # noqa: E402
     backbone_config,
     build_modules,
     build_pair,
+    candidate_budget,
 )
 
 LIMA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lima_prompts.jsonl"
@@ -102,11 +105,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def segments(model: PairRM, sources, candidates) -> list[tuple[list[int], list[list[int]]]]:
+    """Per prompt: its source segment and candidate segments, cut to the per-example budget
+    as rank() cuts them (docs/pairrm.md §4), built from the public pieces."""
+    tok, s_max, c_max = model.tokenizer, model.source_max_tokens, model.candidate_max_tokens
+    out = []
+    for source, cands in zip(sources, candidates, strict=True):
+        src = tok.segment(SOURCE_MARKER, source, s_max)
+        budget = candidate_budget(len(src), s_max, c_max)
+        out.append((src, [tok.segment(CANDIDATE_MARKER, c, budget) for c in cands]))
+    return out
+
+
 def padding_stats(model: PairRM, sources, candidates) -> tuple[int, int, int]:
     """(pairs, real tokens, padded tokens) of rank()'s batches: sorted by length, batch_size."""
     pairs = [
         len(build_pair(src, cands[i], cands[j], model.tokenizer).ids)
-        for src, cands in model._segments(sources, candidates)
+        for src, cands in segments(model, sources, candidates)
         for i in range(len(cands))
         for j in range(len(cands))
         if i != j
