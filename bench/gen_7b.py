@@ -177,7 +177,7 @@ def step_profile(model, prompts, n, sampling) -> list[tuple[str, float]]:
             def run():
                 loop.col.fill_(width)
                 loop.step.fill_(1)
-                loop._decode(rows, kv)
+                loop.decode_step(rows, kv)
             return run
 
         for kv in sorted({-(-(width + 1) // opt.kv_block) * opt.kv_block, columns}):
@@ -186,7 +186,7 @@ def step_profile(model, prompts, n, sampling) -> list[tuple[str, float]]:
         def forward():
             loop.cache.mode, loop.cache.rows, loop.cache.kv_len = "decode", rows, columns
             mask = decode_mask(loop.pad[:rows], loop.col, loop.columns[:columns], None)
-            return model(input_ids=loop.tok[:rows], attention_mask=loop._mask(mask),
+            return model(input_ids=loop.tok[:rows], attention_mask=loop.additive_mask(mask),
                          position_ids=loop.pos[:rows], **loop.fwd_kwargs).logits
 
         loop.col.fill_(width)  # (token choice alone: `sampling_times`)
@@ -204,13 +204,13 @@ def flex_mode(mode: str | None):
     if mode is None:
         yield
         return
-    saved = list(kv._FLEX_COMPILED)
-    kv._flex_decode()  # raises the recompile limit once
-    kv._FLEX_COMPILED[:] = [torch.compile(kv._flex_decode_attention, dynamic=False, mode=mode)]
+    saved = list(kv.FLEX_COMPILED)
+    kv.flex_decode_kernel()  # raises the recompile limit once
+    kv.FLEX_COMPILED[:] = [torch.compile(kv.flex_decode_attention, dynamic=False, mode=mode)]
     try:
         yield
     finally:
-        kv._FLEX_COMPILED[:] = saved
+        kv.FLEX_COMPILED[:] = saved
 
 
 def kernel_profile(model, prompts, n, sampling, options, steps: int = 5):
@@ -235,12 +235,12 @@ def kernel_profile(model, prompts, n, sampling, options, steps: int = 5):
         loop.start_group(list(enumerate(prompts)))
         kv = -(-(width + 1) // 64) * 64
         for _ in range(3):  # compile and warm up
-            loop._step(rows, kv)
+            loop.eager_step(rows, kv)
         sync(device)
         cuda = device.type == "cuda"
         with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
-                loop._step(rows, kv)
+                loop.eager_step(rows, kv)
             sync(device)
     totals: dict[str, list] = {}
     for evt in prof.key_averages():

@@ -9,8 +9,8 @@ makes the token lengths exact:
 - prompts: the first 50 LIMA prompts (../shared/data/lima_prompts.jsonl, 4.2 characters per
   token) when the file is there, else 50 lengths drawn like them (lognormal, median 27 tokens);
 - responses: lognormal, median 200 tokens, cut at 400 (a 256-new-token generation cap).
-A second table times fixed-shape batches (L=256, batch 32) against the spec's reference figure
-(about 720 sequences/s in fp16 on one H100).
+A second table times fixed-shape batches (L=256, batch 32) against the reference figure in
+docs/pairrm.md §8 (about 720 sequences/s in fp16 on one H100).
 
     python bench/pairrm_gpu.py                 # GPU: fp16, bf16, fp32; prints a table last
     python bench/pairrm_gpu.py --tiny          # CPU smoke test with a 2-layer model
@@ -35,7 +35,9 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from prefloop.rankers.pairrm import (  # noqa: E402
+    CANDIDATE_MARKER,
     MARKERS,
+    SOURCE_MARKER,
     SPECIAL_TOKENS,
     PairInput,
     PairRM,
@@ -43,6 +45,7 @@ from prefloop.rankers.pairrm import (  # noqa: E402
     backbone_config,
     build_modules,
     build_pair,
+    candidate_budget,
 )
 
 LIMA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lima_prompts.jsonl"
@@ -102,11 +105,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def segments(model: PairRM, sources, candidates) -> list[tuple[list[int], list[list[int]]]]:
+    """Per prompt: its source segment and candidate segments, cut to the per-example budget
+    as rank() cuts them (docs/pairrm.md §4), built from the public pieces."""
+    tok, s_max, c_max = model.tokenizer, model.source_max_tokens, model.candidate_max_tokens
+    out = []
+    for source, cands in zip(sources, candidates, strict=True):
+        src = tok.segment(SOURCE_MARKER, source, s_max)
+        budget = candidate_budget(len(src), s_max, c_max)
+        out.append((src, [tok.segment(CANDIDATE_MARKER, c, budget) for c in cands]))
+    return out
+
+
 def padding_stats(model: PairRM, sources, candidates) -> tuple[int, int, int]:
     """(pairs, real tokens, padded tokens) of rank()'s batches: sorted by length, batch_size."""
     pairs = [
         len(build_pair(src, cands[i], cands[j], model.tokenizer).ids)
-        for src, cands in model._segments(sources, candidates)
+        for src, cands in segments(model, sources, candidates)
         for i in range(len(cands))
         for j in range(len(cands))
         if i != j
@@ -229,7 +244,7 @@ def main() -> None:
               f"{r['median_s']:.2f} | {r['real_tokens_per_s']:,.0f} | {r['padding']:.1%} | "
               f"{r['peak_gib']:.2f} | {r['finite']} |")  # fmt: skip
     if fixed:
-        print("\nFixed shape L=256, batch 32 (spec reference: ~720 seq/s fp16 on H100)")
+        print("\nFixed shape L=256, batch 32 (docs/pairrm.md §8: ~720 seq/s fp16 on H100)")
         print("| dtype | ms/batch | seq/s |")
         print("|---|---|---|")
         for f in fixed:

@@ -9,7 +9,7 @@ never in the project env. From the repository root:
     .pairrm-ref-venv/bin/pip install --no-deps llm-blender==0.0.2
     .pairrm-ref-venv/bin/python scripts/make_pairrm_fixtures.py [--out tests/fixtures/pairrm]
 
-It needs no network. It builds (docs: /work/shared/docs/pairrm.md, section 9.2):
+It needs no network. It builds (docs/pairrm.md §7.1):
 1. a tiny SentencePiece Unigram model (nmt_nfkc, [PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3, 200 pieces);
 2. a random DeBERTa-v2 backbone of PairRM's shape, scaled down (hidden 32, 2 layers, 4 heads,
    position_buckets 16) with that tokenizer ([MASK]=200);

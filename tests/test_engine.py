@@ -303,7 +303,7 @@ def test_flex_kernel_options_reach_flex_attention(model, monkeypatch):
     from prefloop.engine.loop import CUDA_FLEX_KERNEL
 
     seen = []
-    monkeypatch.setattr(kv, "_flex_decode", lambda: lambda q, k, v, bias, scale, options: (
+    monkeypatch.setattr(kv, "flex_decode_kernel", lambda: lambda q, k, v, bias, scale, options: (
         seen.append(options) or torch.zeros_like(q)))
     q, k = torch.zeros(3, 4, 1, 16), torch.zeros(3, 2, 5, 16)  # head_dim >= FLEX_MIN_HEAD_DIM
     with kv.grouped_attention(model, flex_decode=True, flex_kernel=CUDA_FLEX_KERNEL):

@@ -1,7 +1,7 @@
 """Parity of the native PairRM with llm-blender 0.0.2 on a tiny random model (fp32, CPU).
 
 Fixtures: tests/fixtures/pairrm, recorded by scripts/make_pairrm_fixtures.py in a transformers-4
-venv (the reference cannot run on v5). Spec: shared/docs/pairrm.md, section 9.
+venv (the reference cannot run on v5). Design: docs/pairrm.md §7.
 """
 
 import json
@@ -326,7 +326,7 @@ def test_half_precision_on_gpu_keeps_the_ranks(dtype):
     check_half_precision("cuda", dtype)
 
 
-# -- optional: the real weights (spec 9.5); set PREFLOOP_PAIRRM_WEIGHTS to a downloaded folder ----
+# -- optional: the real weights (docs/pairrm.md §7.3); PREFLOOP_PAIRRM_WEIGHTS = their folder
 
 REAL = os.environ.get("PREFLOOP_PAIRRM_WEIGHTS")
 

@@ -50,7 +50,7 @@ def gqa_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: to
     if (q_len == 1 and mask is not None and _FLEX_DECODE[0] and dim >= FLEX_MIN_HEAD_DIM
             and _flex_shape_ok(key)):
         options = dict(_FLEX_KERNEL[0]) if _FLEX_KERNEL[0] else None
-        out = _flex_decode()(query, key, value, mask, scaling, options)  # (B, H, 1, D)
+        out = flex_decode_kernel()(query, key, value, mask, scaling, options)  # (B, H, 1, D)
         return out.transpose(1, 2), None
     if q.is_cuda:  # measured on H100 at decode shapes: 17 % faster than the default (cuDNN)
         with sdpa_kernel(_CUDA_BACKENDS, set_priority=True):
@@ -65,7 +65,7 @@ AttentionInterface.register(ATTENTION_NAME, gqa_sdpa_attention)
 _FLEX_DECODE = [False]  # set by grouped_attention(model, flex_decode=True)
 
 
-def _flex_decode_attention(query, key, value, bias, scale, kernel_options=None):
+def flex_decode_attention(query, key, value, bias, scale, kernel_options=None):
     """One-token attention on grouped K/V with FlexAttention: the additive mask is read as a
     score modification, so any mask the engine builds works unchanged."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -80,7 +80,7 @@ def _flex_decode_attention(query, key, value, bias, scale, kernel_options=None):
 # Triton options of the decode kernel (BLOCK_N, num_stages, num_warps), None: torch's defaults.
 # Set through LoopOptions.flex_kernel; the benchmark compares settings.
 _FLEX_KERNEL: list = [None]
-_FLEX_COMPILED: list = []
+FLEX_COMPILED: list = []
 # FlexAttention is compiled per (rows, keys) shape, ~1 s each on an H200. A long run meets many
 # shapes (row buckets x 64-column blocks); past this many, new shapes use SDPA (same results,
 # a little slower) instead of compiling on, or of torch falling back to eager FlexAttention.
@@ -99,14 +99,15 @@ def _flex_shape_ok(key: torch.Tensor) -> bool:
     return True
 
 
-def _flex_decode():
-    if not _FLEX_COMPILED:
+def flex_decode_kernel():
+    """flex_decode_attention compiled once (FLEX_COMPILED holds it; a benchmark may swap it)."""
+    if not FLEX_COMPILED:
         import torch._dynamo
 
         # one compiled kernel per (rows, attended columns) shape; the engine needs a few dozen
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _FLEX_COMPILED.append(torch.compile(_flex_decode_attention, dynamic=False))
-    return _FLEX_COMPILED[0]
+        FLEX_COMPILED.append(torch.compile(flex_decode_attention, dynamic=False))
+    return FLEX_COMPILED[0]
 
 
 @contextmanager

@@ -112,7 +112,8 @@ class DecodeLoop:
         self.cache.mode, self.cache.seen, self.cache.prefix = "prefix", 0, 0
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
         pad = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.model(input_ids=tokens, attention_mask=self._mask(prefill_mask(pad, length, None)),
+        self.model(input_ids=tokens,
+                   attention_mask=self.additive_mask(prefill_mask(pad, length, None)),
                    position_ids=torch.arange(length, device=self.device)[None],
                    **self.fwd_kwargs)
         self.prefix = length
@@ -129,7 +130,7 @@ class DecodeLoop:
                 break
             kv = min(self.n_columns, -(-(width + step) // self.opt.kv_block) * self.opt.kv_block)
             self.cache.seen = width + step - 1
-            self._decode(self.active, kv)
+            self.decode_step(self.active, kv)
             if step % self.opt.sync_every == 0 or step == self.max_new - 1:
                 self._collect(report, width + step)
         self._collect(report, width + self.max_new - 1, final=True)
@@ -201,7 +202,7 @@ class DecodeLoop:
             mask = torch.cat([mask.new_ones(len(chunk), 1, span, pre), mask], -1)
         self.cache.mode, self.cache.row0, self.cache.copies = "prefill", row0, self.n
         self.cache.col0, self.cache.seen, self.cache.prefix = width - span, pre, pre
-        logits = self.model(input_ids=ids, attention_mask=self._mask(mask),
+        logits = self.model(input_ids=ids, attention_mask=self.additive_mask(mask),
                             position_ids=positions, **self.fwd_kwargs).logits[:, -1]
         if self.logit_sink is not None:
             self.logit_sink([i for i, _ in chunk], logits)
@@ -221,20 +222,21 @@ class DecodeLoop:
 
     # ---- decode ----------------------------------------------------------------------------
 
-    def _decode(self, rows: int, kv: int) -> None:
+    def decode_step(self, rows: int, kv: int) -> None:
+        """One token for rows [0, rows): the captured graph's replay on CUDA, else eager_step."""
         if not self.opt.cuda_graphs:
-            self._step(rows, kv)
+            self.eager_step(rows, kv)
             return
         graph = self.graphs.get((rows, kv))
         if graph is None:
             graph = self._capture(rows, kv)
         graph.replay()
 
-    def _step(self, rows: int, kv: int) -> None:
+    def eager_step(self, rows: int, kv: int) -> None:
         """One token for rows [0, rows): forward at column `col`, choose, record. Graph-safe."""
         self.cache.mode, self.cache.rows, self.cache.kv_len = "decode", rows, kv
         mask = decode_mask(self.pad[:rows], self.col, self.columns[:kv], self.window, self.prefix)
-        logits = self.model(input_ids=self.tok[:rows], attention_mask=self._mask(mask),
+        logits = self.model(input_ids=self.tok[:rows], attention_mask=self.additive_mask(mask),
                             position_ids=self.pos[:rows], **self.fwd_kwargs).logits[:, -1]
         done = self.done[:rows]
         nxt = torch.where(done, self.pad_id, self._choose(logits, self.key[:rows]))
@@ -246,7 +248,7 @@ class DecodeLoop:
         self.step += 1
 
     def _capture(self, rows: int, kv: int) -> torch.cuda.CUDAGraph:
-        """Capture `_step(rows, kv)`. Before each capture, a warm-up run on the same inputs
+        """Capture `eager_step(rows, kv)`. Before each capture, a warm-up run on the same inputs
         does the libraries' lazy set-up and any compiling for this shape (neither is allowed
         during capture); its state changes are undone."""
         started = time.perf_counter()
@@ -255,13 +257,13 @@ class DecodeLoop:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._step(rows, kv)  # writes this step's K/V column; the replay rewrites it
+            self.eager_step(rows, kv)  # writes this step's K/V column; the replay rewrites it
         torch.cuda.current_stream().wait_stream(side)
         for t, s in zip(state, saved, strict=True):
             t.copy_(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            self._step(rows, kv)
+            self.eager_step(rows, kv)
         self.graphs[(rows, kv)] = graph
         self.capture_seconds += time.perf_counter() - started
         return graph
@@ -274,7 +276,7 @@ class DecodeLoop:
     def _is_eos(self, tokens: torch.Tensor) -> torch.Tensor:
         return (tokens.unsqueeze(-1) == self.eos).any(-1)
 
-    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
+    def additive_mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """The additive form (0 or the dtype's lowest value), which every attention function
         takes (eager ones need it) and SDPA would otherwise build from a boolean mask in every
         layer."""

@@ -3,7 +3,8 @@
 Each response is judged N times (sampled, T 0.7, top-p 0.9 by default) and its score is the mean of
 the valid judgments. The filled prompt is sent as one user turn through the judge's own chat
 template; the paper fine-tuned a base model in Open Assistant format instead, so this is our choice.
-A judgment whose score cannot be parsed counts as missing, never as a number (docs/self_rewarding.md): mapping failures to 0 or -1 would turn broken judgments into "rejected" responses.
+A judgment whose score cannot be parsed counts as missing, never as a number (docs/self_rewarding.md
+§5.3): mapping failures to 0 or -1 would turn broken judgments into "rejected" responses.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def digit_tokens(tokenizer) -> dict[int, int]:
 
 def forced_scores(backend, sequences: list[list[int]]) -> list[float]:
     """s = Σ_d d·p(d) / Σ_d p(d), d ∈ 0..5, p(d) = p(next token spells d | prompt, judgment,
-    "\nScore:"): the probability-weighted score of G-Eval (Liu et al. 2023), not the paper's.
+    "\nScore:"): the probability-weighted score of G-Eval (Liu et al. 2023), not the paper's
+    (docs/self_rewarding.md §5.4).
 
     The expectation rather than the argmax, because a small judge's argmax is nearly constant
     (SmolLM2-135M: "1" for 58 of 58 failed judgments) and would leave every response tied.

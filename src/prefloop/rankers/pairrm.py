@@ -6,7 +6,7 @@ and returns logit(a, b) = head([h_src; h_1]) - head([h_src; h_2]), where h_* are
 states at the three marker tokens and head = Linear(2H -> H) -> tanh -> Linear(H -> 1).
 sigma(logit(a, b)) is the Bradley-Terry probability that a is better than b.
 
-Differences from llm-blender 0.0.2 (docs: shared/docs/pairrm.md), all deliberate:
+Differences from llm-blender 0.0.2 (docs/pairrm.md §6), all deliberate:
 - Candidate budget per example, Cb = C + (S - Lsrc) // 2, so a ranking never depends on which
   prompts share a batch; llm-blender uses the longest source of its batch
   (``reference_batch_size=`` reproduces that, for parity tests only).

@@ -10,7 +10,7 @@ directory of its own, driven by the ordinary stage functions and a per-round rec
     M_{t+1}    = argmin_θ  −E log σ(β [log πθ(y_w|x)/π_ref(y_w|x) − log πθ(y_l|x)/π_ref(y_l|x)]),
                  with πθ initialised from M_t and π_ref = M_t,  β = 0.1
 
-Reference model with LoRA: design A, "merge, then a fresh adapter" (self_rewarding.md §2.9).
+Reference model with LoRA: design A, "merge, then a fresh adapter" (docs/self_rewarding.md §7.2).
 After round t the LoRA adapter is merged into M_t's weights and saved as a plain model folder,
 rounds/<t>/model = M_{t+1}. Round t+1 trains a *new* adapter on that folder through the very same
 `train.run` as `prefloop run`: TRL's reference is the adapter-disabled model, which is then

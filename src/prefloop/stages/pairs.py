@@ -1,6 +1,6 @@
 """Stage 4: best-vs-worst preference pairs per instruction -> a Hub-ready dataset with its card.
 
-Per instruction (Yuan et al. 2024 §2.7 of self_rewarding.md): candidates are the responses with a
+Per instruction (Yuan et al. 2024; docs/self_rewarding.md §6): candidates are the responses with a
 score (and, with pairs.require_eos, that ended with EOS), byte-identical duplicates removed;
 chosen = the highest score, rejected = the lowest; instructions with fewer than two candidates,
 all-equal scores (the paper discards ties) or a margin below pairs.min_margin are dropped.
@@ -198,7 +198,8 @@ def build_pairs(groups: list[list[dict]], recipe: Recipe) -> tuple[list[dict], l
 
 
 def pair_stats(rows: list[dict], tokens: dict[tuple[str, str], int]) -> dict:
-    """Mean chosen/rejected score, margin and length: the length-hacking check of §6."""
+    """Mean chosen/rejected score, margin and length: the length-hacking check of
+    docs/self_rewarding.md §10.1."""
     if not rows:
         return {}
     margins = [r["chosen_score"] - r["rejected_score"] for r in rows]

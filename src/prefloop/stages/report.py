@@ -38,7 +38,7 @@ def _counts(stage_dir: Path) -> dict:
 
 def length_score_corr(scores: list[dict]) -> float | None:
     """Pearson r between response length (tokens) and the self-judge's mean score: > 0 means
-    longer answers score higher, the length bias of §6."""
+    longer answers score higher, the length bias of docs/self_rewarding.md §10.1."""
     pts = [(r["response_tokens"], r["score"]) for r in scores if r["score"] is not None]
     if len(pts) < 3 or len({x for x, _ in pts}) < 2 or len({y for _, y in pts}) < 2:
         return None

@@ -1,15 +1,16 @@
 """New training prompts for one self-rewarding round: Self-Instruct by a fixed model, or seed prompts.
 
-Yuan et al. 2024 (§3.2) create the prompts of each round with a *fixed* model (not the one being
-trained) by 8-shot prompting: 6 demonstrations from the seed (IFT) set and 2 from the prompts
-generated so far, sampled at T 0.6, top-p 0.9, then filtered as in Self-Instruct (Wang et al.
-2023): a new prompt is dropped when
+Yuan et al. 2024 (docs/self_rewarding.md §3) create the prompts of each round with a *fixed*
+model (not the one being trained) by 8-shot prompting: 6 demonstrations from the seed (IFT) set
+and 2 from the prompts generated so far, sampled at T 0.6, top-p 0.9, then filtered as in
+Self-Instruct (Wang et al. 2023): a new prompt is dropped when
 
     max_{p in existing} ROUGE-L_F(new, p) > 0.7,  or  words(new) <= 3  or  words(new) > 150,
 
 or when it names a banned keyword, starts with "Write a program" or with punctuation, or is not
-ASCII. The few-shot text is a raw numbered list (header, "1." .. "8.", an open "9.") that the model
-continues, as Self-Instruct prompts a base model; our header wording is prompts/self_instruct.txt.
+ASCII anywhere (differences from Self-Instruct: docs/self_rewarding.md §9.4). The few-shot text
+is a raw numbered list (header, "1." .. "8.", an open "9.") that the model continues, as
+Self-Instruct prompts a base model; our header wording is prompts/self_instruct.txt.
 Every generation and the fate of each parsed prompt go to `candidates.jsonl`, appended one call at
 a time, so an interrupted round resumes exactly where it stopped.
 """
@@ -65,7 +66,8 @@ def parse_continuation(text: str, truncated: bool) -> list[str]:
     """Split the model's continuation of the open item into prompts.
 
     A blank line ends the list (Self-Instruct's stop sequence); the last item of a continuation
-    cut by the token budget is incomplete and dropped.
+    cut by the token budget is incomplete and dropped, the others are kept (Self-Instruct drops
+    the whole generation: docs/self_rewarding.md §9.4).
     """
     cut = text.find("\n\n")
     if cut >= 0:
