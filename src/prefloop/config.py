@@ -140,6 +140,7 @@ class CompareConfig:
     # are also checked objectively, whatever ranker this names
     ranker: Literal["judge", "pairrm", "constraints"] | None = None
     view: Literal["dataframe", "blocks"] = "dataframe"  # how the table is printed
+    show_rows: int = 10  # rows of the table printed (comparison.csv/.md keep every row)
 
 
 @dataclass(frozen=True)
@@ -262,7 +263,7 @@ def _build_section(where: str, cls: type, data: Any, base: Any) -> Any:
 _POSITIVE = {"k", "n_train", "max_new_tokens", "judge_samples", "judge_max_new_tokens", "min_valid",
              "batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha", "rounds",
              "prompts_per_round", "n_candidates", "eval_prompts", "logging_steps",
-             "fast_min_chunk_tokens"}
+             "fast_min_chunk_tokens", "show_rows"}
 
 
 def _check_ranges(where: str, section: Any) -> None:

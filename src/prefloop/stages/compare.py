@@ -360,7 +360,10 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
     df = comparison_frame(items, original, dpo)
     atomic_write_text(out / "comparison.csv", df.to_csv(index=False))
     atomic_write_text(out / "comparison.md", markdown_table(df))
-    print(format_blocks(df) if cfg.view == "blocks" else format_frame(df))
+    shown = df.head(cfg.show_rows)
+    print(format_blocks(shown) if cfg.view == "blocks" else format_frame(shown))
+    if len(df) > len(shown):
+        print(f"({len(shown)} of {len(df)} rows; all of them in {out / 'comparison.csv'})")
 
     counts = {"heldout": len(items), "identical": sum(a["response"] == b["response"]
                                                       for a, b in zip(original, dpo, strict=True))}
