@@ -77,6 +77,10 @@ def test_win_rate(margins, expected):
     (["iterate.n_candidates=1"],
      "iterate.n_candidates: a pair needs at least 2 candidates (the paper uses 4)"),
     (["iterate.rouge_threshold=1.5"], "iterate.rouge_threshold: must be in (0, 1], got 1.5"),
+    (["rank.ranker=constraints"],
+     "rank.ranker constraints: Self-Instruct prompts carry no constraints; set "
+     "iterate.prompt_source=seed (and an instructions source with constraints, e.g. "
+     "instructions.source=verifiable)"),
 ])
 def test_bad_settings_fail_before_any_model_loads(tmp_path, sets, message):
     from prefloop.config import apply_overrides

@@ -19,7 +19,7 @@ import yaml
 
 from prefloop.errors import PrefloopError
 
-SHIPPED_RECIPES = ("default", "seed", "self-reward")
+SHIPPED_RECIPES = ("default", "seed", "self-reward", "constraints-loop")
 
 
 @dataclass(frozen=True)

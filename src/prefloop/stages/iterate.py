@@ -116,6 +116,10 @@ def check_recipe(recipe: Recipe) -> None:
     if it.min_words > it.max_words:
         raise PrefloopError(f"iterate.min_words ({it.min_words}) exceeds iterate.max_words "
                             f"({it.max_words}); lower min_words or raise max_words")
+    if ranker_class(recipe.rank.ranker).programmatic and it.prompt_source != "seed":
+        raise PrefloopError(f"rank.ranker {recipe.rank.ranker}: Self-Instruct prompts carry no "
+                            "constraints; set iterate.prompt_source=seed (and an instructions "
+                            "source with constraints, e.g. instructions.source=verifiable)")
     if it.n_candidates < 2:
         raise PrefloopError("iterate.n_candidates: a pair needs at least 2 candidates "
                             "(the paper uses 4)")
