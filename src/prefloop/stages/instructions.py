@@ -214,7 +214,11 @@ def split(items: list[dict], n_train: int, n_heldout: int, seed: int,
             "n_heldout, or give a larger source"
         )
     chosen = random.Random(seed).sample(items, need)
-    train, heldout = chosen[:n_train], chosen[n_train:]
+    return disjoint(chosen[:n_train], chosen[n_train:], where)
+
+
+def disjoint(train: list[dict], heldout: list[dict], where: str) -> tuple[list[dict], list[dict]]:
+    """(train, heldout), or an error when an instruction is in both."""
     overlap = {normalize(t["instruction"]) for t in train} & {normalize(h["instruction"])
                                                               for h in heldout}
     if overlap:
@@ -276,12 +280,7 @@ def split_items(items: list[dict], cfg: InstructionsConfig,
     train = _sample(train_pool, cfg.n_train, cfg.seed, where, "n_train", "training")
     heldout = _sample(heldout_pool, cfg.n_heldout, cfg.seed, where, "n_heldout",
                       "validation" if cfg.validation else "held-out")
-    overlap = {normalize(t["instruction"]) for t in train} & {normalize(h["instruction"])
-                                                              for h in heldout}
-    if overlap:
-        raise PrefloopError(f"{where}: train and held-out records overlap on {len(overlap)} "
-                            "instructions; de-duplicate the source")
-    return train, heldout
+    return disjoint(train, heldout, where)
 
 
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
