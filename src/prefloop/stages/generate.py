@@ -173,15 +173,19 @@ def _record(tokenizer, item: dict, rp, sample: int, completion, extra: dict | No
     }
 
 
+def stage_config(recipe: Recipe, upstream) -> dict:
+    """What the stage's manifest hash covers (prefloop.plan predicts it before a run)."""
+    return {"generate": recipe.generate, "model": recipe.model,
+            "upstream": upstream("instructions")}
+
+
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     from prefloop.engine.backends import load_backend
 
     cfg = recipe.generate
     run = RunDir(run_dir)
     distributed.topology()  # first: under a launcher it also picks this process's GPU
-    stage = Stage(run.stage("generate"), "generate",
-                  {"generate": cfg, "model": recipe.model,
-                   "upstream": run.upstream("instructions")})
+    stage = Stage(run.stage("generate"), "generate", stage_config(recipe, run.upstream))
     if stage.begin(force=force):
         return stage.folder
     items = read_jsonl(run.train_instructions)

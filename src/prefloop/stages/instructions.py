@@ -176,11 +176,15 @@ def split(items: list[dict], n_train: int, n_heldout: int, seed: int,
     return train, heldout
 
 
+def stage_config(recipe: Recipe, upstream) -> dict:
+    """What the stage's manifest hash covers (prefloop.plan predicts it before a run)."""
+    return {"instructions": recipe.instructions, "model": recipe.model.name}
+
+
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     cfg = recipe.instructions
     run = RunDir(run_dir)
-    stage = Stage(run.stage("instructions"), "instructions",
-                  {"instructions": cfg, "model": recipe.model.name})
+    stage = Stage(run.stage("instructions"), "instructions", stage_config(recipe, run.upstream))
     if stage.begin(force=force):
         return stage.folder
     raw = load_source(cfg)

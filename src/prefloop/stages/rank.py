@@ -71,16 +71,20 @@ def base_counts(scored: list[dict]) -> dict:
     }
 
 
+def stage_config(recipe: Recipe, upstream) -> dict:
+    """What the stage's manifest hash covers (prefloop.plan predicts it before a run)."""
+    depends = ranker_class(recipe.rank.ranker).depends_on_policy(recipe.rank)
+    return {"rank": recipe.rank, "judge": recipe.model if depends else None,
+            "upstream": upstream("generate")}
+
+
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> Path:
     """Score run_dir/generate/generations.jsonl into run_dir/rank/scores.jsonl.
 
     `ranker` (optional) is a ready ranker, e.g. the iterate loop's current policy as judge.
     """
     run = RunDir(run_dir)
-    depends = ranker_class(recipe.rank.ranker).depends_on_policy(recipe.rank)
-    stage = Stage(run.stage("rank"), "rank",
-                  {"rank": recipe.rank, "judge": recipe.model if depends else None,
-                   "upstream": run.upstream("generate")})
+    stage = Stage(run.stage("rank"), "rank", stage_config(recipe, run.upstream))
     if stage.begin(force=force):
         return stage.folder
     records = read_generations(run.generations)

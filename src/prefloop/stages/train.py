@@ -379,6 +379,11 @@ def _load_policy(recipe: Recipe):
     return load_model(recipe.model)
 
 
+def stage_config(recipe: Recipe, upstream) -> dict:
+    """What the stage's manifest hash covers (prefloop.plan predicts it before a run)."""
+    return {"train": recipe.train, "model": recipe.model, "upstream": upstream("pairs")}
+
+
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     from prefloop.models import pick_device
 
@@ -386,8 +391,7 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     run = RunDir(run_dir)
     out = run.stage("train")
     distributed.topology()  # first: under a launcher it also picks this process's GPU
-    stage = Stage(out, "train", {"train": cfg, "model": recipe.model,
-                                 "upstream": run.upstream("pairs")})
+    stage = Stage(out, "train", stage_config(recipe, run.upstream))
     device = pick_device(recipe.model.device)
     check_options(cfg, device)
     check_fsdp()
