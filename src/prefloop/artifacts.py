@@ -294,8 +294,10 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)
         raise
 
 
@@ -350,11 +352,13 @@ def append_jsonl(path: Path, records: Iterable[dict]) -> None:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-    except OSError:  # disk full, file too large: cut back to the last whole record
+    except OSError as e:  # disk full, file too large: cut back to the last whole record
         try:
             os.truncate(path, size)
         except OSError:
             pass
+        if e.filename is None:
+            e.filename = str(path)
         raise
     test_point(path.parent.name, "append")
 

@@ -116,9 +116,9 @@ _FIXES = {
                   "again (finished work is kept and the stage resumes)",
     errno.EDQUOT: "disk quota exceeded; free some space, then run the same command again "
                   "(finished work is kept and the stage resumes)",
-    errno.EFBIG: "file too large for this file system or the process's file-size limit "
-                 "(ulimit -f); raise the limit or use another file system, then run the same "
-                 "command again (finished work is kept and the stage resumes)",
+    errno.EFBIG: "over this file system's or the process's file-size limit, ulimit -f; raise "
+                 "the limit or use another file system, then run the same command again "
+                 "(finished work is kept and the stage resumes)",
     errno.ENAMETOOLONG: "the path is too long; choose a shorter --output-dir",
     errno.EINTR: "interrupted; run the same command again to resume",
 }

@@ -158,10 +158,12 @@ def _generate_into(backend: Backend, todo: list[dict], path: Path, *, k: int, sa
         bar.update(k)
         bar.set_postfix(tok_s=f"{new_tokens / max(time.time() - started, 1e-9):.1f}")
 
-    if todo:
-        backend.generate([rp.ids for rp in rendered], k, sampling, batch_size=batch_size,
-                         on_prompt_done=on_prompt_done, stream_ids=streams)
-    bar.close()
+    try:
+        if todo:
+            backend.generate([rp.ids for rp in rendered], k, sampling, batch_size=batch_size,
+                             on_prompt_done=on_prompt_done, stream_ids=streams)
+    finally:
+        bar.close()  # ends its line, so an error message starts on its own
 
 
 def _record(tokenizer, item: dict, rp, sample: int, completion, extra: dict | None) -> dict:
