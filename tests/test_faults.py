@@ -159,6 +159,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, recipe):
 # --- 2. kill -9 at a chosen point, then resume --------------------------------------------------
 
 
+@pytest.mark.slow  # three or four generate runs
 def test_kill9_mid_generate_resumes_to_the_uninterrupted_result(tmp_path, recipe):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     ok(cli("run", "--recipe", recipe, "--output-dir", whole, "--until", "generate"))
@@ -318,6 +319,7 @@ def _file_size_limit(limit: int):
     return preexec
 
 
+@pytest.mark.slow  # three or four generate runs
 def test_file_too_large_while_appending_keeps_whole_records_and_resumes(tmp_path, recipe):
     whole, run = tmp_path / "whole", tmp_path / "run"
     ok(cli("run", "--recipe", recipe, "--output-dir", whole, "--until", "generate"))
