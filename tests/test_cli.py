@@ -28,7 +28,7 @@ def test_instructions_subcommand_writes_the_run_dir(tmp_path, capsys):
      "larger source\n"),
     (["instructions", "--set", "instructions.source=missing.jsonl"],
      "prefloop: error: missing.jsonl: instructions file not found; check instructions.source\n"),
-    (["generate", "--set", "model.name=nonsense"],
+    (["generate"],
      "prefloop: error: {out}/instructions: stage 'instructions' has not finished; run "
      "`prefloop instructions` --output-dir {out} first (or `prefloop run`)\n"),
 ])
@@ -46,6 +46,11 @@ def test_unknown_model_name_fails_before_loading(tmp_path, capsys):
     assert main(["generate", "--output-dir", str(out), "--set", "model.name=nonsense"]) == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith(
         "prefloop: error: model.name: unknown model 'nonsense'")
+    # before anything runs: a typo of the embedded name is refused with the right name
+    assert main(["instructions", "--output-dir", str(tmp_path / "new"),
+                 "--set", "model.name=smollm2-135m-instruc"]) == 2
+    assert "did you mean the embedded 'smollm2-135m-instruct'?" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_out_of_memory_is_one_line_naming_the_setting(tmp_path, monkeypatch, capsys):

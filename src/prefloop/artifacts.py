@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import platform
+import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -81,14 +83,24 @@ class Stage:
         self.folder, self.name = Path(folder), name
         self.hash = config_hash(config)
         self.started = time.time()
+        self._undo: dict | None = None  # how to put the folder back if this run fails
 
     def begin(self, *, force: bool = False, restart=None) -> bool:
         """True when the stage already finished with this config (skip it). `restart()` runs in
-        the main process when the stage (re)starts, e.g. to drop what a killed run left."""
+        the main process when the stage (re)starts, e.g. to drop what a killed run left.
+
+        With `force` the finished stage is not deleted but renamed to a hidden sibling
+        (`.<name>.previous`) until the new one finishes; inside `transaction()` a failure puts
+        it back."""
         with distributed.main_first():
             main = distributed.is_main()
+            before = _folder_state(self.folder) if main else None
             if begin_stage(self.folder, self.name, self.hash, force=force and main):
                 return True
+            if main:
+                before["forced"] = force
+                self._undo = before
+                _OPEN.append(self)
             if restart is not None and main:
                 restart()
         self.started = time.time()
@@ -96,13 +108,178 @@ class Stage:
 
     def finish(self, counts: dict | None = None, extra: dict | None = None) -> Path:
         if distributed.is_main():
+            test_point(self.name, "finish")
             write_manifest(self.folder, self.name, self.hash, started=self.started,
                            counts=counts, extra=extra)
+            shutil.rmtree(aside_path(self.folder), ignore_errors=True)
+            self._close()
         distributed.barrier()  # the next stage reads this manifest in every process
         return self.folder
 
     def abandon(self) -> None:
         (self.folder / "in_progress.json").unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        self._undo = None
+        if self in _OPEN:
+            _OPEN.remove(self)
+
+    def rollback(self) -> None:
+        """Undo a failed (re)start: restore a finished stage a `force` put aside, or drop the
+        marker (and the folder) of a start that computed nothing; work done is kept to resume."""
+        before, self._undo = self._undo, None
+        self._close()
+        if before is None:
+            return
+        aside = aside_path(self.folder)
+        if before["forced"] and aside.exists():
+            shutil.rmtree(self.folder, ignore_errors=True)
+            os.replace(aside, self.folder)
+            return
+        marker = self.folder / "in_progress.json"
+        if before["marker"] or not self.folder.exists():
+            return
+        now = {p.name for p in self.folder.iterdir()} - {marker.name}
+        if now <= before["entries"]:  # nothing new was computed
+            marker.unlink(missing_ok=True)
+            if not before["existed"] and not now:
+                self.folder.rmdir()
+
+
+_OPEN: list[Stage] = []  # stages begun in this process and not finished (main process only)
+
+
+def _folder_state(folder: Path) -> dict:
+    folder = Path(folder)
+    existed = folder.is_dir()
+    return {"existed": existed,
+            "entries": {p.name for p in folder.iterdir()} if existed else set(),
+            "marker": (folder / "in_progress.json").exists(),
+            "aside": aside_path(folder).exists()}
+
+
+class transaction:  # noqa: N801 (used as a context manager)
+    """Stages begun inside the block and not finished are rolled back when it raises an
+    Exception (`Stage.rollback`); an interrupt (Ctrl-C, kill) keeps them as they are, to resume."""
+
+    def __enter__(self):
+        self.mark = len(_OPEN)
+        return self
+
+    def __exit__(self, kind, err, tb):
+        opened = _OPEN[self.mark:]
+        if kind is not None and issubclass(kind, Exception):
+            for stage in reversed(opened):
+                stage.rollback()
+        return False
+
+
+def aside_path(stage_dir: Path) -> Path:
+    """Where `--force` keeps a finished stage until its replacement finishes."""
+    stage_dir = Path(stage_dir)
+    return stage_dir.parent / f".{stage_dir.name}.previous"
+
+
+# --- test hook ---------------------------------------------------------------------------------
+
+_HITS: dict[tuple[str, str], int] = {}
+
+
+def test_point(stage: str, point: str) -> None:
+    """Fault-injection hook for tests/test_faults.py, the one place it is checked:
+    PREFLOOP_TEST_KILL_AT=<stage>:<point>[:<n>] kills this process (SIGKILL) the n-th time
+    (default 1) `point` is reached in `stage` (points: append, finish);
+    PREFLOOP_TEST_WAIT_AT=<stage>:<point>=<file> waits there until <file> exists (60 s max)."""
+    kill, wait = os.environ.get("PREFLOOP_TEST_KILL_AT"), os.environ.get("PREFLOOP_TEST_WAIT_AT")
+    if not kill and not wait:
+        return
+    n = _HITS[stage, point] = _HITS.get((stage, point), 0) + 1
+    if kill:
+        parts = kill.split(":")
+        if parts[:2] == [stage, point] and n == (int(parts[2]) if len(parts) > 2 else 1):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+    if wait:
+        where, _, file = wait.partition("=")
+        if where == f"{stage}:{point}" and n == 1:
+            deadline = time.time() + 60
+            while not Path(file).exists() and time.time() < deadline:
+                time.sleep(0.05)
+
+
+# --- the run-directory lock --------------------------------------------------------------------
+
+class RunLock:
+    """One writer per run directory: an exclusive `flock` on `<run>/.prefloop.lock`, which also
+    records the holder's pid and host for the message a second run gets. The kernel drops the
+    lock when its process dies, so a lock left by a killed run is simply taken over."""
+
+    NAME = ".prefloop.lock"
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.path = self.root / self.NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_fd(fd)
+                os.close(fd)
+                raise PrefloopError(
+                    f"{self.root}: another prefloop command is writing this run directory "
+                    f"(pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+                    f"started {holder.get('started', '?')}: {holder.get('command', '?')}); "
+                    "wait for it to finish, or use another --output-dir") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:  # the file we locked may have been unlinked by the holder we waited for
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        import sys
+
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "command": " ".join(["prefloop", *sys.argv[1:]])}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still held: a waiter re-checks the inode
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def _read_fd(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode("utf-8") or "{}")
+    except (OSError, ValueError):
+        return {}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -117,8 +294,10 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)
         raise
 
 
@@ -167,10 +346,21 @@ def append_jsonl(path: Path, records: Iterable[dict]) -> None:
     payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if not payload:
         return
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # disk full, file too large: cut back to the last whole record
+        try:
+            os.truncate(path, size)
+        except OSError:
+            pass
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+    test_point(path.parent.name, "append")
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> None:
@@ -182,7 +372,7 @@ def iter_jsonl(path: Path, *, allow_partial_tail: bool = False) -> Iterator[tupl
     path = Path(path)
     if not path.exists():
         raise PrefloopError(f"{path}: file not found; run the stage that writes it first")
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_text(path).split("\n")
     last = len(lines) - 1  # the text after the final newline ("" when the file ends cleanly)
     for i, line in enumerate(lines):
         if not line.strip():
@@ -198,6 +388,21 @@ def iter_jsonl(path: Path, *, allow_partial_tail: bool = False) -> Iterator[tupl
         if not isinstance(obj, dict):
             raise PrefloopError(f"{path}:{i + 1}: expected a JSON object per line")
         yield i + 1, obj
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file (a byte-order mark is accepted); a file that is not UTF-8, or a folder,
+    is a PrefloopError naming the path and the fix."""
+    path = Path(path)
+    if path.is_dir():
+        raise PrefloopError(f"{path}: is a folder, not a file; give the path of a file")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise PrefloopError(
+            f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+            "re-save the file as UTF-8") from None
 
 
 def read_jsonl(path: Path, *, allow_partial_tail: bool = False) -> list[dict]:
@@ -268,11 +473,20 @@ def begin_stage(stage_dir: Path, stage: str, cfg_hash: str, *, force: bool = Fal
     A partial folder from an interrupted run with the same config is kept so the stage resumes;
     one from another config is an error unless `force`, which starts the stage afresh.
     """
-    import shutil
-
     stage_dir = Path(stage_dir)
+    aside = aside_path(stage_dir)
+    if aside.exists() and not force:  # a forced redo was killed before it finished
+        current = read_manifest(stage_dir)
+        if current is not None and current.get("status") == "done":
+            shutil.rmtree(aside)  # killed between its manifest and the clean-up
+        elif _done_with(read_manifest(aside), cfg_hash):  # the old config asked for again
+            shutil.rmtree(stage_dir, ignore_errors=True)
+            os.replace(aside, stage_dir)
     if force and stage_dir.exists():
-        shutil.rmtree(stage_dir)
+        if aside.exists():  # it already holds the last finished stage; drop the partial one
+            shutil.rmtree(stage_dir)
+        else:
+            os.replace(stage_dir, aside)
     if stage_is_done(stage_dir, cfg_hash):
         return True
     marker = stage_dir / "in_progress.json"
@@ -286,6 +500,10 @@ def begin_stage(stage_dir: Path, stage: str, cfg_hash: str, *, force: bool = Fal
     else:
         atomic_write_json(marker, {"stage": stage, "config_hash": cfg_hash})
     return False
+
+
+def _done_with(m: dict | None, cfg_hash: str) -> bool:
+    return m is not None and m.get("status") == "done" and m.get("config_hash") == cfg_hash
 
 
 def upstream_hash(run_dir: Path, stage: str) -> str:

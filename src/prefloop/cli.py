@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
-from prefloop.artifacts import STAGES, atomic_write_text
+from prefloop.artifacts import STAGES, RunDir, RunLock, atomic_write_text, transaction
 from prefloop.config import Recipe, apply_overrides, dump_recipe, load_recipe
 from prefloop.errors import PrefloopError
 
@@ -39,17 +41,114 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace) -> tuple[Recipe, Path]:
-    """Recipe precedence: --recipe, else the run directory's recipe.yaml, else 'default'."""
+    """Recipe precedence: --recipe, else the run directory's recipe.yaml, else 'default'.
+    Nothing is written here: the recipe is recorded only when a stage is about to change."""
     existing = args.output_dir / "recipe.yaml" if args.output_dir else None
-    if args.recipe is None and existing is not None and existing.exists():
+    if args.recipe is None and existing is not None and existing.is_file():
         recipe = load_recipe(existing)
         recipe = apply_overrides(recipe, args.overrides)
     else:
         recipe = load_recipe(args.recipe, args.overrides)
     run_dir = args.output_dir or Path("runs") / recipe.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
     return recipe, run_dir
+
+
+def command_stages(args: argparse.Namespace) -> list[str]:
+    if args.command == "run":
+        return list(STAGES[: STAGES.index(args.until) + 1] if args.until else STAGES)
+    return [args.command] if args.command in STAGES else []
+
+
+def forced_stages(args: argparse.Namespace, steps: list, run_dir: Path, recipe: Recipe,
+                  argv: list[str]) -> set[str]:
+    """The stages to redo. `--force` on `run` redoes the stages from the first whose resolved
+    configuration changed (every stage when none did); on one stage, that stage. Without
+    `--force` a changed stage is refused here, before anything changes, naming the command."""
+    from prefloop.plan import describe_change
+
+    first = next((s for s in steps if s.needs_force), None)
+    if args.force:
+        if args.command == "run" and first is not None:
+            names = [s.name for s in steps]
+            return set(names[names.index(first.name):])
+        return {s.name for s in steps}
+    if first is None:
+        return set()
+    command = shlex.join(["prefloop", *argv, "--force"])
+    after = " and the stages after it" if args.command == "run" else ""
+    if first.state == "changed":
+        what = (f"stage '{first.name}' finished with a different configuration"
+                f"{describe_change(run_dir, recipe)}")
+    else:
+        what = f"holds a partial '{first.name}' stage from a different configuration"
+    raise PrefloopError(f"{run_dir / first.name}: {what}; to redo {first.name}{after} run: "
+                        f"{command} (or use a new --output-dir)")
+
+
+@contextmanager
+def writing(run_dir: Path, recipe: Recipe):
+    """Hold the run directory's lock, record the recipe, and undo on failure: stages begun and
+    failed are rolled back (`artifacts.transaction`), and when no stage changed, recipe.yaml is
+    put back as it was, so a refused or failed command leaves the directory as it found it."""
+    from prefloop import distributed
+    from prefloop.preflight import os_error_message
+
+    main = distributed.is_main()
+    existed = run_dir.exists()
+    lock = RunLock(run_dir)
+    if main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except OSError as e:
+            raise PrefloopError(f"--output-dir {run_dir}: cannot write the run directory "
+                                f"({os_error_message(e)})") from None
+    recorded = RunDir(run_dir).recipe
+    before = _state_files(run_dir)
+    try:
+        text = dump_recipe(recipe)
+        if main and before.get(recorded) != text.encode("utf-8"):
+            atomic_write_text(recorded, text)
+        with transaction():
+            yield
+    except Exception:
+        if main:
+            _restore_recipe(run_dir, before)
+        raise
+    finally:
+        if main:
+            lock.release()
+            if not existed and run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+
+
+def _state_files(run_dir: Path) -> dict[Path, bytes]:
+    """recipe.yaml and every manifest and partial marker, by path (what says what is done)."""
+    out = {}
+    paths = [RunDir(run_dir).recipe, *Path(run_dir).rglob("manifest.json"),
+             *Path(run_dir).rglob("in_progress.json")] if Path(run_dir).is_dir() else []
+    for path in paths:
+        try:
+            out[path] = path.read_bytes()
+        except OSError:
+            pass
+    return out
+
+
+def _restore_recipe(run_dir: Path, before: dict[Path, bytes]) -> None:
+    recorded = RunDir(run_dir).recipe
+    now = _state_files(run_dir)
+    if {k: v for k, v in now.items() if k != recorded} != \
+            {k: v for k, v in before.items() if k != recorded}:
+        return  # a stage finished or kept work with the new recipe: it describes them
+    try:
+        if recorded in before:
+            if now.get(recorded) != before[recorded]:
+                atomic_write_text(recorded, before[recorded].decode("utf-8"))
+        else:
+            recorded.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def run_stage(stage: str, recipe: Recipe, run_dir: Path, force: bool) -> Path:
@@ -99,35 +198,55 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def dispatch(args: argparse.Namespace) -> None:
-    from prefloop import distributed
+def dispatch(args: argparse.Namespace, argv: list[str] | None = None) -> None:
+    from prefloop import distributed, preflight
+    from prefloop.plan import plan
 
     distributed.topology()  # under accelerate launch: one GPU per process, before any model loads
     recipe, run_dir = resolve(args)
-    _quiet_libraries()
-    if args.command == "run":
-        stages = STAGES[: STAGES.index(args.until) + 1] if args.until else STAGES
+    preflight.check_output_dir(run_dir)
+    stages = command_stages(args)
+    steps = plan(recipe, run_dir, stages) if stages else []
+    preflight.check(recipe, stages, args.command, run_dir, repo_id=getattr(args, "repo_id", None),
+                    todo=[s.name for s in steps if s.work] if stages else None)
+    forced = forced_stages(args, steps, run_dir, recipe, argv if argv is not None else sys.argv[1:])
+    if stages and not forced and not any(s.work for s in steps):  # nothing to do: read only
         for stage in stages:
-            run_stage(stage, recipe, run_dir, args.force)
-        if stages == STAGES:
+            print(f"[prefloop] {stage}: finished with this configuration, kept", file=sys.stderr)
+        if args.command == "run":
+            print(f"[prefloop] done: {run_dir}", file=sys.stderr)
+        return
+    _quiet_libraries()
+    with writing(run_dir, recipe):
+        if args.command == "push":
             from prefloop import hub
 
-            hub.push_if_configured(recipe, run_dir)
-        print(f"[prefloop] done: {run_dir}", file=sys.stderr)
-    elif args.command == "push":
-        from prefloop import hub
+            hub.push(args.what, recipe, run_dir, repo_id=args.repo_id, private=args.private)
+            return
+        if args.command == "iterate":
+            run_stage("iterate", recipe, run_dir, args.force)
+            return
+        for stage in stages:
+            run_stage(stage, recipe, run_dir, stage in forced)
+        if args.command == "run":
+            if stages == list(STAGES):
+                from prefloop import hub
 
-        hub.push(args.what, recipe, run_dir, repo_id=args.repo_id, private=args.private)
-    else:
-        run_stage(args.command, recipe, run_dir, args.force)
+                hub.push_if_configured(recipe, run_dir)
+            print(f"[prefloop] done: {run_dir}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        dispatch(args)
+        dispatch(args, argv)
     except PrefloopError as e:
         print(f"prefloop: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # permissions, not a folder, disk full, file too large, ...
+        from prefloop.preflight import os_error_message
+
+        print(f"prefloop: error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prefloop: interrupted; run the same command again to resume", file=sys.stderr)

@@ -7,10 +7,12 @@ user cache and load that afterwards (~0.3 s).
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -75,9 +77,13 @@ def embedded_model_dir(name: str) -> Path:
         return target
     gguf = embedded_gguf_path(name)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp(target.parent, name)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
     try:
+        owner = tmp / OWNER_FILE
+        owner.write_text(f"{os.getpid()} {socket.gethostname()}\n", encoding="utf-8")
         _convert_gguf(gguf, tmp)
+        owner.unlink()
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first; its copy is as good as ours
@@ -86,6 +92,45 @@ def embedded_model_dir(name: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+OWNER_FILE = ".prefloop-owner"  # "<pid> <host>" of the process converting into a temp folder
+STALE_SECONDS = 600
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp(folder: Path, name: str, *, max_age: float = STALE_SECONDS) -> list[Path]:
+    """Delete `.<name>.*` conversion folders left by killed conversions: those whose owner
+    process (same host) is gone, or, without a readable owner, older than `max_age` seconds.
+    Returns what was removed."""
+    import time
+
+    removed = []
+    host = socket.gethostname()
+    for tmp in Path(folder).glob(f".{name}.*"):
+        if not tmp.is_dir():
+            continue
+        try:
+            pid_s, _, owner_host = (tmp / OWNER_FILE).read_text(encoding="utf-8").strip().partition(" ")
+            stale = owner_host == host and not _pid_alive(int(pid_s))
+        except (OSError, ValueError):
+            try:
+                stale = time.time() - tmp.stat().st_mtime > max_age
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -117,6 +162,42 @@ def hub_base_id(name: str) -> str | None:
         return EMBEDDED_SOURCE[name]
     if not Path(name).expanduser().exists() and _HUB_ID.match(name):
         return name
+    return None
+
+
+def check_model_name(name: str, key: str = "model.name") -> None:
+    """Refuse, without loading anything, a name that is neither an embedded model, nor an
+    existing model folder, nor a valid Hub id (huggingface_hub's own validator)."""
+    if name in EMBEDDED_GGUF:
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise PrefloopError(f"{key}: '{name}' is a file; give a model folder (with "
+                                "config.json), an embedded model or a Hub id")
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise PrefloopError(f"{key}: '{name}' is a folder without config.json, not a model "
+                                "folder; give the folder save_pretrained wrote")
+        return
+    close = difflib.get_close_matches(name.lower(), list(EMBEDDED_GGUF), n=1, cutoff=0.8)
+    hint = (f"did you mean the embedded '{close[0]}'?" if close else
+            f"use an embedded model ({', '.join(EMBEDDED_GGUF)}), a local folder, or a Hub id "
+            "such as mistralai/Mistral-7B-Instruct-v0.2")
+    if "/" not in name or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise PrefloopError(f"{key}: unknown model '{name}' (no such folder); {hint}")
+    reason = hub_id_problem(name)
+    if reason:
+        raise PrefloopError(f"{key}: '{name}' is not a valid Hub id ({reason}); {hint}")
+
+
+def hub_id_problem(repo_id: str) -> str | None:
+    """Why `repo_id` is not a valid Hub repository id (None when it is)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        return str(e).splitlines()[0].rstrip(".")
     return None
 
 

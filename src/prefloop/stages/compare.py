@@ -324,6 +324,13 @@ def format_frame(df: pd.DataFrame, width: int | None = None) -> str:
 
 # --- stage -----------------------------------------------------------------------------------
 
+def stage_config(recipe: Recipe, upstream) -> dict:
+    """What the stage's manifest hash covers (prefloop.plan predicts it before a run)."""
+    return {"compare": recipe.compare, "model": recipe.model,
+            "rank": recipe.rank if recipe.compare.verdict else None,
+            "instructions": upstream("instructions"), "upstream": upstream("train")}
+
+
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> Path:
     """Generate both sides, write comparison.{csv,md}, print them and (optionally) the verdict.
 
@@ -337,10 +344,7 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
     run = RunDir(run_dir)
     out = run.stage("compare")
     adapter = adapter_dir(run_dir)
-    stage = Stage(out, "compare", {"compare": cfg, "model": recipe.model,
-                                   "rank": recipe.rank if cfg.verdict else None,
-                                   "instructions": run.upstream("instructions"),
-                                   "upstream": run.upstream("train")})
+    stage = Stage(out, "compare", stage_config(recipe, run.upstream))
     items = heldout_items(run_dir)
     if stage.begin(force=force):
         return out

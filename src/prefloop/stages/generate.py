@@ -106,8 +106,9 @@ def generate_responses(backend: Backend, items: list[dict], out_path: Path, *, k
     if distributed.shard_paths(out_path):  # left by an interrupted multi-process run: reuse
         merge_shard_files(out_path, items, k, require_all=False)
     done = completed_groups(out_path, k)
-    todo = [it for it in items if it["id"] not in done]
-    _generate_into(backend, todo, out_path, total=len(items), desc=desc, **opts)
+    todo = [i for i, it in enumerate(items) if it["id"] not in done]
+    _generate_into(backend, [items[i] for i in todo], out_path, streams=todo, total=len(items),
+                   desc=desc, **opts)
     by_id = completed_groups(out_path, k)
     return [r for it in items for r in by_id[it["id"]]]
 
@@ -122,9 +123,10 @@ def _generate_sharded(backend: Backend, items: list[dict], out_path: Path, topo,
     distributed.barrier()
     # Groups done by any earlier run count, whichever process (or process count) wrote them.
     done = finished_groups([out_path, *distributed.shard_paths(out_path)], k)
-    mine = distributed.shard(items, topo.rank, topo.world_size)
-    todo = [it for it in mine if it["id"] not in done]
-    _generate_into(backend, todo, own, k=k, total=len(mine), show=topo.is_main,
+    mine = distributed.shard(list(range(len(items))), topo.rank, topo.world_size)
+    todo = [i for i in mine if items[i]["id"] not in done]
+    _generate_into(backend, [items[i] for i in todo], own, k=k, streams=todo, total=len(mine),
+                   show=topo.is_main,
                    desc=f"{desc} [process {topo.rank + 1}/{topo.world_size}]", **opts)
     distributed.barrier()
     if topo.is_main:
@@ -136,8 +138,12 @@ def _generate_sharded(backend: Backend, items: list[dict], out_path: Path, topo,
 
 def _generate_into(backend: Backend, todo: list[dict], path: Path, *, k: int, sampling: Sampling,
                    system: str | None, batch_size: int | None, where: str, extra: dict | None,
-                   desc: str, total: int, show: bool = True) -> None:
-    """Generate k responses for each of `todo` and append them to `path`, one prompt at a time."""
+                   desc: str, total: int, streams: list[int], show: bool = True) -> None:
+    """Generate k responses for each of `todo` and append them to `path`, one prompt at a time.
+
+    `streams[i]`: todo[i]'s position in the stage's full item list, its random stream: sample s
+    of an instruction draws the same numbers whether the run was uninterrupted, resumed or
+    split over processes (an uninterrupted one-process run gives the engine's default 0..n-1)."""
     tokenizer = backend.tokenizer
     rendered = render_all(tokenizer, todo, system, sampling.max_new_tokens,
                           backend.context_length, where)
@@ -154,10 +160,12 @@ def _generate_into(backend: Backend, todo: list[dict], path: Path, *, k: int, sa
         bar.update(k)
         bar.set_postfix(tok_s=f"{new_tokens / max(time.time() - started, 1e-9):.1f}")
 
-    if todo:
-        backend.generate([rp.ids for rp in rendered], k, sampling, batch_size=batch_size,
-                         on_prompt_done=on_prompt_done)
-    bar.close()
+    try:
+        if todo:
+            backend.generate([rp.ids for rp in rendered], k, sampling, batch_size=batch_size,
+                             on_prompt_done=on_prompt_done, stream_ids=streams)
+    finally:
+        bar.close()  # ends its line, so an error message starts on its own
 
 
 def _record(tokenizer, item: dict, rp, sample: int, completion, extra: dict | None) -> dict:
@@ -176,15 +184,19 @@ def _record(tokenizer, item: dict, rp, sample: int, completion, extra: dict | No
     }
 
 
+def stage_config(recipe: Recipe, upstream) -> dict:
+    """What the stage's manifest hash covers (prefloop.plan predicts it before a run)."""
+    return {"generate": recipe.generate, "model": recipe.model,
+            "upstream": upstream("instructions")}
+
+
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     from prefloop.engine.backends import load_backend
 
     cfg = recipe.generate
     run = RunDir(run_dir)
     distributed.topology()  # first: under a launcher it also picks this process's GPU
-    stage = Stage(run.stage("generate"), "generate",
-                  {"generate": cfg, "model": recipe.model,
-                   "upstream": run.upstream("instructions")})
+    stage = Stage(run.stage("generate"), "generate", stage_config(recipe, run.upstream))
     if stage.begin(force=force):
         return stage.folder
     items = read_jsonl(run.train_instructions)

@@ -14,7 +14,7 @@ import random
 from importlib import resources
 from pathlib import Path
 
-from prefloop.artifacts import RunDir, Stage, iter_jsonl, write_jsonl
+from prefloop.artifacts import RunDir, Stage, iter_jsonl, read_text, write_jsonl
 from prefloop.config import InstructionsConfig, Recipe
 from prefloop.errors import PrefloopError
 
@@ -34,15 +34,29 @@ def builtin_path(name: str = "builtin_instructions") -> Path:
     return Path(str(resources.files("prefloop") / "data" / f"{name}.jsonl"))
 
 
+def _match_column(columns: list[str], name: str, where: str) -> str | None:
+    """`name` among `columns`: exactly, else ignoring case; several case-insensitive matches
+    are an error naming them."""
+    if name in columns:
+        return name
+    hits = [c for c in columns if str(c).casefold() == name.casefold()]
+    if len(hits) > 1:
+        raise PrefloopError(f"{where}: columns {', '.join(map(repr, hits))} all match "
+                            f"'{name}' ignoring case; set instructions.field to the exact one")
+    return hits[0] if hits else None
+
+
 def _pick_field(columns: list[str], field: str | None, where: str) -> str:
     if field:
-        if field not in columns:
+        found = _match_column(columns, field, where)
+        if found is None:
             raise PrefloopError(f"{where}: field '{field}' not found (columns: "
                                 f"{', '.join(columns)}); set instructions.field to one of them")
-        return field
+        return found
     for name in FIELD_CANDIDATES:
-        if name in columns:
-            return name
+        found = _match_column(columns, name, where)
+        if found is not None:
+            return found
     raise PrefloopError(f"{where}: no instruction field among {', '.join(columns)}; set "
                         f"instructions.field (looked for {', '.join(FIELD_CANDIDATES)})")
 
@@ -123,6 +137,9 @@ def load_local(path: Path, field: str | None) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise PrefloopError(f"{path}: instructions file not found; check instructions.source")
+    if path.is_dir():
+        raise PrefloopError(f"{path}: is a folder, not a file; set instructions.source to a "
+                            f"{'/'.join(LOCAL_SUFFIXES)} file")
     if path.stat().st_size == 0:
         raise PrefloopError(f"{path}: file is empty; give at least one instruction")
     suffix = path.suffix.lower()
@@ -133,7 +150,7 @@ def load_local(path: Path, field: str | None) -> list[dict]:
                               line_of=lambda i: lines[i])
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise PrefloopError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -146,7 +163,11 @@ def load_local(path: Path, field: str | None) -> list[dict]:
         import pandas as pd
 
         try:
-            df = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+            df = (pd.read_csv(path, encoding="utf-8-sig") if suffix == ".csv"
+                  else pd.read_parquet(path))
+        except UnicodeDecodeError:
+            read_text(path)  # raises the one-line message with the line of the bad byte
+            raise
         except Exception as e:  # pandas raises many types for unreadable files
             raise PrefloopError(f"{path}: cannot read {suffix[1:]} ({e})") from None
         rows = df.where(df.notna(), None).to_dict("records")
@@ -163,14 +184,31 @@ def load_hub(cfg: InstructionsConfig) -> list[dict]:
 
         ds = load_dataset(cfg.source, split=cfg.split, revision=cfg.hub_revision)
     except Exception as e:  # datasets wraps network, auth and gating errors in many types
-        raise PrefloopError(
-            f"instructions.source: cannot load Hub dataset '{cfg.source}' ({type(e).__name__}); "
-            "gated sets such as GAIR/lima need their terms accepted and `hf auth login`. Offline, "
-            "use a local .jsonl/.json/.csv/.parquet file or 'builtin'"
-        ) from None
+        raise hub_error(cfg, e) from None
     field = cfg.field or ("conversations" if cfg.source == "GAIR/lima" else None)
     prefix = cfg.source.split("/")[-1].lower()
     return _rows_to_items([dict(r) for r in ds], field, cfg.source, prefix)
+
+
+def hub_error(cfg: InstructionsConfig, e: Exception) -> PrefloopError:
+    """The loader's own reason (first line), and the gating/login hint only when it is one."""
+    cause = (str(e).strip().splitlines() or [""])[0][:300]
+    text = f"{type(e).__name__}: {cause}" if cause else type(e).__name__
+    auth = any(w in f"{type(e).__name__} {e}".lower()
+               for w in ("gated", "401", "403", "unauthorized", "authentic", "token", "login"))
+    offline = any(w in f"{type(e).__name__} {e}".lower()
+                  for w in ("offline", "connection", "resolve", "network", "timed out"))
+    if auth:
+        fix = ("gated sets such as GAIR/lima need their terms accepted on the Hub and "
+               "`hf auth login`")
+    elif offline:
+        fix = ("the Hub cannot be reached; offline, use a local .jsonl/.json/.csv/.parquet "
+               "file or 'builtin'")
+    else:
+        fix = (f"check instructions.source, instructions.split ('{cfg.split}') and "
+               "instructions.hub_revision")
+    return PrefloopError(f"instructions.source: cannot load Hub dataset '{cfg.source}' "
+                         f"({text}); {fix}")
 
 
 def load_source(cfg: InstructionsConfig) -> list[dict]:
@@ -283,11 +321,15 @@ def split_items(items: list[dict], cfg: InstructionsConfig,
     return disjoint(train, heldout, where)
 
 
+def stage_config(recipe: Recipe, upstream) -> dict:
+    """What the stage's manifest hash covers (prefloop.plan predicts it before a run)."""
+    return {"instructions": recipe.instructions, "model": recipe.model.name}
+
+
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     cfg = recipe.instructions
     run = RunDir(run_dir)
-    stage = Stage(run.stage("instructions"), "instructions",
-                  {"instructions": cfg, "model": recipe.model.name})
+    stage = Stage(run.stage("instructions"), "instructions", stage_config(recipe, run.upstream))
     if stage.begin(force=force):
         return stage.folder
     raw = load_source(cfg)

@@ -269,10 +269,14 @@ def empty_error(out: Path, counts: dict) -> PrefloopError:
         f"see {out / 'dropped.jsonl'}")
 
 
+def stage_config(recipe: Recipe, upstream) -> dict:
+    """What the stage's manifest hash covers (prefloop.plan predicts it before a run)."""
+    return {"pairs": recipe.pairs, "name": recipe.name, "upstream": upstream("rank")}
+
+
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     run = RunDir(run_dir)
-    stage = Stage(run.stage("pairs"), "pairs",
-                  {"pairs": recipe.pairs, "name": recipe.name, "upstream": run.upstream("rank")})
+    stage = Stage(run.stage("pairs"), "pairs", stage_config(recipe, run.upstream))
     if stage.begin(force=force):
         return stage.folder
     gens = read_generations(run.generations)

@@ -80,17 +80,21 @@ def with_quality(recipe: Recipe, records: list[dict], fields: list[dict],
     return [f | {"quality": q["score"]} for f, q in zip(fields, extra, strict=True)]
 
 
+def stage_config(recipe: Recipe, upstream) -> dict:
+    """What the stage's manifest hash covers (prefloop.plan predicts it before a run)."""
+    names = [recipe.rank.ranker] + ([recipe.rank.quality] if recipe.rank.quality != "none" else [])
+    depends = any(ranker_class(n).depends_on_policy(recipe.rank) for n in names)
+    return {"rank": recipe.rank, "judge": recipe.model if depends else None,
+            "upstream": upstream("generate")}
+
+
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> Path:
     """Score run_dir/generate/generations.jsonl into run_dir/rank/scores.jsonl.
 
     `ranker` (optional) is a ready ranker, e.g. the iterate loop's current policy as judge.
     """
     run = RunDir(run_dir)
-    names = [recipe.rank.ranker] + ([recipe.rank.quality] if recipe.rank.quality != "none" else [])
-    depends = any(ranker_class(n).depends_on_policy(recipe.rank) for n in names)
-    stage = Stage(run.stage("rank"), "rank",
-                  {"rank": recipe.rank, "judge": recipe.model if depends else None,
-                   "upstream": run.upstream("generate")})
+    stage = Stage(run.stage("rank"), "rank", stage_config(recipe, run.upstream))
     if stage.begin(force=force):
         return stage.folder
     records = read_generations(run.generations)

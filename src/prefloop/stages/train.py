@@ -417,6 +417,15 @@ def _load_policy(recipe: Recipe):
     return load_model(recipe.model)
 
 
+def stage_config(recipe: Recipe, upstream) -> dict:
+    """What the stage's manifest hash covers (prefloop.plan predicts it before a run). The
+    fast_* settings count only with the fast engine (so a trl run's hash is unchanged by them)."""
+    cfg = recipe.train
+    hashed = cfg if cfg.engine == "fast" else {k: v for k, v in dataclasses.asdict(cfg).items()
+                                                if k not in fast_settings(cfg)}
+    return {"train": hashed, "model": recipe.model, "upstream": upstream("pairs")}
+
+
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     from prefloop.models import pick_device
 
@@ -424,11 +433,7 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     run = RunDir(run_dir)
     out = run.stage("train")
     distributed.topology()  # first: under a launcher it also picks this process's GPU
-    # The fast_* settings count only with the fast engine (so a trl run's hash is unchanged by them).
-    hashed = cfg if cfg.engine == "fast" else {k: v for k, v in dataclasses.asdict(cfg).items()
-                                                if k not in fast_settings(cfg)}
-    stage = Stage(out, "train", {"train": hashed, "model": recipe.model,
-                                 "upstream": run.upstream("pairs")})
+    stage = Stage(out, "train", stage_config(recipe, run.upstream))
     device = pick_device(recipe.model.device)
     check_options(cfg, device)
     check_fsdp()

@@ -1,0 +1,466 @@
+"""A run directory that nothing can corrupt (issue #16): each failure class drives the CLI in a
+subprocess (`python -m prefloop`) on a tiny random-weight model and checks the exit code, the
+one-line message, and that the run directory is unchanged (checksums) or its resumed result
+complete and equal to an uninterrupted run's.
+
+Faults are injected through the one test hook in prefloop.artifacts.test_point
+(PREFLOOP_TEST_KILL_AT=<stage>:<point>[:<n>], PREFLOOP_TEST_WAIT_AT=<stage>:<point>=<file>), a
+read-only bind mount in a private mount namespace (tests run as root, which chmod cannot stop),
+and RLIMIT_FSIZE with SIGXFSZ ignored (the kernel's "file too large" at a chosen size).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tiny import read_jsonl_lines, save_model_folder
+
+from prefloop.errors import PrefloopError
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+INSTRUCTIONS = ["write a short poem about the sea", "give three tips to sleep",
+                "what is the capital of france ?", "explain data in simple words",
+                "name a big river", "how do i learn python ?", "what is the sun ?",
+                "list three green things", "why is the sea blue ?", "tell a story about a cat"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_model_folder(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def recipe(tmp_path, model_dir) -> Path:
+    """A recipe on the tiny model and a local instruction file: 6 train x 2 sampled responses."""
+    source = tmp_path / "src.jsonl"
+    source.write_text("".join(json.dumps({"id": f"i{i}", "instruction": t}) + "\n"
+                              for i, t in enumerate(INSTRUCTIONS)), encoding="utf-8")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(f"""name: tiny
+model: {{name: {json.dumps(str(model_dir))}, device: cpu}}
+instructions: {{source: {json.dumps(str(source))}, n_train: 6, n_heldout: 2}}
+generate: {{k: 2, temperature: 0.9, top_p: 0.95, max_new_tokens: 8, batch_size: 4}}
+""", encoding="utf-8")
+    return path
+
+
+def env(**extra) -> dict:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("PREFLOOP_TEST_")}
+    e.update({"PYTHONPATH": str(SRC), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
+              "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    e.update(extra)
+    return e
+
+
+def cli(*args, extra_env: dict | None = None, prefix: list[str] | None = None, preexec=None,
+        timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [*(prefix or []), sys.executable, "-m", "prefloop", *map(str, args)]
+    return subprocess.run(cmd, env=env(**(extra_env or {})), capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=preexec)
+
+
+def start(*args, extra_env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "prefloop", *map(str, args)],
+                            env=env(**(extra_env or {})), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def one_error(proc, *parts: str) -> str:
+    """The process failed with exit 2 and exactly one `prefloop: error:` line (its last), no
+    traceback; every part is in that line."""
+    err = proc.stderr
+    assert proc.returncode == 2, (proc.returncode, err)
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("prefloop: error:")]
+    assert len(lines) == 1 and err.rstrip("\n").splitlines()[-1] == lines[0], err
+    for part in parts:
+        assert part in lines[0], (part, lines[0])
+    return lines[0]
+
+
+def ok(proc) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def checksums(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` (the lock file aside), and every folder, by path."""
+    out = {}
+    if not root.exists():
+        return out
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.name == ".prefloop.lock":
+            continue
+        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return out
+
+
+def generations(run: Path) -> list[dict]:
+    return read_jsonl_lines(run / "generate" / "generations.jsonl")
+
+
+def manifest(run: Path, stage: str) -> dict:
+    return json.loads((run / stage / "manifest.json").read_text())
+
+
+@pytest.fixture
+def finished(tmp_path, recipe) -> Path:
+    """A run directory with instructions and generate finished."""
+    run = tmp_path / "run"
+    ok(cli("run", "--recipe", recipe, "--output-dir", run, "--until", "generate"))
+    return run
+
+
+# --- 1. one writer at a time -------------------------------------------------------------------
+
+
+def test_second_run_is_refused_naming_the_holder_and_the_first_completes(tmp_path, recipe):
+    run, go = tmp_path / "run", tmp_path / "go"
+    first = start("run", "--recipe", recipe, "--output-dir", run, "--until", "generate",
+                  extra_env={"PREFLOOP_TEST_WAIT_AT": f"generate:append={go}"})
+    try:
+        deadline = time.time() + 240
+        while not (run / "generate" / "generations.jsonl").exists():  # paused after 1 group
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.2)
+        before = checksums(run)
+        second = cli("run", "--recipe", recipe, "--output-dir", run, "--until", "generate")
+        one_error(second, f"{run}: another prefloop command is writing this run directory",
+                  f"pid {first.pid} on {socket.gethostname()}")
+        assert checksums(run) == before
+    finally:
+        go.touch()
+        out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert len(generations(run)) == 12 and manifest(run, "generate")["counts"]["responses"] == 12
+    assert not (run / ".prefloop.lock").exists()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, recipe):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".prefloop.lock").write_text(json.dumps({"pid": 2**22 + 7, "host": "gone"}))
+    ok(cli("instructions", "--recipe", recipe, "--output-dir", run))
+    assert manifest(run, "instructions")["status"] == "done"
+
+
+# --- 2. kill -9 at a chosen point, then resume --------------------------------------------------
+
+
+@pytest.mark.slow  # three or four generate runs
+def test_kill9_mid_generate_resumes_to_the_uninterrupted_result(tmp_path, recipe):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    ok(cli("run", "--recipe", recipe, "--output-dir", whole, "--until", "generate"))
+    proc = cli("run", "--recipe", recipe, "--output-dir", killed, "--until", "generate",
+               extra_env={"PREFLOOP_TEST_KILL_AT": "generate:append:3"})
+    assert proc.returncode == -signal.SIGKILL
+    assert len(generations(killed)) == 3 * 2 and not (killed / "generate" / "manifest.json").exists()
+    ok(cli("run", "--recipe", recipe, "--output-dir", killed, "--until", "generate"))
+    # every instruction draws its own random stream (seed, its index in the full list, sample,
+    # token), so the resumed run samples exactly what the uninterrupted one did
+    assert generations(killed) == generations(whole)
+
+
+def test_kill9_before_the_manifest_redoes_nothing_kept(tmp_path, recipe):
+    run = tmp_path / "run"
+    proc = cli("run", "--recipe", recipe, "--output-dir", run, "--until", "generate",
+               extra_env={"PREFLOOP_TEST_KILL_AT": "generate:finish"})
+    assert proc.returncode == -signal.SIGKILL
+    kept = generations(run)
+    assert len(kept) == 12 and (run / "generate" / "in_progress.json").exists()
+    ok(cli("run", "--recipe", recipe, "--output-dir", run, "--until", "generate"))
+    assert generations(run) == kept and manifest(run, "generate")["status"] == "done"
+
+
+# --- 3. refused runs change nothing; a changed setting redoes only what it changes --------------
+
+
+def test_changed_setting_is_refused_with_the_command_and_nothing_changes(finished, recipe):
+    before = checksums(finished)
+    proc = cli("run", "--recipe", recipe, "--output-dir", finished, "--until", "generate",
+               "--set", "generate.k=3")
+    line = one_error(proc, f"{finished / 'generate'}: stage 'generate' finished with a different "
+                           "configuration (generate.k: 2 -> 3)",
+                     "to redo generate and the stages after it run: prefloop run --recipe")
+    assert line.endswith("--set generate.k=3 --force (or use a new --output-dir)")
+    assert checksums(finished) == before  # recipe.yaml included
+
+
+def test_force_redoes_only_from_the_first_changed_stage(finished, recipe):
+    instructions = (finished / "instructions" / "manifest.json").read_bytes()
+    ok(cli("run", "--recipe", recipe, "--output-dir", finished, "--until", "generate",
+           "--set", "generate.k=3", "--force"))
+    assert (finished / "instructions" / "manifest.json").read_bytes() == instructions
+    assert len(generations(finished)) == 18 and "k: 3" in (finished / "recipe.yaml").read_text()
+    assert not (finished / ".generate.previous").exists()
+    # a setting of a stage after --until changes nothing and writes nothing
+    before = checksums(finished)
+    proc = ok(cli("run", "--output-dir", finished, "--until", "generate",
+                  "--set", "generate.k=3", "--set", "train.beta=0.05"))
+    assert "finished with this configuration, kept" in proc.stderr
+    assert checksums(finished) == before
+
+
+def test_force_with_a_bad_model_name_is_refused_before_touching_the_stage(finished, recipe):
+    before = checksums(finished)
+    proc = cli("generate", "--output-dir", finished, "--force", "--set",
+               "model.name=smollm2-135m-instruc")
+    one_error(proc, "model.name: unknown model 'smollm2-135m-instruc'",
+              "did you mean the embedded 'smollm2-135m-instruct'?")
+    assert checksums(finished) == before
+
+
+def test_force_failing_inside_the_stage_restores_the_finished_one(finished, recipe):
+    before = checksums(finished)
+    proc = cli("generate", "--output-dir", finished, "--force",
+               "--set", "generate.max_new_tokens=600")  # the tiny model's context is 512
+    one_error(proc, "exceeds the model's context of 512")
+    assert checksums(finished) == before  # old stage back, no marker, recipe.yaml as it was
+    # the corrected command runs (no partial marker of the failed config blocks it)
+    ok(cli("generate", "--output-dir", finished, "--force", "--set", "generate.max_new_tokens=4"))
+    assert all(r["response_tokens"] <= 4 for r in generations(finished))
+
+
+def test_failed_first_start_leaves_no_marker(tmp_path, recipe):
+    run = tmp_path / "run"
+    ok(cli("instructions", "--recipe", recipe, "--output-dir", run))
+    before = checksums(run)
+    proc = cli("generate", "--output-dir", run, "--set", "generate.max_new_tokens=600")
+    one_error(proc, "exceeds the model's context of 512")
+    assert checksums(run) == before
+    ok(cli("generate", "--output-dir", run, "--set", "generate.max_new_tokens=4"))
+
+
+# --- 4. validation before anything runs ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("sets,parts", [
+    (["instructions.n_heldout=0"], ["instructions.n_heldout: is 0, but compare runs on held-out",
+                                    "--until train"]),
+    (["instructions.n_train=20"], ["22 instructions requested (n_train 20 + n_heldout 2) but "
+                                   "only 10 remain"]),
+    (["model.name=no-such-model"], ["model.name: unknown model 'no-such-model' (no such folder)"]),
+    (["model.name=some user/model"], ["model.name: 'some user/model' is not a valid Hub id"]),
+    (["push.dataset_repo_id=me/my data"], ["push.dataset_repo_id: 'me/my data' is not a valid "
+                                           "Hub repository id"]),
+    (["instructions.source=my data/set"], ["instructions.source: 'my data/set' is neither a local "
+                                           "file nor a valid Hub dataset id"]),
+    (["rank.ranker=pairrm", "rank.pairrm_model=not a/model"], ["rank.pairrm_model:"]),
+])
+def test_invalid_settings_are_refused_before_anything_is_written(tmp_path, recipe, sets, parts):
+    run = tmp_path / "run"
+    args = [a for s in sets for a in ("--set", s)]
+    one_error(cli("run", "--recipe", recipe, "--output-dir", run, *args), *parts)
+    assert not run.exists()
+
+
+def test_a_model_path_that_is_not_a_model_folder(tmp_path, recipe):
+    (tmp_path / "empty").mkdir()
+    one_error(cli("instructions", "--recipe", recipe, "--output-dir", tmp_path / "run",
+                  "--set", f"model.name={tmp_path / 'empty'}"), "is a folder without config.json")
+
+
+# --- 5. OS-level failures as one line --------------------------------------------------------------
+
+
+def test_output_dir_that_is_a_file_or_under_a_file(tmp_path, recipe):
+    f = tmp_path / "file"
+    f.write_text("x")
+    one_error(cli("instructions", "--recipe", recipe, "--output-dir", f),
+              f"--output-dir {f}: is a file, not a folder")
+    one_error(cli("instructions", "--recipe", recipe, "--output-dir", f / "run"),
+              f"--output-dir {f / 'run'}: lies under {f}, which is a file")
+    assert f.read_text() == "x"
+
+
+def _read_only(path: Path) -> list[str]:
+    """A command prefix that runs in a private mount namespace where `path` is read-only."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare not available")
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c",
+                            f"mount --bind {path} {path} && mount -o remount,bind,ro {path} {path}"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no read-only bind mount here: {probe.stderr.decode().strip()}")
+    return ["unshare", "-rm", "sh", "-c",
+            'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"',
+            str(path)]
+
+
+def test_read_only_run_directory(finished, recipe):
+    ro = _read_only(finished)
+    before = checksums(finished)
+    ok(cli("run", "--output-dir", finished, "--until", "generate", prefix=ro))  # a no-op
+    proc = cli("generate", "--output-dir", finished, "--force", prefix=ro)
+    one_error(proc, f"--output-dir {finished}: cannot write the run directory",
+              "Read-only file system")
+    proc = cli("run", "--output-dir", finished, "--until", "generate", "--set", "generate.k=3",
+               "--force", prefix=ro)
+    one_error(proc, "Read-only file system")
+    assert checksums(finished) == before
+
+
+def _file_size_limit(limit: int):
+    def preexec():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a killing signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return preexec
+
+
+@pytest.mark.slow  # three or four generate runs
+def test_file_too_large_while_appending_keeps_whole_records_and_resumes(tmp_path, recipe):
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    ok(cli("run", "--recipe", recipe, "--output-dir", whole, "--until", "generate"))
+    ok(cli("instructions", "--recipe", recipe, "--output-dir", run))
+    size = (whole / "generate" / "generations.jsonl").stat().st_size
+    proc = cli("generate", "--output-dir", run, preexec=_file_size_limit(size // 2))
+    one_error(proc, f"{run / 'generate' / 'generations.jsonl'}: File too large",
+              "run the same command again")
+    kept = generations(run)  # whole lines only, complete groups, each as the whole run has it
+    assert 0 < len(kept) < 12 and len(kept) % 2 == 0
+    assert all(r in generations(whole) for r in kept)
+    assert not (run / "generate" / "manifest.json").exists()
+    ok(cli("generate", "--output-dir", run))
+    assert generations(run) == generations(whole)
+
+
+def test_interrupt_is_one_line_and_resumes(tmp_path, recipe):
+    run, go = tmp_path / "run", tmp_path / "never"
+    proc = start("run", "--recipe", recipe, "--output-dir", run, "--until", "generate",
+                 extra_env={"PREFLOOP_TEST_WAIT_AT": f"generate:append={go}"})
+    deadline = time.time() + 240
+    while not (run / "generate" / "generations.jsonl").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.splitlines()[-1] == "prefloop: interrupted; run the same command again to resume"
+    ok(cli("run", "--recipe", recipe, "--output-dir", run, "--until", "generate"))
+    assert len(generations(run)) == 12
+
+
+# --- 5b. sources: encodings, BOM, folders, column names -------------------------------------------
+
+
+def _instructions(tmp_path, recipe, source: Path, *sets: str):
+    args = [a for s in (f"instructions.source={source}", *sets) for a in ("--set", s)]
+    return cli("instructions", "--recipe", recipe, "--output-dir", tmp_path / "run", *args)
+
+
+def test_source_that_is_not_utf8(tmp_path, recipe):
+    src = tmp_path / "latin1.jsonl"
+    src.write_bytes(b'{"instruction": "hello"}\n{"instruction": "caf\xe9 au lait"}\n')
+    one_error(_instructions(tmp_path, recipe, src), f"{src}:2: not UTF-8 text (byte 0xe9",
+              "re-save the file as UTF-8")
+    csv = tmp_path / "latin1.csv"
+    csv.write_bytes(b"instruction\nhello\ncaf\xe9\n")
+    one_error(_instructions(tmp_path, recipe, csv), f"{csv}:3: not UTF-8 text")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bom_and_column_case_are_accepted(tmp_path, recipe):
+    src = tmp_path / "bom.csv"
+    src.write_bytes("\ufeffInstruction,Topic\n".encode()
+                    + "".join(f"{t},x\n" for t in INSTRUCTIONS).encode("utf-8"))
+    ok(_instructions(tmp_path, recipe, src))
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"PROMPT": t}) + "\n"
+                                               for t in INSTRUCTIONS).encode())
+    shutil.rmtree(tmp_path / "run")
+    ok(_instructions(tmp_path, recipe, jsonl, "instructions.field=prompt"))
+
+
+def test_ambiguous_column_names_are_named(tmp_path, recipe):
+    src = tmp_path / "two.csv"
+    src.write_text("Instruction,INSTRUCTION\n" + "".join(f"{t},{t}\n" for t in INSTRUCTIONS))
+    one_error(_instructions(tmp_path, recipe, src),
+              "columns 'Instruction', 'INSTRUCTION' all match 'instruction' ignoring case")
+
+
+def test_folder_named_like_a_data_file(tmp_path, recipe):
+    (tmp_path / "data.jsonl").mkdir()
+    one_error(_instructions(tmp_path, recipe, tmp_path / "data.jsonl"), "is a folder, not a file")
+
+
+def test_hub_loader_failure_keeps_its_cause(monkeypatch):
+    import datasets
+
+    from prefloop.config import InstructionsConfig
+    from prefloop.stages.instructions import load_hub
+
+    def bad_split(*a, **k):
+        raise ValueError('Unknown split "tset". Should be one of [\'train\'].')
+
+    monkeypatch.setattr(datasets, "load_dataset", bad_split)
+    with pytest.raises(PrefloopError) as e:
+        load_hub(InstructionsConfig(source="GAIR/lima", split="tset"))
+    assert 'ValueError: Unknown split "tset"' in str(e.value)
+    assert "instructions.split ('tset')" in str(e.value) and "gated" not in str(e.value)
+
+
+# --- 5c. interrupted model conversions leave no temporary folder -----------------------------------
+
+
+def test_stale_conversion_folders_are_removed(tmp_path, monkeypatch):
+    from prefloop import models
+
+    name = "smollm2-135m-instruct"
+    root = tmp_path / "cache" / "models"
+    dead, alive, old, young = (root / f".{name}.{s}" for s in ("dead", "alive", "old", "young"))
+    for d in (dead, alive, old, young):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"x" * 1000)
+    host = socket.gethostname()
+    (dead / models.OWNER_FILE).write_text(f"{2**22 + 7} {host}\n")
+    (alive / models.OWNER_FILE).write_text(f"{os.getpid()} {host}\n")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    monkeypatch.setenv("PREFLOOP_CACHE_DIR", str(tmp_path / "cache"))
+
+    def fake_convert(gguf, out):
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"w")
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(models, "embedded_gguf_path", lambda n: tmp_path / "x.gguf")
+    target = models.embedded_model_dir(name)
+    left = sorted(p.name for p in root.iterdir())
+    assert left == sorted([name, alive.name, young.name])
+    assert not (target / models.OWNER_FILE).exists()
+
+
+# --- 6. streams: a resumed run draws what an uninterrupted one does ---------------------------------
+
+
+def test_resumed_generation_draws_the_same_numbers(tmp_path, model_dir):
+    """In-process: generate half, then the rest, vs all at once (sampled, several batches)."""
+    from tiny import one_thread
+
+    from prefloop.config import ModelConfig
+    from prefloop.engine import Sampling
+    from prefloop.engine.backends import load_backend
+    from prefloop.stages.generate import generate_responses
+
+    items = [{"id": f"i{i}", "instruction": t} for i, t in enumerate(INSTRUCTIONS)]
+    sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=8, seed=3)
+    with one_thread():
+        backend = load_backend(ModelConfig(name=str(model_dir), device="cpu"))
+        whole = generate_responses(backend, items, tmp_path / "a.jsonl", k=2, sampling=sampling,
+                                   batch_size=4)
+        part = tmp_path / "c.jsonl"
+        lines = (tmp_path / "a.jsonl").read_text().splitlines(keepends=True)
+        part.write_text("".join(lines[4:10]))  # a killed run finished groups 2-4
+        resumed = generate_responses(backend, items, part, k=2, sampling=sampling, batch_size=4)
+    assert resumed == whole
