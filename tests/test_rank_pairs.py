@@ -265,6 +265,14 @@ def test_card_and_recipe_copy(tmp_path):
     assert "`prompts/judge_yuan2024.txt`" in card and "| pairs | 1 |" in card
     assert "| dropped_all_tied | 0 |" in card and "| margin_mean | 2.0 |" in card
     assert "prefloop run --recipe recipe.yaml --until pairs" in card
+    # prefloop is not on PyPI: the card installs it from its repository and links no PyPI page
+    assert "pypi.org" not in card and "pip install prefloop" not in card
+    assert "it is not on PyPI" in card
+    assert "git clone <prefloop repository URL> prefloop" in card
+    assert "pip install -e ./prefloop" in card
+    assert "- Generation: prefloop's in-process engine (`model.backend: local`)" in card
+    assert cards.generation_line("server") == (
+        "Generation: the `server` backend (`model.backend: server`)")
     assert "shipped recipe `default` (`prefloop run --recipe default`)" in card
     row = load(run_dir, tmp_path)[0]
     assert row["prompt"] == [{"role": "system", "content": "Be brief."},
