@@ -64,7 +64,13 @@ def test_stdout_is_one_summary_line_per_stage_and_what_compare_prints(tmp_path):
         assert f"[prefloop] {stage} -> " in err
     assert re.search(r"train: 100%\|[^\n\r]*2/2", err), err[-2000:]
     assert "{'loss'" not in err  # the per-step numbers are in train/log.jsonl, not printed
-    assert "FutureWarning" not in err and "DeprecationWarning" not in err, err[-3000:]
+    # every warning is shown once (PYTHONWARNINGS=default): none is a FutureWarning, and no
+    # DeprecationWarning points at prefloop's code (a library's own use of a library, such as
+    # matplotlib 3.8's of pyparsing 3.3, is not ours to fix)
+    warned = re.findall(r"^(\S+):\d+: (\w*Warning): ", err, re.M)
+    assert not [w for w in warned if w[1] == "FutureWarning"], err[-3000:]
+    assert not [w for w in warned if "DeprecationWarning" in w[1]
+                and "/src/prefloop/" in w[0]], err[-3000:]
     assert len((tmp_path / "run" / "train" / "log.jsonl").read_text().splitlines()) == 2
 
     again = prefloop(*argv, cwd=tmp_path)  # everything finished: skipped, and said so
