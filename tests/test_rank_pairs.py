@@ -93,6 +93,9 @@ def test_rank_with_judge_then_pairs(judge_setup, tmp_path):
                       "prompt_too_long": 0,
                       "judge_sample_failure_rate": 0.1667,
                       "judge_sample_scores": {"1": 3, "2": 1, "3": 1, "4": 1, "5": 9}}
+    assert read_manifest(out)["summary"] == (
+        "5/6 responses scored from 18 judge samples: 15 parsed 'Score: X' from the judge's "
+        "text, 3 without a score")
     assert len(fake.calls) == 1 and len(fake.calls[0]["prompts"]) == 6
     rank.run(recipe, run_dir)  # finished: a no-op, nothing judged again
     assert len(fake.calls) == 1
@@ -163,6 +166,11 @@ def test_judge_that_never_parses(judge_setup, monkeypatch):
             counts["judge_sample_failure_rate"]) == (6, 6, 2, 0.0)
     rows = read_jsonl_lines(out / "judgments.jsonl")
     assert all(r["forced"] and 0.0 < r["score"] < 5.0 for r in rows) and len(rows) == 6
+    # the summary says where each score came from, not "6 had no parsable score"
+    assert read_manifest(out)["summary"] == (
+        "2/2 responses scored from 6 judge samples: 0 parsed 'Score: X' from the judge's text, "
+        "6 read from the judge's digit probabilities after 'Score:' (judge_force_score: the "
+        "expectation Σ d·p(d)), 0 without a score")
 
 
 # -- pairs from given scores -------------------------------------------------------------------
@@ -257,6 +265,14 @@ def test_card_and_recipe_copy(tmp_path):
     assert "`prompts/judge_yuan2024.txt`" in card and "| pairs | 1 |" in card
     assert "| dropped_all_tied | 0 |" in card and "| margin_mean | 2.0 |" in card
     assert "prefloop run --recipe recipe.yaml --until pairs" in card
+    # prefloop is not on PyPI: the card installs it from its repository and links no PyPI page
+    assert "pypi.org" not in card and "pip install prefloop" not in card
+    assert "it is not on PyPI" in card
+    assert "git clone <prefloop repository URL> prefloop" in card
+    assert "pip install -e ./prefloop" in card
+    assert "- Generation: prefloop's in-process engine (`model.backend: local`)" in card
+    assert cards.generation_line("server") == (
+        "Generation: the `server` backend (`model.backend: server`)")
     assert "shipped recipe `default` (`prefloop run --recipe default`)" in card
     row = load(run_dir, tmp_path)[0]
     assert row["prompt"] == [{"role": "system", "content": "Be brief."},
@@ -328,7 +344,10 @@ def test_rank_with_pairrm(tmp_path, monkeypatch, capsys):
         (-3.0, None, False), (3.0, None, True), (-3.0, 0, False), (0.0, None, False)]
     counts = read_manifest(out)["counts"]
     assert counts["over_candidate_budget"] == 1 and counts["duplicates"] == 1
-    assert "1 responses exceed PairRM's 4-token candidate budget" in capsys.readouterr().out
+    assert read_manifest(out)["summary"] == (
+        "4/4 responses scored by PairRM; 1 exceed PairRM's 4-token candidate budget, so it "
+        "judged only their beginning")
+    assert capsys.readouterr().out == ""  # the command line prints the stage's summary line
     ranker = PairRMRanker(lambda: fake, "pairrm:fake")
     assert ranker.compare(["p"], ["aaa"], ["a"]) == [4.0]
 

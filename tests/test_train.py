@@ -200,6 +200,7 @@ def test_adapter_card_fields(trained):
     assert f'PeftModel.from_pretrained(base, "{adapter}")' in body
     assert f'AutoModelForCausalLM.from_pretrained("{trained["model_dir"]}")' in body
     assert "prefloop run --recipe recipe.yaml --output-dir runs/default" in body
+    assert "pip install -e ./prefloop" in body and "pip install prefloop" not in body
     assert "max_steps: 2" in body  # the resolved recipe is embedded
 
 

@@ -6,12 +6,22 @@ import argparse
 import importlib
 import shlex
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from prefloop.artifacts import STAGES, RunDir, RunLock, atomic_write_text, transaction
+from prefloop import distributed
+from prefloop.artifacts import (
+    STAGES,
+    RunDir,
+    RunLock,
+    atomic_write_text,
+    read_manifest,
+    transaction,
+)
 from prefloop.config import Recipe, apply_overrides, dump_recipe, load_recipe
 from prefloop.errors import PrefloopError
+from prefloop.summary import stage_line
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -157,12 +167,19 @@ def run_stage(stage: str, recipe: Recipe, run_dir: Path, force: bool) -> Path:
     module = importlib.import_module(f"prefloop.stages.{stage}")
     where = run_dir if stage == "iterate" else run_dir / stage
     print(f"[prefloop] {stage} -> {where}", file=sys.stderr)
+    before, t0 = read_manifest(where), time.time()
     try:
-        return module.run(recipe, run_dir, force=force)
+        folder = module.run(recipe, run_dir, force=force)
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(e):
             raise
         raise PrefloopError(out_of_memory(stage, e)) from None
+    # stdout: one line per stage (what it produced); a stage skipped as finished says so
+    skipped = before is not None and before == read_manifest(where)
+    line = stage_line(stage, where, None if skipped else time.time() - t0)
+    if line and distributed.is_main():
+        print(line, flush=True)
+    return folder
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -192,10 +209,18 @@ def out_of_memory(stage: str, err: BaseException) -> str:
 
 
 def _quiet_libraries() -> None:
+    import warnings
+
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # PEFT 0.21 (PeftModel.__init__) and TRL 1.16 (disable_gradient_checkpointing, on every DPO
+    # step) read the model's `is_gradient_checkpointing`, which transformers 5.2x deprecated in
+    # favour of `is_activation_checkpointing`; prefloop itself never reads it (train.dpo_config
+    # already passes activation_checkpointing). Only that message, only from transformers.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                            category=FutureWarning, module="transformers.modeling_utils")
 
 
 def dispatch(args: argparse.Namespace, argv: list[str] | None = None) -> None:

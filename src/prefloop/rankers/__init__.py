@@ -39,7 +39,8 @@ class Ranker(Protocol):
         """margin(a, b) per instruction: > 0 when a is better; NaN when it cannot tell."""
 
     def summary(self, counts: dict) -> str | None:
-        """One line for the user about how the scores were obtained (None: nothing to say)."""
+        """One line for the user about how the scores were obtained, without a "rank:" prefix
+        (None: the rank stage says "N/M responses scored by <name>")."""
 
 
 def ranker_class(name: str) -> type:

@@ -97,7 +97,7 @@ class ConstraintsRanker:
 
     def summary(self, counts: dict) -> str | None:
         h = counts["hollow"]
-        return (f"rank: {counts['responses']} responses checked against their constraints "
+        return (f"{counts['responses']} responses checked against their constraints "
                 f"(no model): mean satisfied {counts['strict_mean']:.3f} strict, "
                 f"{counts['loose_mean']:.3f} loose; scored 0 as empty/refusal/copy: "
                 f"{h['empty']}/{h['refusal']}/{h['copy']}")

@@ -241,11 +241,22 @@ class JudgeRanker:
         return fields, judge_counts(rows)
 
     def summary(self, counts: dict) -> str | None:
-        if not counts.get("judge_samples"):
+        """How each score was obtained: judge samples whose text had a parsable "Score: X",
+        those forced (judge_force_score), and those left without a score."""
+        n = counts.get("judge_samples")
+        if not n:
             return None
-        return (f"rank: {counts['scored']}/{counts['responses']} responses scored; "
-                f"{counts['parse_failures']} of {counts['judge_samples']} judge samples had no "
-                "parsable score")
+        forced, too_long = counts.get("forced_scores", 0), counts.get("prompt_too_long", 0)
+        unparsed = counts["parse_failures"] - forced  # no score, no forced one either
+        parsed = n - unparsed - forced - too_long
+        how = [f"{parsed} parsed 'Score: X' from the judge's text"]
+        if self.cfg.judge_force_score or forced:
+            how.append(f"{forced} read from the judge's digit probabilities after 'Score:' "
+                       "(judge_force_score: the expectation Σ d·p(d))")
+        how.append(f"{unparsed + too_long} without a score"
+                   + (f" ({too_long} prompts too long for the judge)" if too_long else ""))
+        return (f"{counts['scored']}/{counts['responses']} responses scored from {n} judge "
+                f"samples: " + ", ".join(how))
 
     # -- judging ------------------------------------------------------------------------------
 

@@ -689,11 +689,12 @@ class PairRMRanker:
         return fields, {"over_candidate_budget": sum(f["over_budget"] for f in fields)}
 
     def summary(self, counts: dict) -> str | None:
+        line = f"{counts['scored']}/{counts['responses']} responses scored by PairRM"
         n = counts.get("over_candidate_budget")
         if not n:
-            return None
-        return (f"rank: {n} responses exceed PairRM's {self.pairrm.candidate_max_tokens}-token "
-                "candidate budget; it judges only their beginning")
+            return line
+        return (f"{line}; {n} exceed PairRM's {self.pairrm.candidate_max_tokens}-token "
+                "candidate budget, so it judged only their beginning")
 
     def compare(self, instructions: list[str], a: list[str], b: list[str]) -> list[float]:
         """logit(a, b) − logit(b, a): both orders, so PairRM's position bias cancels."""

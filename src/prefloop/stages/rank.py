@@ -107,8 +107,7 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
               for r, f in zip(records, fields, strict=True)]
     write_jsonl(run.scores, scored)
     counts = {**base_counts(scored), **own_counts}
-    stage.finish(counts, extra={"ranker": scored[0]["ranker"]})
-    line = ranker.summary(counts)
-    if line:
-        print(f"[prefloop] {line}", flush=True)
-    return stage.folder
+    # how the scores were obtained, in one line: the command line prints it (prefloop.summary)
+    summary = ranker.summary(counts) or (f"{counts['scored']}/{counts['responses']} responses "
+                                         f"scored by {ranker.name}")
+    return stage.finish(counts, extra={"ranker": scored[0]["ranker"], "summary": summary})

@@ -208,9 +208,55 @@ def build_trainer(model, tokenizer, dataset, recipe: Recipe, out_dir: Path, call
                        "device_map": {"": torch.cuda.current_device()}}
     args = dpo_config(cfg, Path(out_dir), device, dtype, init_kwargs)
     cls = trainer_class(cfg.engine)
-    return cls(model=model, ref_model=None, args=args, train_dataset=dataset,
-               processing_class=tokenizer, callbacks=callbacks, peft_config=lora_config(cfg),
-               quantization_config=quant)
+    trainer = cls(model=model, ref_model=None, args=args, train_dataset=dataset,
+                  processing_class=tokenizer, callbacks=callbacks, peft_config=lora_config(cfg),
+                  quantization_config=quant)
+    quiet_stdout(trainer)
+    return trainer
+
+
+def quiet_stdout(trainer) -> None:
+    """Keep the per-step log dicts off stdout. transformers adds PrinterCallback (`print(logs)`)
+    when its tqdm is disabled, as the command line's verbosity makes it, else ProgressCallback
+    (`tqdm.write(str(logs))`, also stdout): both go, and a bar on stderr takes their place. The
+    numbers are in train/log.jsonl (make_log_callback)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cb in list(trainer.callback_handler.callbacks):
+        # NotebookProgressCallback (Jupyter) is not a ProgressCallback subclass
+        if isinstance(cb, (PrinterCallback, ProgressCallback)) or \
+                type(cb).__name__ == "NotebookProgressCallback":
+            trainer.remove_callback(cb)
+    trainer.add_callback(make_progress_callback())
+
+
+def make_progress_callback():
+    """A tqdm bar on stderr: one tick per optimizer step, the last logged loss beside it."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class StderrProgress(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, desc="train", unit="step",
+                                file=sys.stderr, dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and logs and isinstance(logs.get("loss"), float):
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return StderrProgress()
 
 
 def make_log_callback(path: Path):

@@ -1,0 +1,85 @@
+"""The one line per stage that the command line prints on stdout: what the stage produced, from
+its manifest counts, and how long it took. Progress bars, start lines and diagnostics go to
+stderr; stdout carries these lines and what compare prints (the table and the verdict)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefloop.artifacts import read_manifest
+
+
+def duration(seconds: float) -> str:
+    """7.5s, 2m03s, 1h02m."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    s = round(seconds)
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _instructions(c: dict, m: dict) -> str:
+    line = f"{c.get('train', 0)} training + {c.get('heldout', 0)} held-out instructions"
+    if "after_dedupe_and_filter" in c:
+        line += (f" (of {c['loaded']} loaded, {c['after_dedupe_and_filter']} after de-duplication"
+                 " and filtering)")
+    return line
+
+
+def _generate(c: dict, m: dict) -> str:
+    return (f"{c.get('responses', 0)} responses to {_plural(c.get('instructions', 0), 'instruction')}"
+            f" ({c.get('length', 0)} cut at max_new_tokens, {c.get('response_tokens', 0)} tokens)")
+
+
+def _rank(c: dict, m: dict) -> str:
+    # the ranker's own account of how the scores were obtained (rankers' summary())
+    return m.get("summary") or (f"{c.get('scored', 0)}/{c.get('responses', 0)} responses scored"
+                                f" by {m.get('ranker', 'the ranker')}")
+
+
+def _pairs(c: dict, m: dict) -> str:
+    dropped = {k[len("dropped_"):].replace("_", " "): v for k, v in c.items()
+               if k.startswith("dropped_") and v}
+    why = ", ".join(f"{v} {k}" for k, v in dropped.items())
+    line = (f"{_plural(c.get('pairs', 0), 'pair')} from "
+            f"{_plural(c.get('instructions', 0), 'instruction')}")
+    if c.get("dropped"):
+        line += f", {c['dropped']} dropped" + (f" ({why})" if why else "")
+    return line
+
+
+def _train(c: dict, m: dict) -> str:
+    final = m.get("final") or {}
+    line = (f"{_plural(c.get('steps', 0), 'step')} on "
+            f"{_plural(c.get('pairs_trained', 0), 'pair')}")
+    if final.get("loss") is not None:
+        line += f", last loss {final['loss']:.4f}"
+    if final.get("rewards/accuracies") is not None:
+        line += f", reward accuracy {final['rewards/accuracies']:.2f}"
+    return line
+
+
+def _compare(c: dict, m: dict) -> str:
+    line = f"{c.get('heldout', 0)} held-out instructions, original vs DPO"
+    if "wins" in c:
+        line += f": {c['wins']} wins, {c['ties']} ties, {c['losses']} losses"
+    return line
+
+
+LINES = {"instructions": _instructions, "generate": _generate, "rank": _rank, "pairs": _pairs,
+         "train": _train, "compare": _compare}
+
+
+def stage_line(stage: str, folder: Path, seconds: float | None) -> str | None:
+    """`[prefloop] <stage>: <what it produced>; took <time>`, or `; finished earlier` when
+    seconds is None (the stage was skipped). None when the stage left no manifest."""
+    m = read_manifest(folder)
+    if m is None or stage not in LINES:
+        return None
+    when = "finished earlier" if seconds is None else f"took {duration(seconds)}"
+    return f"[prefloop] {stage}: {LINES[stage](m.get('counts') or {}, m)}; {when}"
