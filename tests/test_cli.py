@@ -22,10 +22,15 @@ def test_instructions_subcommand_writes_the_run_dir(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["instructions", "--set", "instructions.n_trian=3"],
      "prefloop: error: --set: instructions: unknown key 'n_trian' (did you mean 'n_train'?)\n"),
-    (["instructions", "--set", "instructions.n_train=200"],
+    (["instructions", "--set", "instructions.n_train=200", "--set", "instructions.source=builtin",
+      "--set", "instructions.n_heldout=10", "--set", "instructions.kinds=null"],
      "prefloop: error: instructions: 210 instructions requested (n_train 200 + n_heldout 10) but "
      "only 100 remain after de-duplication and filtering; lower n_train or n_heldout, or give a "
      "larger source\n"),
+    (["instructions", "--set", "instructions.n_train=200"],
+     "prefloop: error: instructions: instructions.n_train is 200 but the source has only 124 "
+     "training instructions after de-duplication and filtering; lower instructions.n_train or "
+     "widen instructions.kinds\n"),
     (["instructions", "--set", "instructions.source=missing.jsonl"],
      "prefloop: error: missing.jsonl: instructions file not found; check instructions.source\n"),
     (["generate"],
