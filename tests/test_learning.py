@@ -84,9 +84,7 @@ def train_and_compare(candidates, name: str, edit=None) -> dict:
 
 
 def swap_chosen_rejected(recipe: Recipe, run_dir: Path) -> None:
-    from datasets import load_dataset
-
-    rows = [dict(r) for r in load_dataset(str(run_dir / "pairs" / "dataset"), split="train")]
+    rows = [dict(r) for r in pairs.read_dataset(run_dir / "pairs" / "dataset")]
     for r in rows:
         r["chosen"], r["rejected"] = r["rejected"], r["chosen"]
         r["chosen_score"], r["rejected_score"] = r["rejected_score"], r["chosen_score"]

@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 import yaml
-from tiny import one_thread, read_jsonl_lines, save_model_folder, write_pairs
+from tiny import PAIRS, one_thread, read_jsonl_lines, save_model_folder, write_pairs
 
 from prefloop.cards import adapter_card
 from prefloop.config import Recipe, apply_overrides
@@ -371,3 +371,24 @@ def test_step0_ids_fallback_matches_trl_tokenisation(trained):
     assert ours == trl_ids
     assert trl_ids["prompt_ids"] == [2, 4, 50, 7, 54, 51, 52, 9, 53, 3, 5]  # ... <|assistant|>
     assert trl_ids["chosen_ids"] == [9, 53, 10, 95, 16, 9, 72, 10, 78, 111, 3]  # ... . </s>
+
+
+def test_pairs_are_read_from_their_own_folder_not_a_cache(tmp_path):
+    """Two run directories with the same dataset card but other rows (a copied run whose pairs
+    were redone): each trains on its own rows. `datasets.load_dataset` served the first
+    folder's cached rows to the second."""
+    import shutil
+
+    from prefloop.stages import pairs as pairs_stage
+
+    first = tmp_path / "a"
+    write_pairs(first)
+    assert train.load_pairs(first)[0]["chosen"][0]["content"] == PAIRS[0][1]
+    second = tmp_path / "b"
+    shutil.copytree(first, second)
+    rows = [dict(r) for r in pairs_stage.read_dataset(second / "pairs" / "dataset")]
+    for r in rows:
+        r["chosen"], r["rejected"] = r["rejected"], r["chosen"]
+    pairs_stage.write_dataset(rows, second / "pairs" / "dataset")
+    assert train.load_pairs(second)[0]["chosen"][0]["content"] == PAIRS[0][2]
+    assert train.load_pairs(first)[0]["chosen"][0]["content"] == PAIRS[0][1]

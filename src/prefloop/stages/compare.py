@@ -45,9 +45,9 @@ def pairs_prompts(run_dir: Path) -> set[str]:
     path = RunDir(run_dir).dataset
     if not (path / "data").is_dir():
         return set()
-    from datasets import load_dataset
+    from prefloop.stages.pairs import read_dataset
 
-    ds = load_dataset(str(path), split="train").select_columns(["prompt"])
+    ds = read_dataset(path).select_columns(["prompt"])
     return {normalize(m["content"]) for row in ds["prompt"] for m in row if m["role"] == "user"}
 
 

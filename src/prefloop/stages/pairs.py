@@ -255,6 +255,19 @@ def write_dataset(rows: list[dict], folder: Path) -> Path:
     return path
 
 
+def read_dataset(folder: Path):
+    """The pairs dataset as written, read straight from its parquet file(s). Not through
+    `datasets.load_dataset`: its cache is keyed by the folder's card and file layout, so two run
+    directories with the same card (a copied run, pairs redone with equal counts) would be served
+    the first one's rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    files = sorted((Path(folder) / "data").glob("*.parquet"))
+    return Dataset(pa.concat_tables([pq.read_table(f) for f in files]))
+
+
 # -- the stage -----------------------------------------------------------------------------------
 
 

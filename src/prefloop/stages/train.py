@@ -100,7 +100,7 @@ def check_options(cfg: TrainConfig, device: torch.device) -> None:
 
 def load_pairs(run_dir: Path):
     """The pairs dataset with only the columns TRL reads (conversational prompt/chosen/rejected)."""
-    from datasets import load_dataset
+    from prefloop.stages.pairs import read_dataset
 
     path = RunDir(run_dir).dataset
     if not (path / "data").is_dir():
@@ -112,7 +112,7 @@ def load_pairs(run_dir: Path):
     if sum(pq.ParquetFile(f).metadata.num_rows for f in (path / "data").glob("*.parquet")) == 0:
         raise PrefloopError(f"{path}: the pairs dataset has no rows; give more instructions, "
                             "lower pairs.min_margin, or raise generate.k, then re-run prefloop pairs")
-    ds = load_dataset(str(path), split="train")
+    ds = read_dataset(path)
     missing = [c for c in PAIR_COLUMNS if c not in ds.column_names]
     if missing:
         raise PrefloopError(f"{path}: missing column(s) {', '.join(missing)}; re-run "
