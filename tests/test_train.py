@@ -375,8 +375,7 @@ def test_step0_ids_fallback_matches_trl_tokenisation(trained):
 
 def test_pairs_are_read_from_their_own_folder_not_a_cache(tmp_path):
     """Two run directories with the same dataset card but other rows (a copied run whose pairs
-    were redone): each trains on its own rows. `datasets.load_dataset` served the first
-    folder's cached rows to the second."""
+    were redone): each trains on its own rows, read from its own parquet file."""
     import shutil
 
     from prefloop.stages import pairs as pairs_stage
@@ -386,6 +385,7 @@ def test_pairs_are_read_from_their_own_folder_not_a_cache(tmp_path):
     assert train.load_pairs(first)[0]["chosen"][0]["content"] == PAIRS[0][1]
     second = tmp_path / "b"
     shutil.copytree(first, second)
+    assert train.load_pairs(second)[0]["chosen"][0]["content"] == PAIRS[0][1]  # a true copy
     rows = [dict(r) for r in pairs_stage.read_dataset(second / "pairs" / "dataset")]
     for r in rows:
         r["chosen"], r["rejected"] = r["rejected"], r["chosen"]
