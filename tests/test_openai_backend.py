@@ -303,3 +303,27 @@ def test_interrupted_generate_resends_only_the_missing_prompts(server, proxy, tm
     assert proxy.completions == 4  # the 2 missing prompts x 2 samples, nothing else
     final = read_jsonl(gens)
     assert len(final) == 6 and final[:2] == written
+
+
+# -- configuration and records (no server) ---------------------------------------------------------
+
+
+def test_openai_backend_needs_a_base_url():
+    with pytest.raises(PrefloopError, match=r"model.base_url: required with backend openai"):
+        apply_overrides(recipe_from_dict({}), ["model.backend=openai"])
+    with pytest.raises(PrefloopError, match=r"model.base_url: expected an http"):
+        apply_overrides(recipe_from_dict({}), ["model.backend=openai", "model.base_url=localhost"])
+    r = apply_overrides(recipe_from_dict({}), ["model.backend=openai",
+                                               "model.base_url=http://127.0.0.1:8080/v1"])
+    assert r.model.max_concurrency == 8 and r.model.api_key_env == "OPENAI_API_KEY"
+
+
+def test_local_records_have_no_backend_field():
+    from prefloop.engine import Completion
+
+    rp = type("RP", (), {"text": "p", "ids": [1, 2]})
+    tok = type("Tok", (), {"decode": lambda self, ids, skip_special_tokens: "x"})()
+    item = {"id": "a", "instruction": "i"}
+    local = generate._record(tok, item, rp, 0, Completion([5, 2], "eos"), None)
+    served = generate._record(tok, item, rp, 0, Completion([5, 2], "eos"), None, "openai:u")
+    assert "backend" not in local and served == {**local, "backend": "openai:u"}

@@ -145,15 +145,25 @@ class ServerError(PrefloopError):
 class OpenAIBackend:
     """The `Backend` of `prefloop.engine.backend` over an OpenAI-compatible HTTP server."""
 
-    def __init__(self, cfg, tokenizer, eos_ids: frozenset[int], context_length: int):
+    def __init__(self, cfg, tokenizer=None, eos_ids: frozenset[int] | None = None,
+                 context_length: int | None = None):
+        """Connect to `cfg.base_url` first (a server that is down or lacks the model fails
+        before any model file is read), then load prefloop's tokenizer from `cfg.name` unless
+        given."""
         self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.eos_ids = eos_ids
         api_key = os.environ.get(cfg.api_key_env) or None
         self.client = Client(cfg.base_url, api_key=api_key, timeout=cfg.request_timeout,
                              max_retries=cfg.max_retries, max_concurrency=cfg.max_concurrency)
         self.info = probe(self.client, cfg.server_model)
-        self.context_length = min(context_length, self.info.context_length or context_length)
+        if tokenizer is None:
+            from prefloop.models import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.name, cfg.revision)
+            eos_ids, context_length = _model_facts(cfg, tokenizer)
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(eos_ids or {tokenizer.eos_token_id})
+        ctx = context_length or 2**31 - 1
+        self.context_length = min(ctx, self.info.context_length or ctx)
         version = f" ({self.info.kind} {self.info.version})" if self.info.version else (
             f" ({self.info.kind})" if self.info.kind != "openai" else "")
         self.name = f"openai:{self.client.base_url} model={self.info.model}{version}"
@@ -162,12 +172,8 @@ class OpenAIBackend:
 
     @classmethod
     def load(cls, cfg) -> OpenAIBackend:
-        """Connect to `cfg.base_url`; prefloop's tokenizer comes from `cfg.name`."""
-        from prefloop.models import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.name, cfg.revision)
-        eos, ctx = _model_facts(cfg, tokenizer)
-        return cls(cfg, tokenizer, eos, ctx)
+        """The backend of a recipe's model section (`prefloop.config.ModelConfig`)."""
+        return cls(cfg)
 
     def session(self) -> Session:
         return Session()  # nothing to keep between calls: the server holds its own caches
