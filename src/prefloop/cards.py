@@ -153,8 +153,9 @@ def generation_line(backend: str) -> str:
 
 
 def dataset_card(recipe: Recipe, counts: dict, stats: dict, features,
-                 ranker_lines: list[str]) -> str:
-    """README.md: YAML front matter for the Hub, then provenance, counts and reproduction."""
+                 ranker_lines: list[str], backends: list[str] | None = None) -> str:
+    """README.md: YAML front matter for the Hub, then provenance, counts and reproduction.
+    `backends`: the generation backends the responses record, when not the local engine."""
     g = recipe.generate
     front = yaml.safe_dump(card_metadata(recipe, counts["pairs"], features), sort_keys=False,
                            allow_unicode=True).strip()
@@ -173,7 +174,8 @@ def dataset_card(recipe: Recipe, counts: dict, stats: dict, features,
         "TRL's conversational format, so `DPOTrainer` takes the dataset unchanged.", "",
         "## Provenance", "",
         f"- Generator: `{recipe.model.name}`" + _hub_note(recipe.model.name)
-        + (f" at revision `{recipe.model.revision}`" if recipe.model.revision else ""),
+        + (f" at revision `{recipe.model.revision}`" if recipe.model.revision else "")
+        + "".join(f", generated through `{b}`" for b in backends or []),
         f"- Sampling: k={g.k}, temperature {g.temperature}, top-p {g.top_p}, up to "
         f"{g.max_new_tokens} new tokens, seed {g.seed}; the model's own chat template, "
         + ("system prompt: " + repr(system) if system is not None else "no system prompt"),

@@ -31,7 +31,14 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str | None = None  # None: cuda when available, else cpu
     system_prompt: str | None = None  # None: the chat template's own default
-    backend: Literal["local"] = "local"  # who generates: prefloop.engine.backends.BACKENDS
+    backend: Literal["local", "openai"] = "local"  # who generates: engine.backends.BACKENDS
+    # backend "openai" only: an OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp)
+    base_url: str | None = None  # e.g. http://127.0.0.1:8080/v1
+    server_model: str | None = None  # None: the one model the server lists
+    api_key_env: str = "OPENAI_API_KEY"  # the env var holding the key (never printed)
+    max_concurrency: int = 8  # requests in flight
+    request_timeout: float = 600.0  # seconds per request
+    max_retries: int = 3  # retries on 429/5xx/connection errors
 
 
 @dataclass(frozen=True)
@@ -257,13 +264,15 @@ def _build_section(where: str, cls: type, data: Any, base: Any) -> Any:
         values[key] = _coerce(f"{where}.{key}", value, hints[key])
     section = replace(base, **values)
     _check_ranges(where, section)
+    if cls is ModelConfig:
+        _check_server(where, section)
     return section
 
 
 _POSITIVE = {"k", "n_train", "max_new_tokens", "judge_samples", "judge_max_new_tokens", "min_valid",
              "batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha", "rounds",
              "prompts_per_round", "n_candidates", "eval_prompts", "logging_steps",
-             "fast_min_chunk_tokens", "show_rows"}
+             "fast_min_chunk_tokens", "show_rows", "max_concurrency", "request_timeout"}
 
 
 def _check_ranges(where: str, section: Any) -> None:
@@ -279,8 +288,17 @@ def _check_ranges(where: str, section: Any) -> None:
             raise PrefloopError(f"{where}.{f.name}: must be in (0, 1], got {v}")
         if f.name in ("lora_dropout", "warmup_ratio", "length_match") and not 0 <= v < 1:
             raise PrefloopError(f"{where}.{f.name}: must be in [0, 1), got {v}")
-        if f.name in ("n_heldout", "min_margin", "fast_activation_budget_gb") and v < 0:
+        if f.name in ("n_heldout", "min_margin", "fast_activation_budget_gb", "max_retries") and v < 0:
             raise PrefloopError(f"{where}.{f.name}: must be >= 0, got {v}")
+
+
+def _check_server(where: str, m: ModelConfig) -> None:
+    if m.backend == "openai" and not m.base_url:
+        raise PrefloopError(f"{where}.base_url: required with backend openai, e.g. "
+                            "http://127.0.0.1:8080/v1")
+    if m.base_url and not m.base_url.startswith(("http://", "https://")):
+        raise PrefloopError(f"{where}.base_url: expected an http:// or https:// URL, "
+                            f"got {m.base_url!r}")
 
 
 def recipe_from_dict(data: Any, where: str = "recipe", base: Recipe | None = None) -> Recipe:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from prefloop.engine.backend import Backend, LocalBackend
+from prefloop.engine.openai import OpenAIBackend
 
-BACKENDS = {"local": LocalBackend}
+BACKENDS = {"local": LocalBackend, "openai": OpenAIBackend}
 
 
 def load_backend(cfg) -> Backend:

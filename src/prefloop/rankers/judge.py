@@ -183,6 +183,10 @@ class JudgeRanker:
         from prefloop.engine.backends import load_backend
 
         cfg = recipe.rank
+        if cfg.judge_model is not None and recipe.model.backend != "local":
+            raise PrefloopError("rank.judge_model: a separate judge runs only with "
+                                "model.backend=local; leave it empty to let the served model "
+                                "judge itself, or use rank.ranker=pairrm")
         if cfg.judge_model is None and policy is not None:
             return cls(policy, cfg, name=cls.label(recipe))
         model = recipe.model if cfg.judge_model is None else replace(
@@ -323,7 +327,9 @@ class JudgeRanker:
         seqs = [prompts[i] + unforced[i][0][k].content_ids for i, k in failed]
         forced = dict(zip(failed, forced_scores(self.backend, seqs) if seqs else [],
                           strict=True))
-        return {i: [Judgment(j.text, forced[(i, k)], forced=True) if (i, k) in forced else j
+        # NaN: none of the digits was in a server's top-k log-probs; the judgment stays unscored
+        return {i: [Judgment(j.text, forced[(i, k)], forced=True)
+                    if (i, k) in forced and not math.isnan(forced[(i, k)]) else j
                     for k, j in enumerate(judged)]
                 for i, (_, judged) in sorted(unforced.items())}
 

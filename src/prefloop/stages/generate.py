@@ -154,7 +154,8 @@ def _generate_into(backend: Backend, todo: list[dict], path: Path, *, k: int, sa
     def on_prompt_done(i: int, completions) -> None:
         nonlocal new_tokens
         item, rp = todo[i], rendered[i]
-        recs = [_record(tokenizer, item, rp, j, c, extra) for j, c in enumerate(completions)]
+        recs = [_record(tokenizer, item, rp, j, c, extra, backend.name)
+                for j, c in enumerate(completions)]
         append_jsonl(path, recs)
         new_tokens += sum(r["response_tokens"] for r in recs)
         bar.update(k)
@@ -168,8 +169,11 @@ def _generate_into(backend: Backend, todo: list[dict], path: Path, *, k: int, sa
         bar.close()  # ends its line, so an error message starts on its own
 
 
-def _record(tokenizer, item: dict, rp, sample: int, completion, extra: dict | None) -> dict:
+def _record(tokenizer, item: dict, rp, sample: int, completion, extra: dict | None,
+            backend: str = "local") -> dict:
     ids = completion.token_ids
+    # named only when not the in-process engine, so local runs keep their exact bytes
+    where = {} if backend == "local" else {"backend": backend}
     return {
         "id": item["id"],
         "sample": sample,
@@ -181,6 +185,7 @@ def _record(tokenizer, item: dict, rp, sample: int, completion, extra: dict | No
         "finish_reason": completion.finish_reason,
         **{key: item[key] for key in CARRIED if key in item},
         **(extra or {}),
+        **where,
     }
 
 
@@ -214,4 +219,5 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
         "eos": sum(r["finish_reason"] == "eos" for r in records),
         "length": sum(r["finish_reason"] == "length" for r in records),
         "response_tokens": sum(r["response_tokens"] for r in records)},
-        extra={"processes": distributed.topology().world_size})
+        extra={"processes": distributed.topology().world_size,
+               **({} if backend.name == "local" else {"backend": backend.name})})

@@ -102,6 +102,9 @@ def round_recipe(recipe: Recipe, run_dir: Path, t: int) -> Recipe:
 def check_recipe(recipe: Recipe) -> None:
     """Fail on settings that cannot work before any model loads."""
     it = recipe.iterate
+    if recipe.model.backend != "local":  # a server holds one fixed model, not each round's M_t
+        raise PrefloopError(f"model.backend: iterate needs the local engine (each round merges "
+                            f"a new model), got '{recipe.model.backend}'; set model.backend=local")
     if it.prompt_source == "seed" and recipe.instructions.n_train < it.rounds * it.prompts_per_round:
         raise PrefloopError(
             f"instructions.n_train: {recipe.instructions.n_train} seed prompts cannot give "

@@ -303,6 +303,8 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     stats = pair_stats(rows, tokens)
     write_dataset(rows, run.dataset)
     atomic_write_text(run.dataset / "recipe.yaml", dump_recipe(recipe))
-    atomic_write_text(run.dataset / "README.md", dataset_card(recipe, counts, stats, features("candidate_checks" in rows[0]),
-                                                           ranker_class(recipe.rank.ranker).card_lines(recipe)))
+    backends = sorted({g["backend"] for g in gens if "backend" in g})  # absent: local engine
+    card = dataset_card(recipe, counts, stats, features("candidate_checks" in rows[0]),
+                        ranker_class(recipe.rank.ranker).card_lines(recipe), backends=backends)
+    atomic_write_text(run.dataset / "README.md", card)
     return stage.finish(counts, extra={"stats": stats})
