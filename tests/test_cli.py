@@ -28,7 +28,7 @@ def test_instructions_subcommand_writes_the_run_dir(tmp_path, capsys):
      "only 100 remain after de-duplication and filtering; lower n_train or n_heldout, or give a "
      "larger source\n"),
     (["instructions", "--set", "instructions.n_train=200"],
-     "prefloop: error: instructions: instructions.n_train is 200 but the source has only 124 "
+     "prefloop: error: instructions: instructions.n_train is 200 but the source has only 103 "
      "training instructions after de-duplication and filtering; lower instructions.n_train or "
      "widen instructions.kinds\n"),
     (["instructions", "--set", "instructions.source=missing.jsonl"],
