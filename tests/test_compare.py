@@ -94,7 +94,7 @@ def test_compare_tables_and_verdict(run_dir, capsys):
     from prefloop.models import load_model
 
     ranker = FakeRanker([2.0, -1.0, 0.0, math.nan, 0.5])
-    out = compare.run(_recipe(run_dir), run_dir, ranker=ranker)
+    out = compare.run(_recipe(run_dir, "compare.view=blocks"), run_dir, ranker=ranker)
     def in_item_order(name):  # the file is in completion order; one record per id
         by_id = {r["id"]: r for r in read_jsonl_lines(out / name)}
         return [by_id[f"ho-{i}"] for i in range(len(HELDOUT))]

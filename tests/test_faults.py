@@ -209,7 +209,7 @@ def test_force_redoes_only_from_the_first_changed_stage(finished, recipe):
     before = checksums(finished)
     proc = ok(cli("run", "--output-dir", finished, "--until", "generate",
                   "--set", "generate.k=3", "--set", "train.beta=0.05"))
-    assert "finished with this configuration, kept" in proc.stderr
+    assert "[prefloop] generate: " in proc.stdout and "finished earlier" in proc.stdout
     assert checksums(finished) == before
 
 

@@ -236,8 +236,10 @@ def dispatch(args: argparse.Namespace, argv: list[str] | None = None) -> None:
                     todo=[s.name for s in steps if s.work] if stages else None)
     forced = forced_stages(args, steps, run_dir, recipe, argv if argv is not None else sys.argv[1:])
     if stages and not forced and not any(s.work for s in steps):  # nothing to do: read only
-        for stage in stages:
-            print(f"[prefloop] {stage}: finished with this configuration, kept", file=sys.stderr)
+        for stage in stages:  # stdout: the same one line per stage as a run that did the work
+            line = stage_line(stage, run_dir / stage, None)
+            print(line or f"[prefloop] {stage}: finished with this configuration, kept",
+                  flush=True)
         if args.command == "run":
             print(f"[prefloop] done: {run_dir}", file=sys.stderr)
         return
