@@ -278,6 +278,11 @@ def keep_kinds(items: list[dict], kinds: str | None, where: str) -> list[dict]:
                             "such as punctuation:no_comma (see docs/constraints.md)")
     kept = [it for it in items if it.get("constraints")
             and {c["kind"] for c in it["constraints"]} <= wanted]
+    if not any(it.get("constraints") for it in items):
+        raise PrefloopError(f"{where}: its instructions carry no constraints, so "
+                            "instructions.kinds cannot select any; set instructions.kinds=null "
+                            "(and a rank.ranker other than constraints, e.g. judge), or use a "
+                            "source with constraints (instructions.source=verifiable)")
     if not kept:
         raise PrefloopError(f"{where}: no instruction has only constraints of the kinds "
                             f"{', '.join(sorted(wanted))}; widen instructions.kinds")
