@@ -189,7 +189,8 @@ def test_point(stage: str, point: str) -> None:
     """Fault-injection hook for tests/test_faults.py, the one place it is checked:
     PREFLOOP_TEST_KILL_AT=<stage>:<point>[:<n>] kills this process (SIGKILL) the n-th time
     (default 1) `point` is reached in `stage` (points: append, finish);
-    PREFLOOP_TEST_WAIT_AT=<stage>:<point>=<file> waits there until <file> exists (60 s max)."""
+    PREFLOOP_TEST_WAIT_AT=<stage>:<point>=<file> waits there until <file> exists (600 s max:
+    long enough that a test on a loaded machine interrupts it while it waits)."""
     kill, wait = os.environ.get("PREFLOOP_TEST_KILL_AT"), os.environ.get("PREFLOOP_TEST_WAIT_AT")
     if not kill and not wait:
         return
@@ -203,7 +204,7 @@ def test_point(stage: str, point: str) -> None:
     if wait:
         where, _, file = wait.partition("=")
         if where == f"{stage}:{point}" and n == 1:
-            deadline = time.time() + 60
+            deadline = time.time() + 600
             while not Path(file).exists() and time.time() < deadline:
                 time.sleep(0.05)
 
