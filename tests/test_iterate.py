@@ -389,3 +389,116 @@ def test_eval_stats_report_objective_accuracy_of_constrained_prompts():
     assert iterate.eval_stats(gens, scores)["objective_strict"] == 0.75
     plain = [{k: v for k, v in g.items() if k != "constraints"} for g in gens]
     assert iterate.eval_stats(plain, scores)["objective_strict"] is None
+
+
+# -- --force as one transaction, and a changed loop refused -----------------------------------------
+
+
+def _sums(root: Path, parts=("instructions", "rounds")) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for part in parts for p in sorted((root / part).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def loop_dir(loop, tmp_path):
+    """The finished loop's own directory (its rounds record absolute model paths, so a copy
+    elsewhere is another loop), put back as it was after the test."""
+    import shutil
+
+    run_dir, backup = loop["run_dir"], tmp_path / "backup"
+    shutil.copytree(run_dir, backup)
+    yield run_dir
+    shutil.rmtree(run_dir)
+    shutil.copytree(backup, run_dir)
+
+
+@pytest.mark.slow
+def test_force_keeps_the_finished_loop_aside_and_restores_it_when_the_redo_fails(loop, loop_dir,
+                                                                                 tmp_path):
+    import datasets
+
+    run_dir = loop_dir
+    before = _sums(run_dir, ("instructions", "rounds", "report.md", "report.json"))
+    assert len(before) > 60
+
+    def broken_train(rr, rdir, **kw):
+        assert (run_dir / ".iterate.previous" / "rounds" / "2" / "model").is_dir()  # kept aside
+        assert not (run_dir / "rounds" / "1" / "train").exists()  # the redo started afresh
+        raise PrefloopError("train: out of disk, say")
+
+    with pytest.MonkeyPatch.context() as mp, one_thread():
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+        mp.setattr("prefloop.rankers.judge.parse_score", fake_score)
+        mp.setattr(train, "run", broken_train)
+        with pytest.raises(PrefloopError, match="out of disk"):
+            iterate.run(loop["recipe"], run_dir, force=True)
+    assert _sums(run_dir, ("instructions", "rounds", "report.md", "report.json")) == before
+    assert not (run_dir / ".iterate.previous").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_forced_redo_keeps_the_old_loop_and_the_old_config_gets_it_back(loop, loop_dir,
+                                                                                 tmp_path):
+    import datasets
+
+    run_dir = loop_dir
+    before = _sums(run_dir)
+    recipe = loop["recipe"]
+    changed = replace(recipe, train=replace(recipe.train, beta=0.3))
+    real_train = train.run
+
+    def killed_train(rr, rdir, **kw):
+        raise KeyboardInterrupt
+
+    def no_generation(*a, **kw):
+        raise AssertionError("the kept-aside loop must come back without recomputing")
+
+    with pytest.MonkeyPatch.context() as mp, one_thread():
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+        mp.setattr("prefloop.rankers.judge.parse_score", fake_score)
+        mp.setattr(train, "run", killed_train)
+        with pytest.raises(KeyboardInterrupt):
+            iterate.run(changed, run_dir, force=True)
+        assert (run_dir / ".iterate.previous" / "rounds" / "2" / "eval").is_dir()
+        assert read_manifest(run_dir / "rounds" / "1" / "pairs")["status"] == "done"  # new, partial
+        # without --force: the changed loop resumes; a third configuration is refused, naming the
+        # command; the old configuration is accepted (its loop is kept aside)
+        iterate.check_resume(changed, run_dir)
+        third = replace(recipe, train=replace(recipe.train, beta=0.5))
+        with pytest.raises(PrefloopError, match=r"rounds: the iterative loop ran with a "
+                           r"different configuration.*prefloop iterate --output-dir .* --force"):
+            iterate.check_resume(third, run_dir)
+        iterate.check_resume(recipe, run_dir)
+        mp.setattr(train, "run", real_train)
+        mp.setattr("prefloop.engine.generate", no_generation)
+        mp.setattr(train, "build_trainer", no_generation)
+        iterate.run(recipe, run_dir)
+    assert _sums(run_dir) == before
+    assert not (run_dir / ".iterate.previous").exists()
+
+
+def test_more_rounds_extend_a_loop_and_other_settings_are_refused_by_the_cli(tmp_path, capsys):
+    from prefloop import cli
+    from prefloop.artifacts import atomic_write_json, config_hash
+    from prefloop.config import apply_overrides, dump_recipe
+
+    recipe = load_recipe("constraints-loop")
+    run_dir = tmp_path / "run"
+    (run_dir / "rounds").mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    atomic_write_json(run_dir / "rounds" / "loop.json",
+                      {"config_hash": config_hash(iterate.loop_config(recipe))})
+    iterate.check_resume(apply_overrides(recipe, ["iterate.rounds=5"]), run_dir)  # extends
+    before = _sums(run_dir, ("rounds", "recipe.yaml"))
+    argv = ["iterate", "--output-dir", str(run_dir), "--set", "train.beta=0.2"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"prefloop: error: {run_dir / 'rounds'}: the iterative loop ran with a "
+                   "different configuration (train.beta: 0.1 -> 0.2); to redo it run: prefloop "
+                   f"iterate --output-dir {run_dir} --set train.beta=0.2 --force (or use a new "
+                   "--output-dir)"]
+    assert _sums(run_dir, ("rounds", "recipe.yaml")) == before

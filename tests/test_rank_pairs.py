@@ -245,6 +245,38 @@ def test_choose_pair_rules():
     assert pairs.choose_pair([c(0, 2.0, 1), c(1, 1.6, 9)], min_margin=0.5) == "below_min_margin"
 
 
+def test_choose_pairs_disjoint_up_to_n():
+    from prefloop.config import PairsConfig
+
+    def c(sample, score, tokens):
+        return {"sample": sample, "score": score, "response_tokens": tokens, "scores": [score]}
+
+    group = [c(0, 1.0, 10), c(1, 1.0, 12), c(2, 0.5, 11), c(3, 0.0, 9), c(4, 0.0, 30)]
+    one = pairs.choose_pairs(group, PairsConfig())
+    assert [(a["sample"], b["sample"]) for a, b in one] == [(0, 4)]  # the paper's single pair
+    three = pairs.choose_pairs(group, PairsConfig(per_instruction=3))
+    # best vs worst (shorter best, longer worst), then the rest: 1 vs 3, then 2 is left alone
+    assert [(a["sample"], b["sample"]) for a, b in three] == [(0, 4), (1, 3)]
+    matched = pairs.choose_pairs(group, PairsConfig(per_instruction=3, length_match=0.75))
+    # closest lengths among the largest margin: 0 (10) vs 3 (9), then 1 (12) vs 2 (11)
+    assert [(a["sample"], b["sample"]) for a, b in matched] == [(0, 3), (1, 2)]
+    assert pairs.choose_pairs([c(0, 1.0, 5), c(1, 1.0, 6)], PairsConfig(per_instruction=2)) \
+        == "all_tied"
+
+
+def test_per_instruction_rows_and_card(tmp_path):
+    run_dir = tmp_path / "run"
+    write_scores(run_dir, [gen("q0", i, t) for i, t in enumerate("abcd")], [4.0, 3.0, 2.0, 1.0])
+    r = replace(Recipe(name="default"), pairs=replace(Recipe().pairs, per_instruction=2))
+    pairs.run(r, run_dir)
+    rows = pairs.read_dataset(run_dir / "pairs" / "dataset").to_list()
+    assert [(x["id"], x["chosen"][0]["content"], x["rejected"][0]["content"]) for x in rows] == [
+        ("q0", "a", "d"), ("q0", "b", "c")]
+    assert read_manifest(run_dir / "pairs")["counts"]["pairs"] == 2
+    card = (run_dir / "pairs" / "dataset" / "README.md").read_text()
+    assert "up to 2 pairs per instruction, no response in two" in card
+
+
 def test_card_and_recipe_copy(tmp_path):
     run_dir = tmp_path / "run"
     write_scores(run_dir, [gen("q0", 0, "a"), gen("q0", 1, "b")], [4.0, 2.0])

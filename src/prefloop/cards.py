@@ -187,7 +187,10 @@ def dataset_card(recipe: Recipe, counts: dict, stats: dict, features,
         + (", responses cut at the token limit excluded" if recipe.pairs.require_eos else "")
         + f"; ties (all scores equal) dropped; minimum margin {recipe.pairs.min_margin}; among "
         "equal best (worst) scores the lowest judge variance wins, then the shorter (longer) "
-        "response",
+        "response"
+        + (f"; up to {recipe.pairs.per_instruction} pairs per instruction, no response in two "
+           "(best vs worst, then best vs worst of the rest)"
+           if recipe.pairs.per_instruction > 1 else ""),
         "", "## Counts", "",
         "| what | count |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in counts.items()],

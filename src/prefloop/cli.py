@@ -234,7 +234,12 @@ def dispatch(args: argparse.Namespace, argv: list[str] | None = None) -> None:
     steps = plan(recipe, run_dir, stages) if stages else []
     preflight.check(recipe, stages, args.command, run_dir, repo_id=getattr(args, "repo_id", None),
                     todo=[s.name for s in steps if s.work] if stages else None)
-    forced = forced_stages(args, steps, run_dir, recipe, argv if argv is not None else sys.argv[1:])
+    argv = argv if argv is not None else sys.argv[1:]
+    forced = forced_stages(args, steps, run_dir, recipe, argv)
+    if args.command == "iterate" and not args.force:
+        from prefloop.stages.iterate import check_resume
+
+        check_resume(recipe, run_dir, argv)
     if stages and not forced and not any(s.work for s in steps):  # nothing to do: read only
         for stage in stages:  # stdout: the same one line per stage as a run that did the work
             line = stage_line(stage, run_dir / stage, None)

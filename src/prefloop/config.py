@@ -102,6 +102,9 @@ class PairsConfig:
     # tokens) unless the instruction's constraints are about length (constraints ranker)
     length_match: float = 0.0
     quality_gate: bool = False  # drop pairs whose chosen has the lower rank.quality score
+    # up to this many pairs per instruction, no response in two of them: best vs worst, then
+    # best vs worst of the rest, ... (1: the paper's single best-vs-worst pair)
+    per_instruction: int = 1
 
 
 @dataclass(frozen=True)
@@ -272,7 +275,8 @@ def _build_section(where: str, cls: type, data: Any, base: Any) -> Any:
 _POSITIVE = {"k", "n_train", "max_new_tokens", "judge_samples", "judge_max_new_tokens", "min_valid",
              "batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha", "rounds",
              "prompts_per_round", "n_candidates", "eval_prompts", "logging_steps",
-             "fast_min_chunk_tokens", "show_rows", "max_concurrency", "request_timeout"}
+             "fast_min_chunk_tokens", "show_rows", "max_concurrency", "request_timeout",
+             "per_instruction"}
 
 
 def _check_ranges(where: str, section: Any) -> None:

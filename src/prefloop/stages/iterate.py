@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import gc
 import math
+import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -55,12 +57,15 @@ from prefloop.artifacts import (
     RunDir,
     Stage,
     append_jsonl,
+    atomic_write_json,
     atomic_write_text,
+    config_hash,
     read_jsonl,
     read_manifest,
+    transaction,
     write_jsonl,
 )
-from prefloop.config import Recipe, dump_recipe
+from prefloop.config import Recipe, dump_recipe, recipe_to_dict
 from prefloop.errors import PrefloopError
 from prefloop.rankers import make_ranker, ranker_class
 from prefloop.stages import generate, instructions, pairs, rank, selfinstruct, train
@@ -317,23 +322,125 @@ def run_round(recipe: Recipe, run_dir: Path, t: int) -> Path:
     return rdir
 
 
+# -- the loop as one unit: its configuration, --force kept aside ---------------------------------
+
+LOOP_PARTS = ("instructions", "rounds", "report.md", "report.json", "plots")  # what a loop writes
+LOOP_FILE = "loop.json"  # rounds/loop.json: the hash of the configuration the rounds ran with
+
+
+def loop_config(recipe: Recipe) -> dict:
+    """Everything the loop's results depend on: the recipe without push and without
+    iterate.rounds (more rounds extend a finished loop; they change none of its rounds)."""
+    d = recipe_to_dict(recipe)
+    d.pop("push", None)
+    d["iterate"].pop("rounds", None)
+    return d
+
+
+def previous_dir(run_dir: Path) -> Path:
+    """Where `iterate --force` keeps the finished loop until the new one finishes."""
+    return Path(run_dir) / ".iterate.previous"
+
+
+def recorded_loop(root: Path) -> str | None:
+    """The configuration hash a loop folder (the run directory or the kept-aside one) ran with."""
+    import json
+
+    try:
+        return json.loads((Path(root) / "rounds" / LOOP_FILE).read_text("utf-8"))["config_hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_resume(recipe: Recipe, run_dir: Path, argv: list[str] | None = None) -> None:
+    """Refuse, before anything is written, to continue a loop that ran with another
+    configuration (its rounds would be overwritten one stage at a time); name the command that
+    redoes it. Called by the CLI when --force is not given."""
+    from prefloop.plan import describe_change
+
+    run_dir = Path(run_dir)
+    recorded, h = recorded_loop(run_dir), config_hash(loop_config(recipe))
+    if recorded is None or recorded == h or recorded_loop(previous_dir(run_dir)) == h:
+        return  # new, the same, or the kept-aside loop asked for again (run() restores it)
+    command = shlex.join(["prefloop", *(argv or ["iterate", "--output-dir", str(run_dir)]),
+                          "--force"])
+    raise PrefloopError(f"{run_dir / 'rounds'}: the iterative loop ran with a different "
+                        f"configuration{describe_change(run_dir, recipe)}; to redo it run: "
+                        f"{command} (or use a new --output-dir)")
+
+
+def _move_parts(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for part in LOOP_PARTS:
+        if (src / part).exists():
+            os.replace(src / part, dst / part)
+
+
+def _drop_parts(root: Path) -> None:
+    for part in LOOP_PARTS:
+        path = root / part
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _restore_previous(run_dir: Path) -> None:
+    prev = previous_dir(run_dir)
+    _drop_parts(run_dir)
+    _move_parts(prev, run_dir)
+    shutil.rmtree(prev)
+
+
+def _prepare(recipe: Recipe, run_dir: Path, force: bool) -> None:
+    """Before the loop: with --force, put the finished loop aside (or, when a killed forced redo
+    already put one aside, drop that redo's partial work); without, put a kept-aside loop back
+    when its configuration is asked for again or nothing replaced it yet."""
+    prev, h = previous_dir(run_dir), config_hash(loop_config(recipe))
+    if force:
+        if prev.exists():
+            _drop_parts(run_dir)
+        elif (run_dir / "rounds").exists() or (run_dir / "instructions").exists():
+            _move_parts(run_dir, prev)
+    elif prev.exists() and (recorded_loop(prev) == h != recorded_loop(run_dir)
+                            or not (run_dir / "rounds").exists()):
+        _restore_previous(run_dir)
+    if recorded_loop(run_dir) is None:
+        (run_dir / "rounds").mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "rounds" / LOOP_FILE, {"config_hash": h})
+
+
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     """All rounds, resuming from the last finished step; writes run_dir/report.md (also when a
-    round stops on an error, with what finished and the reason)."""
+    round stops on an error, with what finished and the reason).
+
+    --force is transactional: the finished loop (instructions, rounds, report) is kept in
+    .iterate.previous until the new one finishes, and put back if the new one fails; a killed
+    forced redo resumes with the next `prefloop iterate --force`-less run, the old loop still
+    aside."""
     check_recipe(recipe)
     run_dir = Path(run_dir)
-    if force:
-        shutil.rmtree(run_dir / "rounds", ignore_errors=True)
-    instructions.run(seed_recipe(recipe), run_dir, force=force)
-    evaluate(recipe, run_dir, 0)
+    _prepare(recipe, run_dir, force)
     try:
-        for t in range(1, recipe.iterate.rounds + 1):
-            run_round(recipe, run_dir, t)
-            rows = [round_row(run_dir, s) for s in range(t + 1)]
-            print(summary_table(rows), flush=True)
-    except PrefloopError as e:
-        write_report(recipe, run_dir, stopped=str(e))
+        with transaction():  # failed stages are rolled back before the old loop comes back
+            instructions.run(seed_recipe(recipe), run_dir)
+            evaluate(recipe, run_dir, 0)
+            try:
+                for t in range(1, recipe.iterate.rounds + 1):
+                    run_round(recipe, run_dir, t)
+                    rows = [round_row(run_dir, s) for s in range(t + 1)]
+                    print(summary_table(rows), flush=True)
+            except PrefloopError as e:
+                if not (force and previous_dir(run_dir).exists()):
+                    write_report(recipe, run_dir, stopped=str(e))
+                raise
+    except Exception:
+        if force and previous_dir(run_dir).exists():
+            _restore_previous(run_dir)
+            print("[prefloop] iterate: the forced redo failed; the previous loop is restored",
+                  file=sys.stderr)
         raise
     write_report(recipe, run_dir)
+    shutil.rmtree(previous_dir(run_dir), ignore_errors=True)
     print(f"[prefloop] iterate: report -> {run_dir / 'report.md'}", file=sys.stderr)
     return run_dir

@@ -6,6 +6,8 @@ chosen = the highest score, rejected = the lowest; instructions with fewer than 
 all-equal scores (the paper discards ties) or a margin below pairs.min_margin are dropped.
 Tie-break among equal best (worst) scores, which the paper leaves open: the lowest judge variance
 (as NeMo-Aligner), then the shorter (longer) response in tokens, then the lower sample index.
+With pairs.per_instruction = n > 1 (not the paper), up to n disjoint pairs per instruction: the
+same choice is repeated on the candidates not yet paired, while a pair with a margin remains.
 """
 
 from __future__ import annotations
@@ -85,6 +87,20 @@ def choose_pair(cands: list[dict], min_margin: float = 0.0, length_match: float 
     if quality_gate and not isinstance(picked, str) and _quality(picked[0]) < _quality(picked[1]):
         return "quality_gate"
     return picked
+
+
+def choose_pairs(cands: list[dict], cfg) -> list[tuple[dict, dict]] | str:
+    """Up to cfg.per_instruction disjoint pairs: `choose_pair` on the candidates, then again on
+    those not yet in a pair, while a pair is found. The drop reason when not even one is."""
+    out: list[tuple[dict, dict]] = []
+    rest = list(cands)
+    while len(out) < cfg.per_instruction:
+        picked = choose_pair(rest, cfg.min_margin, cfg.length_match, cfg.quality_gate)
+        if isinstance(picked, str):
+            return out or picked
+        out.append(picked)
+        rest = [c for c in rest if c is not picked[0] and c is not picked[1]]
+    return out
 
 
 def _quality(c: dict) -> float:
@@ -181,13 +197,13 @@ def build_pairs(groups: list[list[dict]], recipe: Recipe) -> tuple[list[dict], l
     for group in groups:
         cands, removed = candidates_of(group, cfg.require_eos)
         counts.update(removed)
-        picked = choose_pair(cands, cfg.min_margin, cfg.length_match, cfg.quality_gate)
+        picked = choose_pairs(cands, cfg)
         if isinstance(picked, str):
             counts[picked] += 1
             dropped.append({"id": group[0]["id"], "reason": picked, "n_candidates": len(cands),
                             "scores": [c["score"] for c in group]})
             continue
-        rows.append(pair_row(group, *picked, recipe.model.system_prompt))
+        rows += [pair_row(group, *p, recipe.model.system_prompt) for p in picked]
     summary = {"instructions": len(groups), "responses": sum(len(g) for g in groups),
                "scored": sum(c["score"] is not None for g in groups for c in g),
                "pairs": len(rows), "dropped": len(dropped),
