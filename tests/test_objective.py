@@ -138,6 +138,11 @@ def test_length_matched_pair_prefers_comparable_lengths():
     # a length constraint: length may differ (it is what the constraint is about)
     free = [cand(0, 1.0, 10, length_free=True), cand(1, 0.0, 40, length_free=True)]
     assert [c["sample"] for c in pairs.choose_pair(free, length_match=0.7)] == [0, 1]
+    # ... unless every pair must be length-matched (pairs.length_match_all)
+    assert pairs.choose_pair(free, length_match=0.7, length_match_all=True) == "length_unmatched"
+    free.append(cand(2, 0.5, 11, length_free=True))
+    assert [c["sample"] for c in pairs.choose_pair(free, length_match=0.7,
+                                                   length_match_all=True)] == [0, 2]
 
 
 def test_quality_breaks_ties_and_gates():

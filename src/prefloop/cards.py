@@ -188,6 +188,10 @@ def dataset_card(recipe: Recipe, counts: dict, stats: dict, features,
         + f"; ties (all scores equal) dropped; minimum margin {recipe.pairs.min_margin}; among "
         "equal best (worst) scores the lowest judge variance wins, then the shorter (longer) "
         "response"
+        + (f"; chosen and rejected within a length ratio of {recipe.pairs.length_match} "
+           "(shorter/longer, in tokens)" + ("" if recipe.pairs.length_match_all else
+                                             " unless the instruction constrains length")
+           if recipe.pairs.length_match else "")
         + (f"; up to {recipe.pairs.per_instruction} pairs per instruction, no response in two "
            "(best vs worst, then best vs worst of the rest)"
            if recipe.pairs.per_instruction > 1 else ""),

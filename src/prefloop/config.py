@@ -101,6 +101,9 @@ class PairsConfig:
     # > 0: chosen and rejected must be within this ratio of lengths (shorter/longer, in
     # tokens) unless the instruction's constraints are about length (constraints ranker)
     length_match: float = 0.0
+    # true: length_match holds for instructions that constrain length too (their pairs then
+    # contrast the other constraints, or the count near its bound, never a long vs a short answer)
+    length_match_all: bool = False
     quality_gate: bool = False  # drop pairs whose chosen has the lower rank.quality score
     # up to this many pairs per instruction, no response in two of them: best vs worst, then
     # best vs worst of the rest, ... (1: the paper's single best-vs-worst pair)

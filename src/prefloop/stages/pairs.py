@@ -57,14 +57,15 @@ def candidates_of(group: list[dict], require_eos: bool) -> tuple[list[dict], Cou
 
 
 def choose_pair(cands: list[dict], min_margin: float = 0.0, length_match: float = 0.0,
-                quality_gate: bool = False) -> tuple[dict, dict] | str:
+                quality_gate: bool = False, length_match_all: bool = False
+                ) -> tuple[dict, dict] | str:
     """(chosen, rejected) = (argmax, argmin) of score, or the drop reason.
 
     Ties: chosen = min (−quality, variance, tokens, sample) over the best; rejected = min
     (quality, variance, −tokens, sample) over the worst, variance being that of the valid judge
     samples and quality the rank.quality score (when there is one). With length_match > 0 (and
-    no length constraint on the instruction) the pair is the largest-margin one whose lengths
-    are within that ratio.
+    no length constraint on the instruction, or with length_match_all) the pair is the
+    largest-margin one whose lengths are within that ratio.
     """
     if len(cands) < 2:
         return "too_few_scored"
@@ -74,7 +75,7 @@ def choose_pair(cands: list[dict], min_margin: float = 0.0, length_match: float 
         return "all_tied"
     if hi - lo < min_margin:
         return "below_min_margin"
-    if length_match and not any(c.get("length_free") for c in cands):
+    if length_match and (length_match_all or not any(c.get("length_free") for c in cands)):
         picked = _matched_pair(cands, min_margin, length_match)
     else:
         chosen = min((c for c in cands if c["score"] == hi),
@@ -95,7 +96,8 @@ def choose_pairs(cands: list[dict], cfg) -> list[tuple[dict, dict]] | str:
     out: list[tuple[dict, dict]] = []
     rest = list(cands)
     while len(out) < cfg.per_instruction:
-        picked = choose_pair(rest, cfg.min_margin, cfg.length_match, cfg.quality_gate)
+        picked = choose_pair(rest, cfg.min_margin, cfg.length_match, cfg.quality_gate,
+                             cfg.length_match_all)
         if isinstance(picked, str):
             return out or picked
         out.append(picked)
