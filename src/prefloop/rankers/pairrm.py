@@ -36,6 +36,7 @@ from torch import nn
 from transformers import DebertaV2Config, DebertaV2Model
 
 from prefloop.errors import PrefloopError
+from prefloop.rankers.groups import duplicate_of
 
 PAIRRM_REPO = "llm-blender/PairRM"
 # A README-only commit on top of 5e3cb95 ("Create config.json"); weights, config and tokenizer
@@ -673,17 +674,18 @@ class PairRMRanker:
     def score(self, records: list[dict], workdir: Path) -> tuple[list[dict], dict]:
         """One batched call over every instruction's distinct responses (seconds on a GPU, so a
         killed stage simply reruns it: nothing is logged in `workdir`)."""
-        first: dict[tuple[str, str], int] = {}
+        dup = duplicate_of(records)
         by_id: dict[str, list[dict]] = {}
         for r in records:
-            if first.setdefault((r["id"], r["response"]), r["sample"]) == r["sample"]:
+            if (r["id"], r["sample"]) not in dup:
                 by_id.setdefault(r["id"], []).append(r)
         ids = list(by_id)
         ranked = self.rank_groups([by_id[i][0]["instruction"] for i in ids],
                                   [[r["response"] for r in by_id[i]] for i in ids])
         score_of = {(r["id"], r["sample"]): s for i, scores in zip(ids, ranked, strict=True)
                     for r, s in zip(by_id[i], scores, strict=True)}
-        fields = [{"score": score_of[(r["id"], first[(r["id"], r["response"])])], "n_valid": 1,
+        fields = [{"score": score_of[(r["id"], dup.get((r["id"], r["sample"]), r["sample"]))],
+                   "n_valid": 1,
                    "scores": [], "over_budget": self.over_budget(r["response"])}
                   for r in records]
         return fields, {"over_candidate_budget": sum(f["over_budget"] for f in fields)}

@@ -16,6 +16,7 @@ from prefloop.artifacts import RunDir, Stage, read_jsonl, write_jsonl
 from prefloop.config import Recipe
 from prefloop.errors import PrefloopError
 from prefloop.rankers import make_ranker, ranker_class
+from prefloop.rankers.groups import duplicate_of
 
 GENERATION_FIELDS = ("id", "sample", "instruction", "response", "finish_reason", "response_tokens")
 
@@ -30,19 +31,6 @@ def read_generations(path: Path) -> list[dict]:
             raise PrefloopError(f"{path}:{n}: missing field(s) {', '.join(missing)}; "
                                 "regenerate with `prefloop generate --force`")
     return records
-
-
-def duplicate_of(records: list[dict]) -> dict[tuple[str, int], int]:
-    """(id, sample) -> the first sample of the same id with a byte-identical response."""
-    first: dict[tuple[str, str], int] = {}
-    dup = {}
-    for r in records:
-        key = (r["id"], r["response"])
-        if key in first:
-            dup[(r["id"], r["sample"])] = first[key]
-        else:
-            first[key] = r["sample"]
-    return dup
 
 
 def _base_record(r: dict, ranker: str, dup: dict) -> dict:
