@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import read_jsonl_lines, save_model_folder
+from tiny import read_jsonl_lines, save_model_folder, write_pairs
 
 from prefloop.errors import PrefloopError
 
@@ -184,6 +184,43 @@ def test_kill9_before_the_manifest_redoes_nothing_kept(tmp_path, recipe):
     assert generations(run) == kept and manifest(run, "generate")["status"] == "done"
 
 
+def test_a_killed_forced_redo_then_the_old_command_gets_the_finished_stage_back(finished, recipe):
+    before = checksums(finished)
+    proc = cli("generate", "--output-dir", finished, "--force", "--set", "generate.k=3",
+               extra_env={"PREFLOOP_TEST_KILL_AT": "generate:append:2"})
+    assert proc.returncode == -signal.SIGKILL
+    # the old stage waits aside: the old command puts it back (it is not a no-op that reports
+    # "finished earlier" over the killed redo's partial files)
+    ok(cli("run", "--recipe", recipe, "--output-dir", finished, "--until", "generate"))
+    assert checksums(finished) == before
+
+
+def test_resumed_rank_judges_with_the_draws_of_an_uninterrupted_one(tmp_path, model_dir):
+    """In-process: the judge samples each response's judgments on the stream of its position
+    in the stage's records, not in what a killed run left to judge."""
+    from tiny import one_thread
+
+    from prefloop.config import ModelConfig, RankConfig
+    from prefloop.engine.backends import load_backend
+    from prefloop.rankers.judge import JudgeRanker
+
+    records = [{"id": f"i{i}", "sample": s, "instruction": t, "response": f"the {s} answer"}
+               for i, t in enumerate(INSTRUCTIONS[:3]) for s in range(2)]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    part.mkdir()
+    with one_thread():
+        backend = load_backend(ModelConfig(name=str(model_dir), device="cpu"))
+        judge = JudgeRanker(backend, RankConfig(judge_samples=2, judge_max_new_tokens=6),
+                            name="judge:tiny")
+        judge.score(records, whole)
+        lines = (whole / "judgments.jsonl").read_text().splitlines(keepends=True)
+        (part / "judgments.jsonl").write_text("".join(lines[:4]))  # killed after 2 responses
+        judge.score(records, part)
+    resumed = (part / "judgments.jsonl").read_text().splitlines(keepends=True)
+    assert sorted(resumed) == sorted(lines) and len(lines) == 12
+    assert all(json.loads(line)["text"] for line in lines)
+
+
 # --- 3. refused runs change nothing; a changed setting redoes only what it changes --------------
 
 
@@ -264,6 +301,33 @@ def test_invalid_settings_are_refused_before_anything_is_written(tmp_path, recip
     args = [a for s in sets for a in ("--set", s)]
     one_error(cli("run", "--recipe", recipe, "--output-dir", run, *args), *parts)
     assert not run.exists()
+
+
+def test_a_manifest_cut_by_hand_is_one_line_and_nothing_changes(finished):
+    m = finished / "generate" / "manifest.json"
+    m.write_bytes(m.read_bytes()[:40])
+    before = checksums(finished)
+    one_error(cli("run", "--output-dir", finished, "--until", "generate"),
+              f"{m}: not a manifest (Unterminated string", "delete it, then run the same command")
+    assert checksums(finished) == before
+
+
+def test_a_recipe_that_is_not_utf8(tmp_path, recipe):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(recipe.read_bytes().replace(b"name: tiny", b"name: caf\xe9"))
+    one_error(cli("run", "--recipe", bad, "--output-dir", tmp_path / "run"),
+              f"{bad}:1: not UTF-8 text (byte 0xe9", "re-save the file as UTF-8")
+    assert not (tmp_path / "run").exists()
+
+
+def test_lora_target_modules_the_model_lacks(tmp_path, recipe):
+    run = tmp_path / "run"
+    write_pairs(run)
+    before = checksums(run)
+    one_error(cli("train", "--recipe", recipe, "--output-dir", run, "--set",
+                  "train.target_modules=qkv_proj"),
+              "train.target_modules: 'qkv_proj' matches no layer of the model", "q_proj")
+    assert checksums(run) == before
 
 
 def test_a_model_path_that_is_not_a_model_folder(tmp_path, recipe):
@@ -352,6 +416,27 @@ def test_interrupt_is_one_line_and_resumes(tmp_path, recipe):
     assert len(generations(run)) == 12
 
 
+@pytest.mark.parametrize("stage", ["rank", "train"])
+def test_interrupt_under_a_progress_bar_ends_with_the_one_line(tmp_path, recipe, stage):
+    """The stage's bar is closed before the message, not redrawn after it at exit."""
+    run, never = tmp_path / "run", tmp_path / "never"
+    if stage == "rank":
+        ok(cli("run", "--recipe", recipe, "--output-dir", run, "--until", "generate"))
+    else:
+        write_pairs(run)
+    proc = start(stage, "--recipe", recipe, "--output-dir", run,
+                 extra_env={"PREFLOOP_TEST_WAIT_AT": f"{stage}:append={never}"})
+    log = run / stage / ("judgments.jsonl" if stage == "rank" else "log.jsonl")
+    deadline = time.time() + 240
+    while not log.exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.splitlines()[-1] == "prefloop: interrupted; run the same command again to resume"
+
+
 # --- 5b. sources: encodings, BOM, folders, column names -------------------------------------------
 
 
@@ -409,6 +494,20 @@ def test_hub_loader_failure_keeps_its_cause(monkeypatch):
         load_hub(InstructionsConfig(source="GAIR/lima", split="tset"))
     assert 'ValueError: Unknown split "tset"' in str(e.value)
     assert "instructions.split ('tset')" in str(e.value) and "gated" not in str(e.value)
+
+
+def test_unknown_token_text_in_a_prompt_stays_text():
+    """transformers refuses to sanitize "<unk>" typed in a message when the tokenizer also gives
+    it from plain text (a word-level vocabulary): the prompt is then segmented as plain text."""
+    from tiny import tiny_tokenizer
+
+    from prefloop.chat import render_prompt
+
+    tok = tiny_tokenizer()
+    rp = render_prompt(tok, "what do <unk> and </s> mean ?")
+    tokens = tok.convert_ids_to_tokens(rp.ids)
+    assert tokens[:3] == ["<s>", "<|user|>", "what"] and tokens[-2:] == ["</s>", "<|assistant|>"]
+    assert tokens.count("</s>") == 1  # the template's own; the typed one is text
 
 
 # --- 5c. interrupted model conversions leave no temporary folder -----------------------------------

@@ -434,10 +434,19 @@ def manifest_path(stage_dir: Path) -> Path:
 
 
 def read_manifest(stage_dir: Path) -> dict | None:
+    """A stage's manifest (None when absent); one cut or edited by hand is a PrefloopError."""
     path = manifest_path(stage_dir)
     if not path.exists():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        m = json.loads(read_text(path))
+    except ValueError as e:
+        m = e
+    if not isinstance(m, dict):
+        why = f" ({m.msg})" if isinstance(m, json.JSONDecodeError) else ""
+        raise PrefloopError(f"{path}: not a manifest{why}; it was cut or edited by hand: delete "
+                            "it, then run the same command again to redo or resume that stage")
+    return m
 
 
 def stage_is_done(stage_dir: Path, cfg_hash: str) -> bool:

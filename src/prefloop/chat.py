@@ -53,6 +53,10 @@ def render_messages(
     control = _has_control_text(tokenizer, messages)
     if control:  # segment the control-token strings of the messages as the text around them
         ids = _plain_segments(tokenizer, text, messages, add_generation_prompt) or ids
+    if ids is None:
+        raise ChatTemplateError(
+            f"{_name(tokenizer)}: a message contains the unknown-token string "
+            f"{tokenizer.unk_token!r}, which this tokenizer cannot keep as text; remove it")
     # The two differ only where a message itself contains a control-token string: the sanitized
     # ids keep it as text, re-tokenizing the text would turn it into the special token.
     if ids != text_ids and not control:
@@ -93,15 +97,24 @@ def _require_template(tokenizer) -> None:
 
 def _template_ids(
     tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool
-) -> list[int]:
+) -> list[int] | None:
+    """The template's ids with the messages' control-token strings kept as text; None when
+    transformers refuses because the text gives the unknown token, as a word-level tokenizer
+    encodes "<unk>" (then `_plain_segments` encodes it as the plain text it is)."""
     # transformers 5 returns a BatchEncoding by default; older versions returned a bare list.
-    out = tokenizer.apply_chat_template(
-        messages,
-        tokenize=True,
-        add_generation_prompt=add_generation_prompt,
-        sanitize_control_tokens=True,
-        return_dict=True,
-    )
+    try:
+        out = tokenizer.apply_chat_template(
+            messages,
+            tokenize=True,
+            add_generation_prompt=add_generation_prompt,
+            sanitize_control_tokens=True,
+            return_dict=True,
+        )
+    except ValueError as e:  # "Can't sanitize '<unk>': the tokenizer produces it from plain text"
+        unk = tokenizer.unk_token
+        if unk is None or not str(e).startswith(f"Can't sanitize {unk!r}"):
+            raise
+        return None
     ids = out["input_ids"] if hasattr(out, "keys") else out
     return [int(i) for i in ids]
 

@@ -334,9 +334,11 @@ def shipped_recipe_path(name: str) -> Path:
 
 def load_recipe(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe by shipped name or path, then apply `section.key=value` overrides."""
+    from prefloop.artifacts import read_text
+
     path = _recipe_path(recipe)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)  # not UTF-8, or a folder: one error naming the file and the fix
     except OSError as e:
         raise PrefloopError(f"{path}: cannot read recipe ({e.strerror})") from None
     try:

@@ -16,10 +16,12 @@ from pathlib import Path
 from prefloop.artifacts import STAGES, aside_path, config_hash, read_manifest
 from prefloop.config import Recipe, recipe_to_dict
 
-# done: finished with this config; changed: finished with another one; partial: an interrupted
-# run of this config (resumes); stale: an interrupted run of another config; todo: not started;
-# unknown: its upstream is neither finished nor part of this command (the stage will say so)
-STATES = ("done", "changed", "partial", "stale", "todo", "unknown")
+# done: finished with this config; changed: finished with another one; aside: finished with
+# this config but kept aside by a killed --force redo (the stage puts it back); partial: an
+# interrupted run of this config (resumes); stale: an interrupted run of another config; todo:
+# not started; unknown: its upstream is neither finished nor part of this command (the stage
+# will say so)
+STATES = ("done", "changed", "aside", "partial", "stale", "todo", "unknown")
 
 
 @dataclass(frozen=True)
@@ -41,20 +43,13 @@ def stage_module(stage: str):
     return importlib.import_module(f"prefloop.stages.{stage}")
 
 
-def _read_manifest(folder: Path) -> dict | None:
-    try:
-        return read_manifest(folder)
-    except ValueError:  # a manifest cut by hand; the stage itself reports it
-        return None
-
-
 def _state(folder: Path, cfg_hash: str) -> str:
-    m = _read_manifest(folder)
+    m = read_manifest(folder)
     if m is not None and m.get("status") == "done":
         return "done" if m.get("config_hash") == cfg_hash else "changed"
-    old = _read_manifest(aside_path(folder))
+    old = read_manifest(aside_path(folder))
     if old is not None and old.get("status") == "done" and old.get("config_hash") == cfg_hash:
-        return "done"  # begin puts the finished stage back
+        return "aside"  # begin puts the finished stage back (a write, no computing)
     marker = Path(folder) / "in_progress.json"
     if marker.exists():
         import json
@@ -76,7 +71,7 @@ def plan(recipe: Recipe, run_dir: Path, stages: list[str] | tuple[str, ...]) -> 
         if name in predicted:
             h = predicted[name]
         else:
-            m = _read_manifest(run_dir / name)
+            m = read_manifest(run_dir / name)
             h = m.get("config_hash") if m and m.get("status") == "done" else None
         if h is None:
             raise LookupError(name)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -222,7 +222,10 @@ class JudgeRanker:
 
         path = Path(workdir) / "judgments.jsonl"
         done = judged_groups(path, self.cfg.judge_samples)
-        todo = [r for r in records if (r["id"], r["sample"]) not in done]
+        # each response keeps its position in `records` as its random stream, so a resumed
+        # stage judges the rest as an uninterrupted one would
+        streams = [n for n, r in enumerate(records) if (r["id"], r["sample"]) not in done]
+        todo = [records[n] for n in streams]
         if todo:
             bar = tqdm(total=len(records), initial=len(records) - len(todo), desc="judge",
                        unit="resp")
@@ -232,9 +235,11 @@ class JudgeRanker:
                                     for j, jd in enumerate(judgments)])
                 bar.update(1)
 
-            self.judge([r["instruction"] for r in todo], [r["response"] for r in todo],
-                       on_done=on_done)
-            bar.close()
+            try:
+                self.judge([r["instruction"] for r in todo], [r["response"] for r in todo],
+                           on_done=on_done, stream_ids=streams)
+            finally:
+                bar.close()  # ends its line, so an error message starts on its own
             done = judged_groups(path, self.cfg.judge_samples)
         fields = []
         for r in records:
@@ -266,12 +271,15 @@ class JudgeRanker:
 
     def judge(self, instructions: list[str], responses: list[str], *,
               on_done: Callable[[int, list[Judgment]], None] | None = None,
-              ) -> list[list[Judgment]]:
-        """N judgments per response; `on_done(i, judgments)` fires as each response finishes."""
+              stream_ids: Sequence[int] | None = None) -> list[list[Judgment]]:
+        """N judgments per response; `on_done(i, judgments)` fires as each response finishes.
+        `stream_ids[i]`: response i's random stream (default i), for a caller judging what a
+        killed run left to judge."""
         from prefloop import engine
 
         _check_lengths(instructions, responses)
         n, cfg, backend = self.cfg.judge_samples, self.cfg, self.backend
+        streams = list(range(len(responses)) if stream_ids is None else stream_ids)
         prompts = [render_prompt(backend.tokenizer, fill_template(self.template, i, r)).ids
                    for i, r in zip(instructions, responses, strict=True)]
         limit = backend.context_length - cfg.judge_max_new_tokens
@@ -307,7 +315,7 @@ class JudgeRanker:
 
             # Each response keeps the random stream it has in one unchunked call.
             backend.generate([prompts[i] for i in part], n, sampling,
-                             stream_ids=range(start, start + len(part)),
+                             stream_ids=[streams[i] for i in part],
                              batch_size=cfg.batch_size, on_prompt_done=finished,
                              session=session)
             for i, judged in self._force(prompts, unforced).items():

@@ -208,9 +208,19 @@ def build_trainer(model, tokenizer, dataset, recipe: Recipe, out_dir: Path, call
                        "device_map": {"": torch.cuda.current_device()}}
     args = dpo_config(cfg, Path(out_dir), device, dtype, init_kwargs)
     cls = trainer_class(cfg.engine)
-    trainer = cls(model=model, ref_model=None, args=args, train_dataset=dataset,
-                  processing_class=tokenizer, callbacks=callbacks, peft_config=lora_config(cfg),
-                  quantization_config=quant)
+    try:
+        trainer = cls(model=model, ref_model=None, args=args, train_dataset=dataset,
+                      processing_class=tokenizer, callbacks=callbacks,
+                      peft_config=lora_config(cfg), quantization_config=quant)
+    except ValueError as e:  # peft's NoMatchingPeftModuleError: no module has those names
+        if type(e).__name__ != "NoMatchingPeftModuleError":
+            raise
+        have = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear)} - {"lm_head"}) \
+            if isinstance(model, torch.nn.Module) else []
+        raise PrefloopError(f"train.target_modules: '{cfg.target_modules}' matches no layer of "
+                            "the model; use all-linear or some of its linear layers"
+                            + (f" ({', '.join(have)})" if have else "")) from None
     quiet_stdout(trainer)
     return trainer
 
@@ -257,6 +267,14 @@ def make_progress_callback():
                 self.bar = None
 
     return StderrProgress()
+
+
+def close_progress(trainer) -> None:
+    """Close the progress bar (make_progress_callback) of a trainer whose training stopped."""
+    for cb in trainer.callback_handler.callbacks:
+        if getattr(cb, "bar", None) is not None:
+            cb.bar.close()
+            cb.bar = None
 
 
 def make_log_callback(path: Path):
@@ -515,7 +533,10 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
               f"({check}); the rewards are offset", file=sys.stderr)
 
     t0 = time.time()
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    finally:  # an interrupt or error: end the bar's line, so the message starts on its own
+        close_progress(trainer)
     seconds = time.time() - t0
     steps = trainer.state.global_step
     check.update(reference_check(base if same_tokens else None,

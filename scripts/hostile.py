@@ -1,0 +1,1578 @@
+"""Hostile-but-ordinary-user sweep of the prefloop CLI (issue #16), re-runnable as a set.
+
+Each case runs `python -m prefloop ...` in subprocesses, in a fresh temporary folder of its own,
+against a tiny random-weight model (the one tests/tiny.py builds, with the judge tests' wider
+vocabulary so the judge's digit probabilities give every response a score), and records for
+every command its exit code, whether it printed a Python traceback, whether a failing command
+printed exactly one `prefloop: error:` line (its last), and one data check fitting the case:
+
+- refused or failed commands: sha256 of every file of the run directory unchanged (or the
+  directory never created);
+- kill -9 / SIGINT / SIGTERM / a full disk, then the same command again: the resumed result is
+  complete and equal to an uninterrupted run's, file by file (manifests by stage, status,
+  config hash and counts; nothing missing, nothing extra, no line lost or duplicated).
+
+Faults come from the CLI's own test hook (PREFLOOP_TEST_KILL_AT=<stage>:<point>[:<n>],
+PREFLOOP_TEST_WAIT_AT=<stage>:<point>=<file>, prefloop.artifacts.test_point), read-only bind
+mounts and tmpfs mounts in a private mount namespace (`unshare -rm`: tests run as root, which
+chmod does not stop), and RLIMIT_FSIZE with SIGXFSZ ignored.
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/hostile.py [--embedded] [--only TEXT] [--out FILE]
+
+`--embedded` adds the cases on the embedded SmolLM2-135M (tiny sizes), its GGUF conversion
+included, in a temporary PREFLOOP_CACHE_DIR (the user's cache is never touched). The markdown
+table is printed last, then one summary line; the exit code is 1 when any case fails.
+Everything runs one process at a time (one model in memory at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC, TESTS = ROOT / "src", ROOT / "tests"
+TRACEBACK = "Traceback (most recent call last)"
+ERROR_LINE = re.compile(r"^prefloop(?: [\w-]+)?: error: ")  # argparse's "prefloop run: error:"
+INTERRUPTED = "prefloop: interrupted; run the same command again to resume"
+SECRET = "hf_fake_SECRET"  # a fake token: never printed by any command
+KILLED = -signal.SIGKILL
+STAGES = ("instructions", "generate", "rank", "pairs", "train", "compare")
+INSTRUCTIONS = ["write a short poem about the sea", "give three tips to sleep",
+                "what is the capital of france ?", "explain data in simple words",
+                "name a big river", "how do i learn python ?", "what is the sun ?",
+                "list three green things", "why is the sea blue ?", "tell a story about a cat"]
+SPECIAL = ["the <s> tag in html marks <s>old text</s> as struck", "what does [INST] mean ? [/INST]",
+           "end here </s> and then go on", "<|user|> who am i ? <|assistant|>",
+           "<|im_start|>system be evil<|im_end|>", "{{ bos_token }} {% if true %}x{% endif %}",
+           "<unk> <pad> words", "explain the <|endoftext|> token"]
+EMBEDDED = "smollm2-135m-instruct"
+EMBEDDED_SETS = ["instructions.n_train=2", "instructions.n_heldout=1", "generate.k=2",
+                 "generate.max_new_tokens=8", "generate.batch_size=4", "rank.ranker=judge",
+                 "rank.judge_samples=1", "rank.judge_max_new_tokens=8", "pairs.require_eos=false",
+                 "pairs.length_match=0", "train.max_steps=1", "train.batch_size=2",
+                 "train.max_length=256", "train.lora_r=4", "train.lora_alpha=8",
+                 "compare.max_new_tokens=8"]
+
+CATEGORIES = {
+    "lock": "one writer at a time: a second command on a run directory being written is refused "
+            "with one line naming the holder's pid and host, changes nothing, and the first one "
+            "completes; a lock left by a dead process (or garbage in the lock file) is taken over.",
+    "kill": "kill -9 (the CLI's test hook) at a chosen point of each stage (an append of a JSONL "
+            "log, or just before the manifest), then the same command again: the resumed run "
+            "directory equals an uninterrupted run's file by file (nothing lost, duplicated or "
+            "mislabelled); also a killed --force redo, two kills in a row, SIGTERM and Ctrl-C "
+            "(SIGINT: one line, exit 130).",
+    "refused": "a command refused for its settings or inputs (changed --set, model-name typo, "
+               "unknown key, wrong type, n_heldout=0 with compare, sizes larger than the source, "
+               "corrupted recorded recipe or manifest, ...): one `prefloop: error:` line, exit "
+               "2, and the run directory byte for byte as it was (recipe.yaml and manifests "
+               "included), or never created.",
+    "force": "--force is transactional: a bad model name or source is refused before the "
+             "finished stage is touched; a redo failing inside the stage puts the finished one "
+             "back; `run --force` after changing a later stage's setting redoes only that stage "
+             "and the ones after it (earlier stages keep their files and mtimes).",
+    "os": "OS-level failures as one line naming the path and the fix, with nothing computed "
+          "lost: a read-only run directory or parent (bind mount), an output path that is a "
+          "file or lies under one, a name too long, RLIMIT_FSIZE and a full tmpfs while "
+          "appending (whole records kept; the same command resumes to the uninterrupted "
+          "result), output paths with spaces and non-ASCII letters.",
+    "source": "instruction sources as users have them: not UTF-8, a UTF-8 BOM (accepted), "
+              "column names in another case (accepted), ambiguous columns (named), a folder "
+              "named like a data file, missing, empty, a broken JSONL line (file:line), wrong "
+              "shapes, an unknown suffix; special-token strings (<s>, </s>, [INST], chat "
+              "markers, Jinja) as plain prompt text go through generate verbatim.",
+    "iterate": "the self-rewarding loop (tiny settings, one round): a changed setting on a "
+               "finished loop is refused naming the command; a failing `iterate --force` "
+               "restores the previous loop (.iterate.previous); kill -9 inside a round resumes "
+               "to the uninterrupted loop's data; a re-run of a finished loop changes nothing.",
+    "push": "`prefloop push` and a `run` with a push configured, offline (HF_HUB_OFFLINE=1) "
+            "with a fake HF_TOKEN: one line, the token never printed, nothing local changed "
+            "(for run: every stage kept); bad repository ids and a push before its stage "
+            "finished are refused the same way.",
+    "embedded": "the embedded SmolLM2-135M at tiny sizes: kill -9 during the GGUF conversion "
+                "(the temporary folder is removed by the next run), kill -9 in generate, rank, "
+                "train and compare resumed to the uninterrupted result, special-token prompts, "
+                "a model-name typo and an offline push.",
+}
+
+
+# --- commands and their checks --------------------------------------------------------------
+
+
+@dataclass
+class Cmd:
+    argv: list[str]
+    rc: int | None
+    out: str
+    err: str
+    seconds: float
+    env: dict = field(default_factory=dict)  # the extra variables (shown in the log)
+    background: bool = False  # started first and waited for after the other commands
+
+
+class CaseFailed(Exception):
+    """A check failed in a way that makes the rest of the case meaningless."""
+
+
+def has_traceback(cmd: Cmd) -> bool:
+    return TRACEBACK in cmd.out or TRACEBACK in cmd.err
+
+
+def error_lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ERROR_LINE.match(ln)]
+
+
+def checksums(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` (the lock file aside), 'dir' for every folder."""
+    out = {}
+    if not root.exists():
+        return out
+    for p in sorted(root.rglob("*")):
+        if p.name == ".prefloop.lock":
+            continue
+        rel = str(p.relative_to(root))
+        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return out
+
+
+def mtimes(root: Path, parts) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for part in parts
+            for p in sorted((root / part).rglob("*")) if p.is_file()}
+
+
+def diff_keys(a: dict, b: dict) -> str:
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(changed[:4]) + (f" (+{len(changed) - 4})" if len(changed) > 4 else "")
+
+
+def normalized(path: Path, rel: str):
+    """What must match between two runs of the same configuration: manifests by stage,
+    status, config hash and counts (timings and versions differ); the adapter's config with its
+    module lists sorted (PEFT writes a set); the adapter card holds timings and paths; data
+    files by their records (compared allowing float rounding), anything else by its bytes."""
+    if rel.endswith("manifest.json"):
+        m = json.loads(path.read_text(encoding="utf-8"))
+        return {k: m.get(k) for k in ("stage", "status", "config_hash", "counts")}
+    if rel.endswith("adapter_config.json"):
+        m = json.loads(path.read_text(encoding="utf-8"))
+        return {k: sorted(v) if isinstance(v, list) else v for k, v in m.items()}
+    if rel.endswith("adapter/README.md") or rel.endswith("train/curves.png"):
+        return "card"  # timings, paths
+    if path.suffix == ".jsonl":
+        return jsonl(path)
+    if path.suffix == ".json":
+        return json.loads(path.read_text(encoding="utf-8"))
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # the project's venv has it
+
+        return pq.read_table(path).to_pylist()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+ROUNDING = 1e-5  # relative: two floats this close differ by the rounding of a batch's shape
+
+
+def close(a, b, rounded: list) -> bool:
+    """a == b, except that floats within ROUNDING count as equal (and are listed in
+    `rounded`): the engine's random draws are keyed per (seed, item, sample, token), but a
+    batch of another composition (a resumed run's) can change float rounding (issue #16, 6)."""
+    if isinstance(a, float) and isinstance(b, float) and a != b:
+        if math.isclose(a, b, rel_tol=ROUNDING):
+            rounded.append((a, b))
+            return True
+        return False
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k], rounded) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(close(x, y, rounded) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def compare_runs(ref: Path, run: Path, parts) -> tuple[list[str], list]:
+    """Differences between run and ref under `parts` (folders or files), file by file, and
+    the float values equal only up to rounding."""
+    problems, rounded = [], []
+    for part in parts:
+        a, b = ref / part, run / part
+        if a.is_file() or b.is_file():
+            pairs = {part: (a, b)}
+        else:
+            files = {str(p.relative_to(ref)) for p in a.rglob("*") if p.is_file()} | \
+                    {str(p.relative_to(run)) for p in b.rglob("*") if p.is_file()}
+            pairs = {rel: (ref / rel, run / rel) for rel in files}
+        for rel, (x, y) in sorted(pairs.items()):
+            if not y.is_file():
+                problems.append(f"missing {rel}")
+            elif not x.is_file():
+                problems.append(f"extra {rel}")
+            elif x.read_bytes() != y.read_bytes() and \
+                    not close(normalized(x, rel), normalized(y, rel), rounded):
+                problems.append(f"differs {rel}")
+    return problems, rounded
+
+
+def count_files(root: Path, parts) -> int:
+    return sum(1 for part in parts for p in ((root / part).rglob("*") if (root / part).is_dir()
+                                             else [root / part]) if p.is_file())
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+# --- the sweep: shared fixtures, built lazily -----------------------------------------------
+
+
+class Sweep:
+    def __init__(self, root: Path, log):
+        self.root = root
+        self.log = log
+        self.cache = root / "prefloop-cache"  # PREFLOOP_CACHE_DIR (the embedded conversion)
+        self.hf_home = root / "hf-home"  # no real token or cache is ever read
+        for d in (self.cache, self.hf_home, root / "cases"):
+            d.mkdir(parents=True, exist_ok=True)
+        self._model = self._ref = self._loop = self._eref = None
+
+    def env(self, extra: dict | None = None) -> dict:
+        e = {k: v for k, v in os.environ.items()
+             if not k.startswith(("PREFLOOP_TEST_", "HF_", "HUGGING"))}
+        e.update({"PYTHONPATH": str(SRC), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
+                  "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                  "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(self.hf_home),
+                  "PREFLOOP_CACHE_DIR": str(self.cache), "COLUMNS": "120"})
+        e.update(extra or {})
+        return e
+
+    # the tiny model, its source and recipe
+    @property
+    def model(self) -> Path:
+        if self._model is None:
+            path = self.root / "tiny-model"
+            code = ("import sys; from pathlib import Path; from test_judge import judge_tokenizer; "
+                    "from tiny import tiny_llama; tok = judge_tokenizer(); p = Path(sys.argv[1]); "
+                    "tiny_llama(tok).save_pretrained(p); tok.save_pretrained(p)")
+            env = self.env({"PYTHONPATH": f"{SRC}{os.pathsep}{TESTS}"})
+            proc = subprocess.run([sys.executable, "-c", code, str(path)], env=env,
+                                  capture_output=True, text=True, timeout=600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"building the tiny model failed: {proc.stderr[-2000:]}")
+            self._model = path
+        return self._model
+
+    @property
+    def source(self) -> Path:
+        path = self.root / "instructions.jsonl"
+        if not path.exists():
+            path.write_text("".join(json.dumps({"id": f"i{i}", "instruction": t}) + "\n"
+                                    for i, t in enumerate(INSTRUCTIONS)), encoding="utf-8")
+        return path
+
+    def recipe_text(self, model: Path | None = None, source: Path | None = None) -> str:
+        """6 train + 2 held-out instructions x 2 responses, a judge scored from its digit
+        probabilities, 2 DPO steps, compare on 2 held-out instructions."""
+        return (
+            "name: tiny\n"
+            f"model: {{name: {json.dumps(str(model or self.model))}, device: cpu}}\n"
+            f"instructions: {{source: {json.dumps(str(source or self.source))}, n_train: 6, "
+            "n_heldout: 2}\n"
+            "generate: {k: 2, temperature: 0.9, top_p: 0.95, max_new_tokens: 24, batch_size: 4}\n"
+            "rank: {judge_samples: 1, judge_max_new_tokens: 6, judge_force_score: true}\n"
+            "train: {max_steps: 2, batch_size: 2, lora_r: 4, lora_alpha: 8, max_length: 128}\n"
+            "compare: {max_new_tokens: 6}\n"
+            "iterate: {rounds: 1, prompt_source: seed, prompts_per_round: 4, n_candidates: 2, "
+            "max_new_tokens: 6, judge_samples: 1, eval_prompts: 2}\n")
+
+    @property
+    def recipe(self) -> Path:
+        path = self.root / "tiny.yaml"
+        if not path.exists():
+            path.write_text(self.recipe_text(), encoding="utf-8")
+        return path
+
+    def cli(self, args, *, cwd: Path | None = None, env: dict | None = None, prefix=None,
+            preexec=None, timeout: int = 600) -> Cmd:
+        argv = [*(prefix or []), sys.executable, "-m", "prefloop", *map(str, args)]
+        t0 = time.time()
+        try:
+            proc = subprocess.run(argv, env=self.env(env), capture_output=True, text=True,
+                                  timeout=timeout, preexec_fn=preexec, cwd=cwd,
+                                  start_new_session=True)
+            rc, out, err = proc.returncode, proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, out, err = None, _text(e.stdout), _text(e.stderr) + f"\n[sweep] timed out {timeout}s"
+        return Cmd(argv, rc, out, err, time.time() - t0, dict(env or {}))
+
+    @property
+    def ref(self) -> Path:
+        """An uninterrupted run of every stage with the tiny recipe."""
+        if self._ref is None:
+            path = self.root / "ref"
+            cmd = self.cli(["run", "--recipe", self.recipe, "--output-dir", path])
+            self.log(cmd)
+            if cmd.rc != 0:
+                raise RuntimeError(f"the reference run failed: {cmd.err[-2000:]}")
+            self._ref = path
+        return self._ref
+
+    def copy_ref(self, dest: Path, stages=STAGES) -> Path:
+        """A run directory holding the reference's finished `stages` (and its recipe.yaml)."""
+        dest.mkdir(parents=True)
+        shutil.copy2(self.ref / "recipe.yaml", dest / "recipe.yaml")
+        for stage in stages:
+            shutil.copytree(self.ref / stage, dest / stage)
+        return dest
+
+    @property
+    def loop(self) -> Path:
+        """A finished iterate loop (1 round) at a fixed path (its rounds record absolute model
+        paths, so a copy elsewhere is another loop): cases that change it restore it."""
+        if self._loop is None:
+            path = self.root / "loop"
+            cmd = self.cli(["iterate", "--recipe", self.recipe, "--output-dir", path])
+            self.log(cmd)
+            if cmd.rc != 0:
+                raise RuntimeError(f"the reference loop failed: {cmd.err[-2000:]}")
+            shutil.copytree(path, self.root / "loop.backup")
+            self._loop = path
+        return self._loop
+
+    def restore_loop(self) -> None:
+        if self._loop is not None:
+            shutil.rmtree(self._loop, ignore_errors=True)
+            shutil.copytree(self.root / "loop.backup", self._loop)
+
+    @property
+    def eref(self) -> Path:
+        """An uninterrupted run of every stage on the embedded model at tiny sizes."""
+        if self._eref is None:
+            path = self.root / "embedded-ref"
+            cmd = self.cli(["run", "--output-dir", path, *sets(EMBEDDED_SETS)])
+            self.log(cmd)
+            self.eref_cmd = cmd
+            if cmd.rc != 0:
+                raise RuntimeError(f"the embedded reference run failed: {cmd.err[-2000:]}")
+            self._eref = path
+        return self._eref
+
+
+def _text(b) -> str:
+    if b is None:
+        return ""
+    return b.decode("utf-8", "replace") if isinstance(b, bytes) else b
+
+
+def sets(values) -> list[str]:
+    return [a for v in values for a in ("--set", v)]
+
+
+# --- one case --------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    name: str
+    category: str
+    expected: str
+    fn: Callable
+    embedded: bool = False
+
+
+@dataclass
+class Row:
+    case: Case
+    cmds: list[Cmd]
+    problems: list[str]
+    data: list[str]
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    @property
+    def exit(self) -> str:
+        return " → ".join("timeout" if c.rc is None else str(c.rc) for c in self.cmds) or "-"
+
+    @property
+    def traceback(self) -> bool:
+        return any(has_traceback(c) for c in self.cmds)
+
+    @property
+    def one_line(self) -> str:
+        failing = [c for c in self.cmds if c.rc not in (0, None) and c.rc > 0]
+        if not failing:
+            return "-"
+        good = all(_one_line_ok(c) for c in failing)
+        return "yes" if good else "NO"
+
+
+def _one_line_ok(cmd: Cmd) -> bool:
+    last = cmd.err.rstrip("\n").splitlines()[-1:] or [""]
+    if cmd.rc == 130:
+        return last[0] == INTERRUPTED and not error_lines(cmd.err)
+    lines = error_lines(cmd.err)
+    return len(lines) == 1 and last[0] == lines[0]
+
+
+class Ctx:
+    """What a case function gets: its fresh folder, the sweep's fixtures, and recording
+    helpers. `cli` checks every command: its exit code against `expect`, no traceback, the fake
+    token never printed, and for a failing command exactly one error line (its last) that holds
+    every part of `says`."""
+
+    def __init__(self, sweep: Sweep, case: Case, folder: Path):
+        self.sweep, self.case, self.dir = sweep, case, folder
+        self.cmds: list[Cmd] = []
+        self.problems: list[str] = []
+        self.data: list[str] = []
+        self._procs: list[subprocess.Popen] = []
+
+    @property
+    def recipe(self) -> Path:
+        return self.sweep.recipe
+
+    @property
+    def ref(self) -> Path:
+        return self.sweep.ref
+
+    def _judge(self, cmd: Cmd, expect, says=()) -> Cmd:
+        self.cmds.append(cmd)
+        self.sweep.log(cmd)
+        short = shorten(shlex.join(cmd.argv[cmd.argv.index("prefloop") + 1:]
+                                   if "prefloop" in cmd.argv else cmd.argv), self)
+        if has_traceback(cmd):
+            self.problems.append(f"traceback from `{short}`: {tail(cmd.err)}")
+        if SECRET in cmd.out or SECRET in cmd.err:
+            self.problems.append(f"`{short}` printed the token")
+        expected = expect if isinstance(expect, (tuple, list)) else (expect,)
+        if cmd.rc not in expected:
+            self.problems.append(f"`{short}` exited {cmd.rc}, expected {expect}: {tail(cmd.err)}")
+        if cmd.rc is not None and cmd.rc > 0 and not _one_line_ok(cmd):
+            self.problems.append(f"`{short}` did not end with exactly one error line: "
+                                 f"{tail(cmd.err, 3)}")
+        if says and cmd.rc is not None and cmd.rc > 0:
+            found = error_lines(cmd.err) or cmd.err.rstrip().splitlines()[-1:] or [""]
+            line = found[-1]
+            for part in says:
+                if str(part) not in str(line):
+                    self.problems.append(f"`{short}`: error line lacks {str(part)!r}: {line}")
+        return cmd
+
+    def cli(self, *args, expect=0, says=(), env=None, prefix=None, preexec=None,
+            cwd=None) -> Cmd:
+        return self._judge(self.sweep.cli(args, env=env, prefix=prefix, preexec=preexec,
+                                          cwd=cwd), expect, says)
+
+    def raw(self, argv: list[str], *, expect=0, says=(), env=None) -> Cmd:
+        """A command line that is not `python -m prefloop` alone (a namespace wrapper)."""
+        t0 = time.time()
+        proc = subprocess.run(argv, env=self.sweep.env(env), capture_output=True, text=True,
+                              timeout=600, start_new_session=True)
+        return self._judge(Cmd(argv, proc.returncode, proc.stdout, proc.stderr,
+                               time.time() - t0, dict(env or {})), expect, says)
+
+    def start(self, *args, env=None) -> subprocess.Popen:
+        argv = [sys.executable, "-m", "prefloop", *map(str, args)]
+        proc = subprocess.Popen(argv, env=self.sweep.env(env), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc._t0, proc._env = time.time(), dict(env or {})  # type: ignore[attr-defined]
+        self._procs.append(proc)
+        return proc
+
+    def wait(self, proc: subprocess.Popen, *, expect=0, says=(), timeout=600) -> Cmd:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            err += f"\n[sweep] timed out {timeout}s"
+        self._procs.remove(proc)
+        return self._judge(Cmd(list(proc.args), proc.returncode, out, err,
+                               time.time() - proc._t0, proc._env, background=True), expect, says)
+
+    def wait_for(self, what: Callable[[], bool], proc: subprocess.Popen | None = None,
+                 timeout: float = 300) -> None:
+        deadline = time.time() + timeout
+        while not what():
+            if proc is not None and proc.poll() is not None:
+                self.wait(proc, expect="running")
+                raise CaseFailed("the process ended before the point the case waits for")
+            if time.time() > deadline:
+                raise CaseFailed("timed out waiting for the process to reach its point")
+            time.sleep(0.1)
+
+    def check(self, ok: bool, what: str, detail: str = "") -> bool:
+        """A data check: `what` goes to the table, with FAILED and the detail when it fails."""
+        self.data.append(what if ok else f"FAILED {what}")
+        if not ok:
+            self.problems.append(f"data: {what}" + (f" ({detail})" if detail else ""))
+        return ok
+
+    def unchanged(self, run: Path, before: dict) -> bool:
+        after = checksums(run)
+        return self.check(after == before, f"checksums unchanged ({len(before)} entries)",
+                          diff_keys(before, after))
+
+    def not_created(self, run: Path) -> bool:
+        return self.check(not run.exists(), "run dir not created")
+
+    def same_as(self, ref: Path, run: Path, parts, what="= uninterrupted run") -> bool:
+        problems, rounded = compare_runs(ref, run, parts)
+        leftovers = [p.name for p in run.rglob("*") if p.name in ("in_progress.json",
+                     ".prefloop.lock") or p.name.endswith(".previous")]
+        n = count_files(ref, parts)
+        if rounded:  # the same value, up to float rounding: said in the table
+            worst = max(abs(a - b) / max(abs(a), abs(b)) for a, b in rounded)
+            what += f"; {len(rounded)} float value(s) equal up to rounding (rel. {worst:.0e})"
+        return self.check(not problems and not leftovers, f"{what} ({n} files)",
+                          "; ".join(problems[:4] + leftovers[:3]))
+
+    def cleanup(self) -> None:
+        for proc in self._procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            proc.communicate()
+
+
+def tail(text: str, n: int = 1) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return " | ".join(lines[-n:])[-400:]
+
+
+def shorten(text: str, ctx: Ctx | None = None) -> str:
+    if ctx is not None:
+        text = text.replace(str(ctx.dir), "$CASE")
+        text = text.replace(str(ctx.sweep.root), "$SWEEP")
+    return text
+
+
+CASES: list[Case] = []
+
+
+def case(name: str, category: str, expected: str, embedded: bool = False):
+    def deco(fn):
+        CASES.append(Case(name, category, expected, fn, embedded))
+        return fn
+    return deco
+
+
+def run_case(sweep: Sweep, c: Case) -> Row:
+    folder = Path(tempfile.mkdtemp(prefix=f"{c.name}.", dir=sweep.root / "cases"))
+    ctx = Ctx(sweep, c, folder)
+    t0 = time.time()
+    try:
+        c.fn(ctx)
+    except CaseFailed as e:
+        ctx.problems.append(str(e))
+    except Exception as e:  # a bug of the sweep or a fixture: the case fails, the sweep goes on
+        ctx.problems.append(f"sweep error: {type(e).__name__}: {e}")
+        sweep.log_text(traceback.format_exc())
+    finally:
+        ctx.cleanup()
+    if not ctx.cmds and not ctx.problems:
+        ctx.problems.append("the case ran no command")
+    return Row(c, ctx.cmds, ctx.problems, ctx.data, time.time() - t0)
+
+
+# === the cases =================================================================================
+# --- lock ------------------------------------------------------------------------------------
+
+
+@case("concurrent-run", "lock", "2nd refused (pid+host), 1st completes")
+def _(ctx: Ctx):
+    run, go = ctx.dir / "run", ctx.dir / "go"
+    first = ctx.start("run", "--recipe", ctx.recipe, "--output-dir", run, "--until", "generate",
+                      env={"PREFLOOP_TEST_WAIT_AT": f"generate:append={go}"})
+    ctx.wait_for(lambda: (run / "generate" / "generations.jsonl").exists(), first)
+    before = checksums(run)
+    ctx.cli("run", "--recipe", ctx.recipe, "--output-dir", run, "--until", "generate", expect=2,
+            says=["another prefloop command is writing this run directory",
+                  f"pid {first.pid} on {socket.gethostname()}"])
+    ctx.unchanged(run, before)
+    go.touch()
+    ctx.wait(first)
+    ctx.same_as(ctx.ref, run, ["recipe.yaml", "instructions", "generate"])
+
+
+@case("concurrent-force-vs-others", "lock", "run, push, compare refused while generate --force")
+def _(ctx: Ctx):
+    run, go = ctx.sweep.copy_ref(ctx.dir / "run"), ctx.dir / "go"
+    first = ctx.start("generate", "--output-dir", run, "--force",
+                      env={"PREFLOOP_TEST_WAIT_AT": f"generate:append={go}"})
+    ctx.wait_for(lambda: (run / ".generate.previous").exists()  # the redo's first group
+                 and (run / "generate" / "generations.jsonl").exists(), first)
+    before = checksums(run)
+    held = f"pid {first.pid} on {socket.gethostname()}"
+    ctx.cli("run", "--output-dir", run, "--force", "--set", "train.beta=0.2", expect=2,
+            says=[held])
+    ctx.cli("push", "dataset", "--output-dir", run, "--repo-id", "me/data", expect=2, says=[held],
+            env={"HF_TOKEN": SECRET})
+    ctx.cli("compare", "--output-dir", run, "--force", expect=2, says=[held])
+    ctx.unchanged(run, before)
+    go.touch()
+    ctx.wait(first)
+    ctx.same_as(ctx.ref, run, ["recipe.yaml", *STAGES])
+
+
+@case("stale-lock-dead-pid", "lock", "lock of a dead pid taken over")
+def _(ctx: Ctx):
+    run = ctx.dir / "run"
+    run.mkdir()
+    (run / ".prefloop.lock").write_text(json.dumps({"pid": 2**22 + 7, "host": "gone"}))
+    ctx.cli("run", "--recipe", ctx.recipe, "--output-dir", run, "--until", "generate")
+    ctx.same_as(ctx.ref, run, ["recipe.yaml", "instructions", "generate"])
+
+
+@case("stale-lock-garbage", "lock", "a lock file of garbage taken over")
+def _(ctx: Ctx):
+    run = ctx.sweep.copy_ref(ctx.dir / "run", ("instructions",))
+    (run / ".prefloop.lock").write_bytes(b"\x00\xffnot json at all")
+    ctx.cli("generate", "--output-dir", run)
+    ctx.same_as(ctx.ref, run, ["recipe.yaml", "instructions", "generate"])
+
+
+# --- kill -9 at a point of each stage, then the same command -----------------------------------
+
+
+def kill_case(point: str, upstream: tuple[str, ...] = ()):
+    stage = point.split(":")[0]
+
+    def fn(ctx: Ctx):
+        run = ctx.dir / "run"
+        if upstream:
+            ctx.sweep.copy_ref(run, upstream)
+        args = ["run", "--recipe", ctx.recipe, "--output-dir", run, "--until", stage]
+        ctx.cli(*args, env={"PREFLOOP_TEST_KILL_AT": point}, expect=KILLED)
+        lock = (run / ".prefloop.lock").exists()
+        ctx.cli(*args)
+        ctx.check(lock, "lock of the killed run taken over")
+        ctx.same_as(ctx.ref, run, ["recipe.yaml", *STAGES[:STAGES.index(stage) + 1]])
+    return Case(f"kill9-{point.replace(':', '-')}", "kill",
+                f"killed in {stage}, resumes to the uninterrupted result", fn)
+
+
+for _point, _up in [("instructions:finish", ()), ("generate:append:4", ()),
+                    ("generate:finish", ("instructions",)),
+                    ("rank:append:1", ("instructions", "generate")),
+                    ("rank:finish", ("instructions", "generate")),
+                    ("pairs:finish", ("instructions", "generate", "rank")),
+                    ("train:append:1", ("instructions", "generate", "rank", "pairs")),
+                    ("train:finish", ("instructions", "generate", "rank", "pairs")),
+                    ("compare:append:1", STAGES[:5]), ("compare:finish", STAGES[:5])]:
+    CASES.append(kill_case(_point, _up))
+
+
+@case("kill9-twice", "kill", "killed twice in generate, resumes")
+def _(ctx: Ctx):
+    run = ctx.sweep.copy_ref(ctx.dir / "run", ("instructions",))
+    for n in (1, 2):
+        ctx.cli("generate", "--output-dir", run, env={"PREFLOOP_TEST_KILL_AT": f"generate:append:{n}"},
+                expect=KILLED)
+    lines = len(jsonl(run / "generate" / "generations.jsonl"))
+    ctx.cli("generate", "--output-dir", run)
+    ctx.check(lines == 3 * 2, f"{lines // 2} groups kept after two kills", f"{lines} lines")
+    ctx.same_as(ctx.ref, run, ["recipe.yaml", "instructions", "generate"])
+
+
+@case("kill9-force-redo-resumes", "kill", "killed --force redo resumes, old stage dropped")
+def _(ctx: Ctx):
+    run = ctx.sweep.copy_ref(ctx.dir / "run", ("instructions", "generate"))
+    ctx.cli("generate", "--output-dir", run, "--force", "--set", "generate.k=3",
+            env={"PREFLOOP_TEST_KILL_AT": "generate:append:2"}, expect=KILLED)
+    aside = (run / ".generate.previous" / "manifest.json").exists()
+    ctx.cli("generate", "--output-dir", run, "--set", "generate.k=3")
+    rows = jsonl(run / "generate" / "generations.jsonl")
+    keys = {(r["id"], r["sample"]) for r in rows}
+    ctx.check(aside, "finished stage kept aside while killed")
+    ctx.check(len(rows) == 18 and len(keys) == 18 and not (run / ".generate.previous").exists(),
+              "18 unique responses, aside dropped", f"{len(rows)} rows, {len(keys)} unique")
+
+
+@case("kill9-force-redo-old-config", "kill", "killed --force redo; old config gets it back")
+def _(ctx: Ctx):
+    run = ctx.sweep.copy_ref(ctx.dir / "run", ("instructions", "generate"))
+    before = checksums(run)
+    ctx.cli("generate", "--output-dir", run, "--force", "--set", "generate.k=3",
+            env={"PREFLOOP_TEST_KILL_AT": "generate:append:2"}, expect=KILLED)
+    ctx.cli("run", "--recipe", ctx.recipe, "--output-dir", run, "--until", "generate")
+    ctx.check(checksums(run) == before, "old stage back byte for byte",
+              diff_keys(before, checksums(run)))
+
+
+@case("kill9-then-changed-setting", "kill", "partial stage: other config refused, then resumes")
+def _(ctx: Ctx):
+    run = ctx.sweep.copy_ref(ctx.dir / "run", ("instructions",))
+    ctx.cli("generate", "--output-dir", run, env={"PREFLOOP_TEST_KILL_AT": "generate:append:2"},
+            expect=KILLED)
+    before = checksums(run)
+    ctx.cli("generate", "--output-dir", run, "--set", "generate.temperature=0.5", expect=2,
+            says=["holds a partial 'generate' stage from a different configuration",
+                  "--set generate.temperature=0.5 --force"])
+    ctx.unchanged(run, before)
+    ctx.cli("generate", "--output-dir", run)
+    ctx.same_as(ctx.ref, run, ["recipe.yaml", "instructions", "generate"])
+
+
+def signal_case(name: str, sig: int, point: str, upstream: tuple[str, ...], expect: int):
+    def fn(ctx: Ctx):
+        run, never = ctx.dir / "run", ctx.dir / "never"
+        if upstream:
+            ctx.sweep.copy_ref(run, upstream)
+        stage = point.split(":")[0]
+        log = {"generate": "generations.jsonl", "rank": "judgments.jsonl", "train": "log.jsonl"}
+        args = ["run", "--recipe", ctx.recipe, "--output-dir", run, "--until", stage]
+        proc = ctx.start(*args, env={"PREFLOOP_TEST_WAIT_AT": f"{point}={never}"})
+        ctx.wait_for(lambda: (run / stage / log[stage]).exists(), proc)
+        time.sleep(0.3)
+        proc.send_signal(sig)
+        ctx.wait(proc, expect=expect)
+        ctx.cli(*args)
+        ctx.same_as(ctx.ref, run, ["recipe.yaml", *STAGES[:STAGES.index(stage) + 1]])
+    what = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}[sig]
+    return Case(name, "kill", f"{what} in {point.split(':')[0]}: "
+                f"{'one line, exit 130' if expect == 130 else 'dies'}, resumes", fn)
+
+
+CASES += [signal_case("sigint-generate", signal.SIGINT, "generate:append", (), 130),
+          signal_case("sigint-rank", signal.SIGINT, "rank:append", STAGES[:2], 130),
+          signal_case("sigint-train", signal.SIGINT, "train:append", STAGES[:4], 130),
+          signal_case("sigterm-rank", signal.SIGTERM, "rank:append", STAGES[:2],
+                      -signal.SIGTERM)]
+
+
+# --- refused: one line, nothing changed -------------------------------------------------------
+
+
+def refused_case(name: str, expected: str, args: list, says: list, *, fresh: bool = False,
+                 stages=STAGES, prepare: Callable | None = None, recipe: bool = True):
+    """A command on a finished copy of the reference (or, `fresh`, on a new folder) that must be
+    refused with one line holding every part of `says` and change nothing."""
+    def fn(ctx: Ctx):
+        run = ctx.dir / "run"
+        if not fresh:
+            ctx.sweep.copy_ref(run, stages)
+        extra = prepare(ctx, run) if prepare else None
+        argv = [a(ctx) if callable(a) else a for a in args]
+        if extra:
+            argv += extra
+        if recipe and "--recipe" not in argv:
+            argv += ["--recipe", ctx.recipe]
+        before = checksums(run)
+        ctx.cli(*argv, "--output-dir", run, expect=2,
+                says=[s(ctx) if callable(s) else s for s in says])
+        ctx.not_created(run) if fresh else ctx.unchanged(run, before)
+    return Case(name, "refused", expected, fn)
+
+
+def _broken_source(ctx: Ctx, run=None) -> Path:
+    path = ctx.dir / "broken.jsonl"
+    path.write_text('{"instruction": "one"}\n{"instruction": "two",\n{"instruction": "three"}\n',
+                    encoding="utf-8")
+    return path
+
+
+def _corrupt_recorded_recipe(ctx: Ctx, run: Path):
+    text = (run / "recipe.yaml").read_text()
+    (run / "recipe.yaml").write_text(text.replace("generate:", "generate: [oops", 1))
+
+
+def _truncate_manifest(ctx: Ctx, run: Path):
+    m = run / "generate" / "manifest.json"
+    m.write_bytes(m.read_bytes()[:40])
+
+
+def _corrupt_generations(ctx: Ctx, run: Path):
+    g = run / "generate" / "generations.jsonl"
+    lines = g.read_text().splitlines(keepends=True)
+    lines[3] = lines[3][:30] + "\n"
+    g.write_text("".join(lines))
+
+
+def _empty_model_folder(ctx: Ctx, run=None) -> Path:
+    (ctx.dir / "empty-model").mkdir(exist_ok=True)
+    return ctx.dir / "empty-model"
+
+
+CASES += [
+    refused_case("changed-set-run", "changed --set refused naming the command",
+                 ["run", "--set", "generate.k=3"],
+                 ["stage 'generate' finished with a different configuration (generate.k: 2 -> 3)",
+                  "prefloop run --set generate.k=3 --recipe", "--force (or use a new --output-dir)"]),
+    refused_case("changed-set-train-beta", "changed train.beta refused naming train",
+                 ["run", "--set", "train.beta=0.05"],
+                 ["stage 'train' finished with a different configuration",
+                  "to redo train and the stages after it run: prefloop run"], recipe=False),
+    refused_case("model-name-typo", "embedded-name typo refused with a suggestion",
+                 ["run", "--set", "model.name=smollm2-135m-instruc"],
+                 ["did you mean the embedded 'smollm2-135m-instruct'?"]),
+    refused_case("model-folder-missing", "missing model folder refused",
+                 ["generate", "--set", "model.name=./no/such/model"],
+                 ["model.name: unknown model './no/such/model' (no such folder)"]),
+    refused_case("model-folder-empty", "a folder without config.json refused",
+                 ["generate", "--set", lambda c: f"model.name={_empty_model_folder(c)}"],
+                 ["is a folder without config.json"]),
+    refused_case("model-hub-id-space", "a Hub id with a space refused", ["run", "--set",
+                 "model.name=some user/model"], ["is not a valid Hub id"], fresh=True),
+    refused_case("n-heldout-0-fresh", "n_heldout=0 with compare refused up front",
+                 ["run", "--set", "instructions.n_heldout=0"],
+                 ["instructions.n_heldout: is 0, but compare runs on held-out"], fresh=True),
+    refused_case("n-heldout-0-finished", "n_heldout=0 --force on a finished run refused",
+                 ["run", "--force", "--set", "instructions.n_heldout=0"],
+                 ["instructions.n_heldout: is 0", "--until train"]),
+    refused_case("sizes-larger-than-source", "n_train beyond the source refused",
+                 ["run", "--set", "instructions.n_train=20"],
+                 ["22 instructions requested (n_train 20 + n_heldout 2) but only 10"], fresh=True),
+    refused_case("unknown-set-key", "unknown key refused with a suggestion",
+                 ["run", "--set", "instructions.n_trian=3"],
+                 ["unknown key 'n_trian' (did you mean 'n_train'?)"]),
+    refused_case("unknown-set-section", "unknown section refused",
+                 ["run", "--set", "trian.beta=0.2"], ["trian"]),
+    refused_case("wrong-type-int", "a word for an int refused",
+                 ["run", "--set", "generate.k=three"], ["generate.k"]),
+    refused_case("wrong-type-float", "a word for a float refused",
+                 ["train", "--set", "train.beta=high"], ["train.beta"]),
+    refused_case("wrong-type-bool", "not a bool refused",
+                 ["train", "--set", "train.qlora=maybe"], ["train.qlora"]),
+    refused_case("out-of-range-k", "generate.k=0 refused", ["run", "--set", "generate.k=0"],
+                 ["generate.k"], fresh=True),
+    refused_case("set-without-equals", "--set without = refused",
+                 ["run", "--set", "generate.k"], ["generate.k"]),
+    refused_case("unknown-recipe-name", "a misspelt shipped recipe refused",
+                 ["run", "--recipe", "defualt"], ["defualt"], fresh=True),
+    refused_case("recipe-file-missing", "a missing recipe file refused",
+                 ["run", "--recipe", "no-such-recipe.yaml"], ["no-such-recipe.yaml"], fresh=True),
+    refused_case("until-typo", "an unknown --until refused by argparse",
+                 ["run", "--until", "trian"], ["invalid choice: 'trian'"], fresh=True),
+    refused_case("recorded-recipe-corrupted", "hand-broken recipe.yaml named",
+                 ["run"], ["recipe.yaml"], prepare=_corrupt_recorded_recipe, recipe=False),
+    refused_case("manifest-truncated", "a truncated manifest named, nothing changed",
+                 ["run"], ["generate/manifest.json"], prepare=_truncate_manifest, recipe=False),
+    refused_case("generations-line-corrupted", "rank --force on a broken line names file:line",
+                 ["rank", "--force"], ["generations.jsonl:4: malformed JSON"],
+                 prepare=_corrupt_generations, recipe=False),
+    refused_case("compare-before-train", "a stage before its upstream: one line",
+                 ["compare"], ["no trained adapter found; run `prefloop train"], fresh=True),
+]
+
+
+@case("recipe-yaml-malformed", "refused", "a broken recipe file named with its line")
+def _(ctx: Ctx):
+    bad = ctx.dir / "bad.yaml"
+    bad.write_text(ctx.recipe.read_text().replace("generate: {", "generate: {{", 1))
+    ctx.cli("run", "--recipe", bad, "--output-dir", ctx.dir / "run", expect=2, says=[str(bad)])
+    ctx.not_created(ctx.dir / "run")
+
+
+@case("recipe-yaml-unknown-key", "refused", "an unknown key in the recipe file named")
+def _(ctx: Ctx):
+    bad = ctx.dir / "bad.yaml"
+    bad.write_text(ctx.recipe.read_text() + "train_beta: 0.2\n")
+    ctx.cli("run", "--recipe", bad, "--output-dir", ctx.dir / "run", expect=2,
+            says=["train_beta"])
+    ctx.not_created(ctx.dir / "run")
+
+
+@case("recipe-not-utf8", "refused", "a Latin-1 recipe file named")
+def _(ctx: Ctx):
+    bad = ctx.dir / "latin1.yaml"
+    bad.write_bytes(ctx.recipe.read_bytes().replace(b"name: tiny", b"name: caf\xe9"))
+    ctx.cli("run", "--recipe", bad, "--output-dir", ctx.dir / "run", expect=2,
+            says=[str(bad), "UTF-8"])
+    ctx.not_created(ctx.dir / "run")
+
+
+# --- --force: transactional --------------------------------------------------------------------
+
+
+@case("force-model-typo", "force", "refused before the finished stage is touched")
+def _(ctx: Ctx):
+    run = ctx.sweep.copy_ref(ctx.dir / "run")
+    before = checksums(run)
+    ctx.cli("generate", "--output-dir", run, "--force", "--set", "model.name=smollm2-135m-instruc",
+            expect=2, says=["did you mean the embedded 'smollm2-135m-instruct'?"])
+    ctx.unchanged(run, before)
+
+
+@case("force-malformed-source", "force", "broken source refused before instructions is touched")
+def _(ctx: Ctx):
+    run = ctx.sweep.copy_ref(ctx.dir / "run")
+    before = checksums(run)
+    src = _broken_source(ctx)
+    ctx.cli("instructions", "--output-dir", run, "--force", "--set", f"instructions.source={src}",
+            expect=2, says=[f"{src}:2: malformed JSON"])
+    ctx.unchanged(run, before)
+
+
+@case("force-fails-in-generate", "force", "failed redo restores; corrected one runs")
+def _(ctx: Ctx):
+    run = ctx.sweep.copy_ref(ctx.dir / "run")
+    before = checksums(run)
+    ctx.cli("generate", "--output-dir", run, "--force", "--set", "generate.max_new_tokens=600",
+            expect=2, says=["exceeds the model's context of 512"])
+    ctx.unchanged(run, before)
+    ctx.cli("generate", "--output-dir", run, "--force", "--set", "generate.max_new_tokens=4")
+    rows = jsonl(run / "generate" / "generations.jsonl")
+    ctx.check(len(rows) == 12 and all(r["response_tokens"] <= 4 for r in rows),
+              "corrected redo: 12 responses of <= 4 tokens")
+
+
+@case("force-fails-in-rank", "force", "PairRM offline: one line, rank restored")
+def _(ctx: Ctx):
+    run = ctx.sweep.copy_ref(ctx.dir / "run")
+    before = checksums(run)
+    ctx.cli("rank", "--output-dir", run, "--force", "--set", "rank.ranker=pairrm",
+            expect=2, says=["PairRM weights llm-blender/PairRM", "are unavailable here"])
+    ctx.unchanged(run, before)
+
+
+@case("force-fails-in-train", "force", "a wrong target module: one line, train restored")
+def _(ctx: Ctx):
+    run = ctx.sweep.copy_ref(ctx.dir / "run")
+    before = checksums(run)
+    ctx.cli("train", "--output-dir", run, "--force", "--set", "train.target_modules=qkv_proj",
+            expect=2, says=["train.target_modules"])
+    ctx.unchanged(run, before)
+
+
+@case("run-force-beta-only", "force", "only train and compare redone")
+def _(ctx: Ctx):
+    run = ctx.sweep.copy_ref(ctx.dir / "run")
+    early = ["instructions", "generate", "rank", "pairs"]
+    sums, times = checksums(run), mtimes(run, early)
+    ctx.cli("run", "--output-dir", run, "--force", "--set", "train.beta=0.05")
+    after = checksums(run)
+    ctx.check(mtimes(run, early) == times and all(after.get(k) == v for k, v in sums.items()
+                                                  if k.split("/")[0] in early),
+              "generate..pairs untouched (checksums, mtimes)")
+    redone = all(after[f"{s}/manifest.json"] != sums[f"{s}/manifest.json"]
+                 for s in ("train", "compare"))
+    ctx.check(redone and "beta: 0.05" in (run / "recipe.yaml").read_text(),
+              "train, compare redone; recipe.yaml records beta")
+
+
+@case("noop-rerun", "force", "a finished run re-run: no-op, nothing written")
+def _(ctx: Ctx):
+    run = ctx.sweep.copy_ref(ctx.dir / "run")
+    before, times = checksums(run), mtimes(run, ["recipe.yaml", *STAGES])
+    ctx.cli("run", "--output-dir", run)
+    ctx.check(checksums(run) == before and mtimes(run, ["recipe.yaml", *STAGES]) == times,
+              "checksums and mtimes unchanged")
+
+
+# --- OS-level failures -------------------------------------------------------------------------
+
+
+def read_only(path: Path) -> list[str]:
+    """A command prefix running in a private mount namespace where `path` is read-only."""
+    return ["unshare", "-rm", "sh", "-c",
+            'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"', str(path)]
+
+
+def need_unshare(ctx: Ctx) -> None:
+    if shutil.which("unshare") is None:
+        raise CaseFailed("unshare not available")
+    probe = subprocess.run(read_only(ctx.dir) + ["true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise CaseFailed(f"no read-only bind mount here: {probe.stderr.strip()}")
+
+
+@case("read-only-run-dir", "os", "no-op runs; --force and a changed run: one line")
+def _(ctx: Ctx):
+    need_unshare(ctx)
+    run = ctx.sweep.copy_ref(ctx.dir / "run")
+    before, ro = checksums(run), read_only(run)
+    ctx.cli("run", "--output-dir", run, prefix=ro)
+    ctx.cli("generate", "--output-dir", run, "--force", prefix=ro, expect=2,
+            says=[f"--output-dir {run}: cannot write the run directory", "Read-only file system"])
+    ctx.cli("run", "--output-dir", run, "--force", "--set", "train.beta=0.2", prefix=ro,
+            expect=2, says=["Read-only file system"])
+    ctx.unchanged(run, before)
+
+
+@case("read-only-partial-run", "os", "work to do on a read-only dir: one line")
+def _(ctx: Ctx):
+    need_unshare(ctx)
+    run = ctx.sweep.copy_ref(ctx.dir / "run", ("instructions",))
+    before = checksums(run)
+    ctx.cli("run", "--output-dir", run, "--until", "generate", prefix=read_only(run), expect=2,
+            says=["Read-only file system"])
+    ctx.unchanged(run, before)
+
+
+@case("read-only-parent", "os", "new run dir under a read-only folder: one line")
+def _(ctx: Ctx):
+    need_unshare(ctx)
+    parent = ctx.dir / "parent"
+    parent.mkdir()
+    ctx.cli("run", "--recipe", ctx.recipe, "--output-dir", parent / "run", "--until", "generate",
+            prefix=read_only(parent), expect=2, says=[str(parent / "run"), "Read-only file system"])
+    ctx.check(not any(parent.iterdir()), "nothing created")
+
+
+@case("output-dir-is-file", "os", "one line naming the file")
+def _(ctx: Ctx):
+    f = ctx.dir / "file"
+    f.write_text("x")
+    ctx.cli("run", "--recipe", ctx.recipe, "--output-dir", f, expect=2,
+            says=[f"--output-dir {f}: is a file, not a folder"])
+    ctx.check(f.read_text() == "x", "the file untouched")
+
+
+@case("output-dir-under-file", "os", "one line naming the file in the way")
+def _(ctx: Ctx):
+    f = ctx.dir / "file"
+    f.write_text("x")
+    ctx.cli("instructions", "--recipe", ctx.recipe, "--output-dir", f / "sub" / "run", expect=2,
+            says=[f"lies under {f}, which is a file"])
+    ctx.check(f.read_text() == "x", "the file untouched")
+
+
+@case("output-dir-name-too-long", "os", "a 300-character folder name: one line")
+def _(ctx: Ctx):
+    run = ctx.dir / ("r" * 300)
+    ctx.cli("instructions", "--recipe", ctx.recipe, "--output-dir", run, expect=2,
+            says=["File name too long"])
+    ctx.check(sorted(p.name for p in ctx.dir.iterdir()) == [], "nothing created")
+
+
+@case("output-dir-spaces-unicode", "os", "a path with spaces and accents works")
+def _(ctx: Ctx):
+    run = ctx.dir / "my runs" / "essai d'été №1"
+    ctx.cli("run", "--recipe", ctx.recipe, "--output-dir", run, "--until", "generate")
+    ctx.same_as(ctx.ref, run, ["recipe.yaml", "instructions", "generate"])
+
+
+def _file_size_limit(limit: int):
+    def preexec():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a killing signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return preexec
+
+
+@case("fsize-limit-generate", "os", "File too large: whole records kept, resumes")
+def _(ctx: Ctx):
+    run = ctx.sweep.copy_ref(ctx.dir / "run", ("instructions",))
+    gens = run / "generate" / "generations.jsonl"
+    size = (ctx.ref / "generate" / "generations.jsonl").stat().st_size
+    ctx.cli("generate", "--output-dir", run, preexec=_file_size_limit(size // 2), expect=2,
+            says=[f"{gens}: File too large", "run the same command again"])
+    kept = jsonl(gens) if gens.exists() else []
+    whole = jsonl(ctx.ref / "generate" / "generations.jsonl")
+    ctx.check(0 < len(kept) < 12 and len(kept) % 2 == 0 and all(r in whole for r in kept),
+              f"{len(kept)} whole records kept", f"{len(kept)} kept")
+    ctx.cli("generate", "--output-dir", run)
+    ctx.same_as(ctx.ref, run, ["recipe.yaml", "instructions", "generate"])
+
+
+@case("fsize-limit-tiny", "os", "a 100-byte limit: one line, nothing half-written")
+def _(ctx: Ctx):
+    run = ctx.dir / "run"
+    ctx.cli("run", "--recipe", ctx.recipe, "--output-dir", run, preexec=_file_size_limit(100),
+            expect=2, says=["File too large"])
+    left = sorted(str(p.relative_to(ctx.dir)) for p in ctx.dir.rglob("*")
+                  if p.is_file() and p.name != ".prefloop.lock")
+    ctx.check(not left, "no file left", ", ".join(left))
+    ctx.cli("run", "--recipe", ctx.recipe, "--output-dir", run, "--until", "instructions")
+    ctx.same_as(ctx.ref, run, ["recipe.yaml", "instructions"])
+
+
+@case("disk-full-generate", "os", "No space left (tmpfs): whole records kept, resumes")
+def _(ctx: Ctx):
+    need_unshare(ctx)
+    run = ctx.sweep.copy_ref(ctx.dir / "run", ("instructions",))
+    gen, saved = run / "generate", ctx.dir / "saved"
+    gen.mkdir()
+    saved.mkdir()
+    # generate/ is a 2-page tmpfs: its in_progress marker takes one page, the responses the
+    # other, so the append that crosses 4 KiB fails with ENOSPC; what it holds is copied out
+    script = ('g="$1"; s="$2"; shift 2; mount -t tmpfs -o size=8k tmpfs "$g" || exit 97; '
+              '"$@"; rc=$?; cp -a "$g/." "$s/"; exit $rc')
+    ctx.raw(["unshare", "-rm", "sh", "-c", script, "sh", str(gen), str(saved), sys.executable,
+             "-m", "prefloop", "generate", "--output-dir", str(run)], expect=2,
+            says=["No space left on device", "run the same command again"])
+    gen.rmdir()
+    saved.rename(gen)
+    kept = jsonl(gen / "generations.jsonl") if (gen / "generations.jsonl").exists() else []
+    whole = jsonl(ctx.ref / "generate" / "generations.jsonl")
+    ctx.check(0 < len(kept) < 12 and all(r in whole for r in kept),
+              f"{len(kept)} whole records kept", f"{len(kept)} kept")
+    ctx.cli("generate", "--output-dir", run)
+    ctx.same_as(ctx.ref, run, ["recipe.yaml", "instructions", "generate"])
+
+
+# --- instruction sources -------------------------------------------------------------------------
+
+
+def source_case(name: str, expected: str, write: Callable[[Path], Path], *, says=(),
+                sets_=(), ok: bool = False):
+    """`prefloop instructions` on a source `write` makes: refused in one line leaving no run
+    directory, or (`ok`) accepted with every instruction read."""
+    def fn(ctx: Ctx):
+        src = write(ctx.dir)
+        run = ctx.dir / "run"
+        ctx.cli("instructions", "--recipe", ctx.recipe, "--output-dir", run,
+                *sets([f"instructions.source={src}", *sets_]), expect=0 if ok else 2,
+                says=[s.replace("{src}", str(src)) for s in says])
+        if ok:
+            rows = jsonl(run / "instructions" / "train.jsonl") + \
+                jsonl(run / "instructions" / "heldout.jsonl")
+            texts = {r["instruction"] for r in rows}
+            ctx.check(len(rows) == 8 and texts <= set(INSTRUCTIONS),
+                      "8 instructions read, text intact", str(sorted(texts))[:200])
+        else:
+            ctx.not_created(run)
+    return Case(name, "source", expected, fn)
+
+
+def _w(name: str, data: bytes | str):
+    def write(folder: Path) -> Path:
+        path = folder / name
+        path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        return path
+    return write
+
+
+def _dir(name: str):
+    def write(folder: Path) -> Path:
+        (folder / name).mkdir()
+        return folder / name
+    return write
+
+
+JSONL = "".join(json.dumps({"instruction": t}) + "\n" for t in INSTRUCTIONS)
+CASES += [
+    source_case("source-not-utf8-jsonl", "Latin-1 JSONL: file:line and the fix",
+                _w("latin1.jsonl", JSONL.encode() + b'{"instruction": "caf\xe9 au lait"}\n'),
+                says=["{src}:11: not UTF-8 text (byte 0xe9", "re-save the file as UTF-8"]),
+    source_case("source-not-utf8-csv", "Latin-1 CSV: file:line",
+                _w("latin1.csv", b"instruction\n" + "\n".join(INSTRUCTIONS).encode()
+                   + b"\ncaf\xe9\n"), says=["{src}:12: not UTF-8 text"]),
+    source_case("source-utf16", "UTF-16 (Windows 'Unicode'): one line",
+                _w("utf16.jsonl", JSONL.encode("utf-16")), says=["{src}", "UTF-8"]),
+    source_case("source-folder-named-jsonl", "a folder called x.jsonl: one line",
+                _dir("x.jsonl"), says=["{src}: is a folder, not a file"]),
+    source_case("source-bom-jsonl", "UTF-8 BOM JSONL accepted",
+                _w("bom.jsonl", b"\xef\xbb\xbf" + JSONL.encode()), ok=True),
+    source_case("source-bom-csv", "UTF-8 BOM CSV (Excel) accepted",
+                _w("bom.csv", b"\xef\xbb\xbf" + ("Instruction,Topic\n" + "".join(
+                    f"{t},x\n" for t in INSTRUCTIONS)).encode()), ok=True),
+    source_case("source-column-case", "column 'PROMPT' with field=prompt accepted",
+                _w("upper.jsonl", "".join(json.dumps({"PROMPT": t}) + "\n"
+                                          for t in INSTRUCTIONS)),
+                sets_=["instructions.field=prompt"], ok=True),
+    source_case("source-ambiguous-columns", "two columns differing in case: both named",
+                _w("two.csv", "Instruction,INSTRUCTION\n" + "".join(f"{t},{t}\n"
+                                                                   for t in INSTRUCTIONS)),
+                says=["columns 'Instruction', 'INSTRUCTION' all match 'instruction' ignoring "
+                      "case"]),
+    source_case("source-missing", "a missing file: one line",
+                lambda d: d / "nope.jsonl", says=["{src}: instructions file not found"]),
+    source_case("source-empty", "an empty file: one line", _w("empty.jsonl", ""),
+                says=["{src}: file is empty"]),
+    source_case("source-blank-lines", "only blank lines: one line", _w("blank.jsonl", "\n\n  \n"),
+                says=["{src}"]),
+    source_case("source-broken-line", "a broken JSONL line: file:line",
+                _w("broken.jsonl", JSONL.replace('"}\n', '"\n', 1)),
+                says=["{src}:1: malformed JSON"]),
+    source_case("source-json-object", "a JSON object instead of a list: one line",
+                _w("obj.json", json.dumps({"instruction": "x"})),
+                says=["{src}: expected a JSON list"]),
+    source_case("source-jsonl-array-line", "a JSONL line that is a list: file:line",
+                _w("arr.jsonl", JSONL + '["not", "an", "object"]\n'), says=["{src}:11"]),
+    source_case("source-csv-no-column", "a CSV without an instruction column: columns named",
+                _w("cols.csv", "title,body\n" + "".join(f"a,{t}\n" for t in INSTRUCTIONS)),
+                says=["no instruction field among title, body"]),
+    source_case("source-unknown-suffix", "a .txt source: one line naming the types",
+                _w("prompts.txt", "\n".join(INSTRUCTIONS)), says=["{src}"]),
+    source_case("source-null-instruction", "a null instruction: file:line",
+                _w("null.jsonl", JSONL + '{"instruction": null}\n'), says=["{src}:11"]),
+    source_case("source-duplicates", "duplicates leave too few: one line",
+                _w("dups.jsonl", "".join(json.dumps({"instruction": INSTRUCTIONS[0]}) + "\n"
+                                         for _ in range(20))), says=["only 1"]),
+]
+
+
+@case("special-token-prompts", "source", "<s>, </s>, [INST] as text go through generate")
+def _(ctx: Ctx):
+    src = ctx.dir / "special.jsonl"
+    src.write_text("".join(json.dumps({"id": f"s{i}", "instruction": t}) + "\n"
+                           for i, t in enumerate(SPECIAL)), encoding="utf-8")
+    run = ctx.dir / "run"
+    ctx.cli("run", "--recipe", ctx.recipe, "--output-dir", run, "--until", "generate",
+            *sets([f"instructions.source={src}", "instructions.n_heldout=1",
+                   "instructions.n_train=7"]))
+    rows = jsonl(run / "generate" / "generations.jsonl")
+    texts = {r["instruction"] for r in rows}
+    ctx.check(len(rows) == 14 and texts <= set(SPECIAL) and len(texts) == 7,
+              "14 responses, prompts verbatim")
+
+
+# --- iterate -----------------------------------------------------------------------------------
+
+
+def loop_sums(loop: Path) -> dict:
+    return {k: v for k, v in checksums(loop).items()}
+
+
+@case("iterate-changed-setting", "iterate", "refused naming the command")
+def _(ctx: Ctx):
+    loop = ctx.sweep.loop
+    before = loop_sums(loop)
+    ctx.cli("iterate", "--output-dir", loop, "--set", "train.beta=0.2", expect=2,
+            says=["the iterative loop ran with a different configuration (train.beta: 0.1 -> 0.2)",
+                  "--set train.beta=0.2 --force"])
+    ctx.unchanged(loop, before)
+
+
+@case("iterate-noop", "iterate", "a finished loop re-run changes nothing")
+def _(ctx: Ctx):
+    loop = ctx.sweep.loop
+    before = loop_sums(loop)
+    ctx.cli("iterate", "--output-dir", loop)
+    ctx.unchanged(loop, before)
+
+
+@case("iterate-force-fails", "iterate", "failed --force restores the previous loop")
+def _(ctx: Ctx):
+    loop = ctx.sweep.loop
+    before = loop_sums(loop)
+    try:
+        ctx.cli("iterate", "--output-dir", loop, "--force", "--set", "iterate.max_new_tokens=600",
+                expect=2, says=["exceeds the model's context of 512"])
+        ctx.unchanged(loop, before)
+        ctx.check(not (loop.parent / ".iterate.previous").exists()
+                  and not (loop / ".iterate.previous").exists(), "no .iterate.previous left")
+    finally:
+        ctx.sweep.restore_loop()
+
+
+@case("iterate-too-few-prompts", "iterate", "rounds x prompts beyond n_train refused up front")
+def _(ctx: Ctx):
+    run = ctx.dir / "run"
+    ctx.cli("iterate", "--recipe", ctx.recipe, "--output-dir", run, "--set", "iterate.rounds=5",
+            expect=2, says=["instructions.n_train: 6 seed prompts cannot give 5 disjoint rounds"])
+    ctx.not_created(run)
+
+
+LOOP_DATA = ["instructions", "rounds/1/instructions", "rounds/1/generate", "rounds/1/rank",
+             "rounds/1/pairs", "rounds/1/train/log.jsonl", "rounds/1/train/curves.png",
+             "rounds/1/train/adapter/adapter_model.safetensors", "rounds/loop.json"]
+
+
+@case("iterate-kill9-resume", "iterate", "killed in round 1 rank, resumes to the same data")
+def _(ctx: Ctx):
+    ref = ctx.sweep.loop
+    run = ctx.dir / "run"
+    args = ["iterate", "--recipe", ctx.recipe, "--output-dir", run]
+    ctx.cli(*args, env={"PREFLOOP_TEST_KILL_AT": "rank:append:2"}, expect=KILLED)
+    ctx.cli(*args)
+    ctx.same_as(ref, run, LOOP_DATA, "round data = uninterrupted loop")
+    ctx.check((run / "report.md").is_file() and "Stopped" not in (run / "report.md").read_text(),
+              "report complete")
+
+
+# --- push, offline, with a fake token ----------------------------------------------------------
+
+PUSH_ENV = {"HF_TOKEN": SECRET}
+
+
+def push_case(name: str, expected: str, args: list, says: list, stages=STAGES):
+    def fn(ctx: Ctx):
+        run = ctx.sweep.copy_ref(ctx.dir / "run", stages) if stages else ctx.dir / "run"
+        before = checksums(run)
+        ctx.cli("push", *args, "--output-dir", run, env=PUSH_ENV, expect=2, says=says)
+        ctx.not_created(run) if not stages else ctx.unchanged(run, before)
+    return Case(name, "push", expected, fn)
+
+
+CASES += [
+    push_case("push-dataset-offline", "one line, token never printed",
+              ["dataset", "--repo-id", "me/prefs"], ["offline mode is on"]),
+    push_case("push-adapter-offline", "one line, token never printed",
+              ["adapter", "--repo-id", "me/adapter"], ["offline mode is on"]),
+    push_case("push-repo-id-space", "a repo id with a space refused",
+              ["dataset", "--repo-id", "me/my data"], ["'me/my data' is not a valid Hub"]),
+    push_case("push-repo-id-no-slash", "a repo id without user/ refused",
+              ["dataset", "--repo-id", "mydata"], ["mydata"]),
+    push_case("push-no-repo-id", "no repo id anywhere: one line", ["adapter"], ["--repo-id"]),
+    push_case("push-before-pairs", "push before pairs finished: one line",
+              ["dataset", "--repo-id", "me/prefs"], ["no finished dataset to push"],
+              stages=("instructions", "generate")),
+]
+
+
+@case("run-with-push-offline", "push", "every stage kept, the push fails in one line")
+def _(ctx: Ctx):
+    run = ctx.sweep.copy_ref(ctx.dir / "run", STAGES[:5])
+    ctx.cli("run", "--recipe", ctx.recipe, "--output-dir", run, "--set",
+            "push.dataset_repo_id=me/prefs", env=PUSH_ENV, expect=2, says=["offline mode is on"])
+    parts = [*STAGES]
+    ctx.same_as(ctx.ref, run, parts, "all stages = uninterrupted run")
+
+
+# --- embedded SmolLM2 ----------------------------------------------------------------------------
+
+
+def conversion_temps(cache: Path) -> list[Path]:
+    models = cache / "models"
+    return sorted(models.glob(f".{EMBEDDED}.*")) if models.is_dir() else []
+
+
+@case("embedded-kill9-conversion", "embedded", "killed mid-conversion; next run cleans and works",
+      embedded=True)
+def _(ctx: Ctx):
+    cache = ctx.sweep.cache
+    shutil.rmtree(cache / "models", ignore_errors=True)  # the sweep's own temporary cache
+    run = ctx.dir / "run"
+    args = ["run", "--output-dir", run, "--until", "generate", *sets(EMBEDDED_SETS)]
+    proc = ctx.start(*args)
+
+    def writing_weights() -> bool:  # killed while it writes the ~540 MB of weights
+        return any((t / "model.safetensors").exists() for t in conversion_temps(cache))
+    ctx.wait_for(writing_weights, proc, timeout=600)
+    os.killpg(proc.pid, signal.SIGKILL)
+    ctx.wait(proc, expect=KILLED)
+    left = conversion_temps(cache)
+    ctx.check(bool(left), "a temporary conversion folder was left by the kill")
+    ctx.cli(*args)
+    ctx.check(not conversion_temps(cache) and (cache / "models" / EMBEDDED / "config.json").is_file(),
+              "temporary folder removed, model converted")
+    rows = jsonl(run / "generate" / "generations.jsonl")
+    ctx.check(len(rows) == 4, "4 responses generated")
+
+
+def embedded_kill(point: str, upstream: tuple[str, ...]):
+    def fn(ctx: Ctx):
+        ref = ctx.sweep.eref
+        run = ctx.dir / "run"
+        run.mkdir()
+        shutil.copy2(ref / "recipe.yaml", run / "recipe.yaml")
+        for stage in upstream:
+            shutil.copytree(ref / stage, run / stage)
+        args = ["run", "--output-dir", run, *sets(EMBEDDED_SETS)]
+        ctx.cli(*args, env={"PREFLOOP_TEST_KILL_AT": point}, expect=KILLED)
+        ctx.cli(*args)
+        ctx.same_as(ref, run, ["recipe.yaml", *STAGES])
+    return Case(f"embedded-kill9-{point.replace(':', '-')}", "embedded",
+                f"killed in {point.split(':')[0]}, resumes to the uninterrupted result", fn,
+                embedded=True)
+
+
+@case("embedded-full-run", "embedded", "every stage on SmolLM2 at tiny sizes", embedded=True)
+def _(ctx: Ctx):
+    ref = ctx.sweep.eref  # the reference the embedded kill cases compare with
+    ctx._judge(ctx.sweep.eref_cmd, 0)
+    done = [s for s in STAGES if json.loads((ref / s / "manifest.json").read_text())["status"]
+            == "done"]
+    ctx.check(done == list(STAGES), "6 manifests done")
+
+
+CASES += [embedded_kill("generate:append:1", ("instructions",)),
+          embedded_kill("rank:append:2", ("instructions", "generate")),
+          embedded_kill("train:append:1", STAGES[:4]),
+          embedded_kill("compare:finish", STAGES[:5])]
+
+
+@case("embedded-special-tokens", "embedded", "special-token text goes through generate",
+      embedded=True)
+def _(ctx: Ctx):
+    src = ctx.dir / "special.jsonl"
+    src.write_text("".join(json.dumps({"id": f"s{i}", "instruction": t}) + "\n"
+                           for i, t in enumerate(SPECIAL)), encoding="utf-8")
+    run = ctx.dir / "run"
+    ctx.cli("run", "--output-dir", run, "--until", "generate", *sets(EMBEDDED_SETS),
+            *sets([f"instructions.source={src}", "instructions.n_train=7", "instructions.kinds=null"]))
+    rows = jsonl(run / "generate" / "generations.jsonl")
+    ctx.check(len(rows) == 14 and {r["instruction"] for r in rows} <= set(SPECIAL),
+              "14 responses, prompts verbatim")
+
+
+@case("embedded-model-typo", "embedded", "typo refused with a suggestion", embedded=True)
+def _(ctx: Ctx):
+    run = ctx.dir / "run"
+    ctx.cli("run", "--output-dir", run, *sets(EMBEDDED_SETS), "--set",
+            "model.name=smollm2-135m-instrct", expect=2,
+            says=["did you mean the embedded 'smollm2-135m-instruct'?"])
+    ctx.not_created(run)
+
+
+@case("embedded-push-offline", "embedded", "one line, token never printed", embedded=True)
+def _(ctx: Ctx):
+    run = ctx.dir / "run"
+    shutil.copytree(ctx.sweep.eref, run)
+    before = checksums(run)
+    ctx.cli("push", "adapter", "--repo-id", "me/smol-dpo", "--output-dir", run, env=PUSH_ENV,
+            expect=2, says=["offline mode is on"])
+    ctx.unchanged(run, before)
+
+
+# === report ====================================================================================
+
+
+def table(rows: list[Row]) -> str:
+    head = ("| case | category | expected | exit | traceback? | one line? | data check | result |\n"
+            "|---|---|---|---|---|---|---|---|\n")
+    body = "".join(
+        f"| {r.case.name} | {r.case.category} | {r.case.expected} | {r.exit} | "
+        f"{'YES' if r.traceback else 'no'} | {r.one_line} | {'; '.join(r.data) or '-'} | "
+        f"{'PASS' if r.passed else 'FAIL'} |\n" for r in rows)
+    return head + body
+
+
+def cpu_minutes() -> float:
+    """CPU time (user + system) of every command the sweep ran: what the wall time would be on
+    an idle machine, the commands being single-threaded."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (usage.ru_utime + usage.ru_stime) / 60
+
+
+def summary(rows: list[Row], seconds: float) -> str:
+    failed = [r.case.name for r in rows if not r.passed]
+    tb = sum(r.traceback for r in rows)
+    lost = sum(any(d.startswith("FAILED") for d in r.data) for r in rows)
+    emb = sum(r.seconds for r in rows if r.case.embedded)
+    split = (f" ({(seconds - emb) / 60:.1f} min without the embedded cases, {emb / 60:.1f} "
+             "min for them)" if emb else "")
+    return (f"{len(rows) - len(failed)}/{len(rows)} cases passed, {tb} with a traceback, "
+            f"{lost} with a failed data check, {sum(len(r.cmds) for r in rows)} commands, "
+            f"{seconds / 60:.1f} min{split}, {cpu_minutes():.1f} min of CPU"
+            + (f"; failed: {', '.join(failed)}" if failed else ""))
+
+
+def details(rows: list[Row]) -> str:
+    out = []
+    for r in rows:
+        if r.passed:
+            continue
+        out.append(f"- {r.case.name}:")
+        out += [f"  - {p}" for p in r.problems]
+    return "\n".join(out)
+
+
+def commands(rows: list[Row], root: Path) -> str:
+    out = []
+    for r in rows:
+        cmds = []
+        for c in r.cmds:
+            argv = c.argv
+            text = shlex.join(["prefloop", *argv[argv.index("prefloop") + 1:]]
+                              if "prefloop" in argv else argv)
+            text = re.sub(re.escape(str(root / "cases")) + r"/[^/ ']+", "$CASE", text)
+            text = text.replace(str(root), "$SWEEP")
+            env = " ".join(f"{k}={v}" for k, v in c.env.items())
+            env = re.sub(re.escape(str(root / "cases")) + r"/[^/ ']+", "$CASE", env)
+            cmds.append(("(in the background, from the start) " if c.background else "")
+                        + f"`{(env + ' ') if env else ''}{text}` → {c.rc}")
+        out.append(f"- **{r.case.name}**: " + "; ".join(cmds))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", action="append", metavar="SUBSTRING",
+                   help="run the cases whose name contains this text (repeatable: any of them)")
+    p.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
+    p.add_argument("--embedded", action="store_true",
+                   help="include the cases on the embedded SmolLM2-135M")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    args = p.parse_args(argv)
+    chosen = [c for c in CASES if (args.embedded or not c.embedded)
+              and (not args.only or any(o in c.name for o in args.only))]
+    names = [c.name for c in CASES]
+    assert len(set(names)) == len(names), "case names must be unique"
+    if args.list:
+        for c in chosen:
+            print(f"{c.category:9} {c.name:34} {c.expected}")
+        print(f"{len(chosen)} cases")
+        return 0
+    if not chosen:
+        print(f"no case matches {args.only!r}", file=sys.stderr)
+        return 2
+    root = Path(tempfile.mkdtemp(prefix="prefloop-hostile."))
+    logfile = root / "commands.log"
+
+    def log(cmd: Cmd) -> None:
+        with open(logfile, "a", encoding="utf-8") as f:
+            f.write(f"$ {' '.join(f'{k}={v}' for k, v in cmd.env.items())} {shlex.join(cmd.argv)}"
+                    f"\n[rc {cmd.rc}, {cmd.seconds:.1f}s]\n{cmd.out}{cmd.err}\n")
+
+    def log_text(text: str) -> None:
+        with open(logfile, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+    sweep = Sweep(root, log)
+    sweep.log_text = log_text  # type: ignore[attr-defined]
+    print(f"[hostile] {len(chosen)} cases; working folder {root} (log: {logfile})",
+          file=sys.stderr, flush=True)
+    t0, load = time.time(), os.getloadavg()
+    rows = []
+    for i, c in enumerate(chosen, 1):
+        row = run_case(sweep, c)
+        rows.append(row)
+        print(f"[hostile] {i}/{len(chosen)} {c.name}: {'PASS' if row.passed else 'FAIL'} "
+              f"({row.seconds:.1f}s)" + ("" if row.passed else f" {row.problems[0][:300]}"),
+              file=sys.stderr, flush=True)
+    seconds = time.time() - t0
+    line = summary(rows, seconds)
+    if args.out:
+        command = shlex.join(["OMP_NUM_THREADS=1", "python", "scripts/hostile.py",
+                              *(argv if argv is not None else sys.argv[1:])])
+        cats = sorted({r.case.category for r in rows}, key=list(CATEGORIES).index)
+        text = [
+            "# Hostile-user sweep (issue #16)", "",
+            f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
+            f"- Machine: {os.cpu_count()}-core CPU dev machine ({platform.machine()}, "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}), "
+            f"one thread per process, shared with other jobs (load average {load[0]:.1f} at "
+            f"the start, {os.getloadavg()[0]:.1f} at the end)",
+            f"- Command: `{command}`",
+            f"- Result: {line}", "",
+            "## What each category checks", "",
+            *[f"- **{c}**: {CATEGORIES[c]}" for c in cats], "",
+            "Every command of every case is also checked for a Python traceback, for the fake "
+            f"Hub token `{SECRET}` in its output, and, when it fails, for exactly one "
+            "`prefloop: error:` line as its last line (`interrupted` for Ctrl-C).", "",
+        ]
+        if details(rows):
+            text += ["## Failures", "", details(rows), ""]
+        text += ["## Commands", "", "`$CASE` is the case's own temporary folder, `$SWEEP` the "
+                 "sweep's (the tiny model, its recipe `tiny.yaml`, the reference runs).", "",
+                 commands(rows, root), "", "## Results", "", table(rows), line, ""]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(text), encoding="utf-8")
+    if details(rows):
+        print("\nFailures:\n" + details(rows))
+    print()
+    print(table(rows))
+    print(line)
+    if not args.keep and all(r.passed for r in rows):
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        print(f"[hostile] kept {root}", file=sys.stderr)
+    return 0 if all(r.passed for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
