@@ -400,18 +400,23 @@ def test_file_too_large_while_appending_keeps_whole_records_and_resumes(tmp_path
     assert generations(run) == generations(whole)
 
 
-def test_interrupt_is_one_line_and_resumes(tmp_path, recipe):
-    run, go = tmp_path / "run", tmp_path / "never"
-    proc = start("run", "--recipe", recipe, "--output-dir", run, "--until", "generate",
-                 extra_env={"PREFLOOP_TEST_WAIT_AT": f"generate:append={go}"})
+def interrupt_once_written(proc: subprocess.Popen, path: Path) -> None:
+    """Ctrl-C `proc` once `path` exists: exit 130, no traceback, the one line last."""
     deadline = time.time() + 240
-    while not (run / "generate" / "generations.jsonl").exists():
+    while not path.exists():
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err
     assert err.splitlines()[-1] == "prefloop: interrupted; run the same command again to resume"
+
+
+def test_interrupt_is_one_line_and_resumes(tmp_path, recipe):
+    run, go = tmp_path / "run", tmp_path / "never"
+    proc = start("run", "--recipe", recipe, "--output-dir", run, "--until", "generate",
+                 extra_env={"PREFLOOP_TEST_WAIT_AT": f"generate:append={go}"})
+    interrupt_once_written(proc, run / "generate" / "generations.jsonl")
     ok(cli("run", "--recipe", recipe, "--output-dir", run, "--until", "generate"))
     assert len(generations(run)) == 12
 
@@ -427,14 +432,7 @@ def test_interrupt_under_a_progress_bar_ends_with_the_one_line(tmp_path, recipe,
     proc = start(stage, "--recipe", recipe, "--output-dir", run,
                  extra_env={"PREFLOOP_TEST_WAIT_AT": f"{stage}:append={never}"})
     log = run / stage / ("judgments.jsonl" if stage == "rank" else "log.jsonl")
-    deadline = time.time() + 240
-    while not log.exists():
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err
-    assert err.splitlines()[-1] == "prefloop: interrupted; run the same command again to resume"
+    interrupt_once_written(proc, log)
 
 
 # --- 5b. sources: encodings, BOM, folders, column names -------------------------------------------
