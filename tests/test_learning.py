@@ -37,11 +37,14 @@ pytestmark = pytest.mark.slow
 CONSTRAINT = {"kind": "detectable_content:postscript", "args": {"postscript_marker": "P.S."}}
 MARGIN = 0.25  # held-out strict accuracy: DPO minus original, at least
 N_TRAIN, N_HELDOUT = 40, 24
+FIRST_BLOCK = 320  # scripts/make_verifiable_instructions.py: TASKS, before MORE_TASKS
 
 
 def write_source(path: Path) -> Path:
-    """The built-in tasks, each with the one constraint; split by the built-in topics."""
+    """The built-in tasks of the first block (vi-000 to vi-319, where MARGIN and the seeds were
+    set), each with the one constraint; split by the built-in topics."""
     rows = [json.loads(x) for x in builtin_path("verifiable_instructions").read_text().splitlines()]
+    rows = [r for r in rows if int(r["id"].removeprefix("vi-")) < FIRST_BLOCK]
     c = Constraint(CONSTRAINT["kind"], CONSTRAINT["args"])
     path.write_text("".join(json.dumps({
         "id": r["id"], "task": r["task"], "topic": r["topic"], "split": r["split"],

@@ -55,6 +55,37 @@ def test_kinds_filter_keeps_only_instructions_of_those_kinds(tmp_path):
         instructions.keep_kinds(rows, "punctuation:no_commas", "x")
 
 
+def test_strip_other_kinds_keeps_the_named_constraints_and_rebuilds_the_text():
+    ps = {"kind": "detectable_content:postscript", "args": {"postscript_marker": "P.S."}}
+    word = {"kind": "keywords:existence", "args": {"keywords": ["tide"]}}
+    rows = [
+        {"id": "a", "task": "Describe rain.", "constraints": [NO_COMMA[0], ps],
+         "instruction": "Describe rain. Do not use any commas (,) in your answer. At the end, "
+                        "add a postscript: a new line starting with P.S."},
+        {"id": "b", "task": "Describe snow.", "constraints": NO_COMMA,
+         "instruction": "Describe snow. Do not use any commas (,) in your answer."},
+        # once the comma rule is gone, pasting the instruction would meet "include tide"
+        {"id": "c", "task": "Describe the sea.", "constraints": [NO_COMMA[0], word],
+         "instruction": "Describe the sea. Do not use any commas (,) in your answer. Include the "
+                        "word \"tide\" in your answer."},
+        {"id": "d", "task": "Describe a lake.", "constraints": [ps],
+         "instruction": "Describe a lake. hand-written text kept as it is"},
+    ]
+    kept = instructions.keep_kinds(rows, "detectable_content:postscript,keywords:existence", "x",
+                                   strip=True)
+    assert [r["id"] for r in kept] == ["a", "d"]
+    assert kept[0]["constraints"] == [ps]
+    assert kept[0]["instruction"] == ('Describe rain. At the end, add a postscript on its own '
+                                      'line starting with "P.S.".')
+    assert kept[1] is rows[3]  # nothing to strip: the record is kept as written
+    # the plain reading keeps only records whose constraints are all of the kinds
+    assert [r["id"] for r in instructions.keep_kinds(
+        rows, "detectable_content:postscript,keywords:existence", "x")] == ["d"]
+    no_task = [{"id": "e", "instruction": "Describe wind.", "constraints": [NO_COMMA[0], ps]}]
+    with pytest.raises(PrefloopError, match=r"^x: record 1 \(id e\) has no 'task' field"):
+        instructions.keep_kinds(no_task, "detectable_content:postscript", "x", strip=True)
+
+
 def test_local_file_constraints_are_checked_with_file_line_and_field(tmp_path):
     path = tmp_path / "mine.jsonl"
     good = {"id": "a", "instruction": "Describe rain.", "constraints": NO_COMMA}
@@ -104,12 +135,39 @@ def test_constraints_ranker_fields_and_hollow_answers():
     assert (refusal["score"], refusal["strict"], refusal["hollow"]) == (0.0, 1.0, "refusal")
     copy = check_response("Describe a storm. Do not use any", instruction, NO_COMMA)
     assert (copy["score"], copy["hollow"]) == (0.0, "copy")
-    both = check_response("<<Storm>>\nThunder rolls in.\nP.S. stay dry", "Describe a storm.",
-                          TITLE_AND_PS)
+    both = check_response("<<Storm>>\nThunder rolls in over the hills.\nP.S. stay dry",
+                          "Describe a storm.", TITLE_AND_PS)
     assert both["score"] == 1.0 and [c["strict"] for c in both["checks"]] == [True, True]
-    half = check_response("Thunder rolls in.\nP.S. stay dry", "Describe a storm.", TITLE_AND_PS)
+    half = check_response("Thunder rolls in over the hills.\nP.S. stay dry", "Describe a storm.",
+                          TITLE_AND_PS)
     assert half["score"] == 0.5
     assert check_response("Short one.", "Be brief.", SHORT)["length_free"] is True
+
+
+def test_a_bare_postscript_or_closing_phrase_is_hollow():
+    """What a 135M model learned from postscript pairs at first: the P.S. instead of an answer."""
+    ps = [{"kind": "detectable_content:postscript", "args": {"postscript_marker": "P.P.S"}}]
+    end = [{"kind": "startend:end_checker", "args": {"end_phrase": "Hope this helps."}}]
+    task = "Why do mountains form?"
+    bare = check_response("P.P.S. Mountains form when rock rises and cools down slowly.", task, ps)
+    assert (bare["score"], bare["strict"], bare["hollow"]) == (0.0, 1.0, "bare")
+    # four words before the P.S. are still bare; five make an answer
+    assert check_response("Plates push rock up.\np.p.s. neat", task, ps)["hollow"] == "bare"
+    real = check_response("Plates push the rock upward.\np.p.s. neat", task, ps)
+    assert (real["score"], real["hollow"]) == (1.0, None)
+    assert check_response('"Hope this helps."', task, end)["hollow"] == "bare"
+    closing = check_response("Plates collide and fold the crust upward. Hope this helps.", task,
+                             end)
+    assert (closing["score"], closing["hollow"]) == (1.0, None)
+    # a short answer to an instruction with neither constraint is not bare
+    assert check_response("Short one.", "Be brief.", SHORT)["hollow"] is None
+    # the evaluation counts bare answers and the guard names them
+    item = {"id": "m", "instruction": task + " End with P.P.S", "task": task, "constraints": ps}
+    answer = "Plates push the rock upward.\nP.P.S. neat"
+    o = ev.evaluate([item] * 4, [answer] * 4, ["P.P.S. neat"] * 3 + [answer])
+    assert (o["original"]["bare"], o["dpo"]["bare"]) == (0, 3)
+    assert ("more bare answers (only the demanded postscript or closing phrase) (3 vs 0)"
+            in o["guards_fired"])
 
 
 def test_constraints_ranker_refuses_instructions_without_constraints(tmp_path):

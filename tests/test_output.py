@@ -26,7 +26,7 @@ SUMMARY = {  # stage -> the line's pattern, before its time
                     r"de-duplication and filtering\)",
     "generate": r"24 responses to 6 instructions \(\d+ cut at max_new_tokens, \d+ tokens\)",
     "rank": r"24 responses checked against their constraints \(no model\): mean satisfied "
-            r"[\d.]+ strict, [\d.]+ loose; scored 0 as empty/refusal/copy: \d+/\d+/\d+",
+            r"[\d.]+ strict, [\d.]+ loose; scored 0 as empty/refusal/copy/bare: \d+/\d+/\d+/\d+",
     "pairs": r"\d+ pairs? from 6 instructions(, \d+ dropped \([^)]*\))?",
     "train": r"2 steps on \d+ pairs?, last loss [\d.]+, reward accuracy [\d.]+",
     "compare": r"2 held-out instructions, original vs DPO: \d+ wins, \d+ ties, \d+ losses",

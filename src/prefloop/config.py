@@ -55,6 +55,9 @@ class InstructionsConfig:
     min_tokens: int | None = None
     max_tokens: int | None = None
     kinds: str | None = None  # keep instructions whose constraints are all of these kinds (a,b)
+    # true: keep every instruction with at least one constraint of `kinds`, its other
+    # constraints (and their sentences) removed; needs each record's `task` field
+    strip_other_kinds: bool = False
     # tuning: held-out = a validation split of the training records (by topic); the source's
     # held-out records are not read
     validation: bool = False

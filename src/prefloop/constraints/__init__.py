@@ -7,6 +7,7 @@ of an instruction's constraints, ``describe`` a constraint as the sentence that 
 from prefloop.constraints.check import (
     CheckResult,
     Score,
+    answer_body,
     check,
     check_all,
     describe,
@@ -24,6 +25,7 @@ __all__ = [
     "CheckResult",
     "Constraint",
     "Score",
+    "answer_body",
     "check",
     "check_all",
     "describe",

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from prefloop.constraints.kinds import CONSTRAINED_OPTIONS, Kind
+from prefloop.constraints.kinds import CONSTRAINED_OPTIONS, Kind, marker_pattern
 from prefloop.constraints.spec import Constraint, validate
 from prefloop.errors import PrefloopError
 
@@ -84,6 +85,27 @@ def describe(constraint: Constraint) -> str:
 def instruction_text(task: str, constraints: Sequence[Constraint]) -> str:
     """The task followed by one sentence per constraint, the way the built-in set is written."""
     return " ".join([task.strip(), *(describe(c) for c in constraints)])
+
+
+def answer_body(response: str, constraints: Sequence[Constraint]) -> str | None:
+    """The response without what its constraints add around an answer: everything from the first
+    line that starts with a postscript marker, and a demanded closing phrase at the very end.
+    None when no constraint adds such a part (then there is nothing to take away)."""
+    markers = [c.args["postscript_marker"] for c in constraints
+               if c.kind == "detectable_content:postscript"]
+    endings = [c.args["end_phrase"] for c in constraints if c.kind == "startend:end_checker"]
+    if not markers and not endings:
+        return None
+    body = response
+    for marker in markers:
+        found = re.search(r"^\s*" + marker_pattern(marker), body.lower(), flags=re.MULTILINE)
+        if found:
+            body = body[:found.start()]
+    for phrase in endings:
+        stripped = body.strip().strip('"')
+        if phrase.strip() and stripped.lower().endswith(phrase.strip().lower()):
+            body = stripped[: len(stripped) - len(phrase.strip())]
+    return body
 
 
 def required_phrases(constraints: Sequence[Constraint]) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ import statistics
 import numpy as np
 
 from prefloop.constraints import guards
-from prefloop.constraints.check import check_all, required_phrases
+from prefloop.constraints.check import answer_body, check_all, required_phrases
 from prefloop.constraints.spec import Constraint
 
 BOOTSTRAP_DRAWS = 10_000
@@ -39,6 +39,7 @@ def response_report(item: dict, response: str) -> dict:
         "refusal": guards.is_refusal(response),
         "copy": guards.copies_example(response, item["instruction"],
                                       required_phrases(constraints)),
+        "bare": guards.is_bare(answer_body(response, constraints)),
         "relevance": guards.relevance(item.get("task", item["instruction"]), response),
     }
 
@@ -80,6 +81,7 @@ def side_summary(reports: list[dict]) -> dict:
         "words_quartiles": [float(q) for q in np.quantile(words, [0.25, 0.75])],
         "empty": sum(r["empty"] for r in reports), "refusals": sum(r["refusal"] for r in reports),
         "copies": sum(r["copy"] for r in reports),
+        "bare": sum(r["bare"] for r in reports),
         "relevance_mean": statistics.fmean(r["relevance"] for r in reports),
     }
 
@@ -104,7 +106,8 @@ def hollow_signs(orig: dict, dpo: dict) -> list[str]:
         fired.append(f"answers collapsed in length (median {dpo['words_median']:g} words vs "
                      f"{orig['words_median']:g}, floor {LENGTH_FLOOR:.0%})")
     for key, text in (("copies", "copies of the instruction"), ("empty", "empty answers"),
-                      ("refusals", "refusals")):
+                      ("refusals", "refusals"),
+                      ("bare", "bare answers (only the demanded postscript or closing phrase)")):
         if dpo[key] > orig[key]:
             fired.append(f"more {text} ({dpo[key]} vs {orig[key]})")
     return fired

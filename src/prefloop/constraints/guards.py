@@ -35,6 +35,9 @@ REFUSAL_PHRASES = (
 REFUSAL_WINDOW = 150  # characters from the start in which a refusal phrase counts
 
 MIN_SHARED_RUN = 8
+# An answer needs this many words besides the postscript and the closing phrase its
+# constraints demand; fewer is a bare decoration ("P.S. Hope this helps.")
+MIN_BODY_WORDS = 5
 MAX_COPIED_SHARE = 0.6
 NGRAM = 3
 
@@ -58,6 +61,13 @@ def word_count(text: str) -> int:
 def is_empty(text: str) -> bool:
     """True when the text has no letter or digit at all (only spaces, markdown or punctuation)."""
     return re.search(r"\w", text) is None
+
+
+def is_bare(body: str | None) -> bool:
+    """True when what is left of a response without its demanded postscript and closing phrase
+    (``constraints.answer_body``; None: its constraints demand neither) has fewer than
+    MIN_BODY_WORDS words: the decoration was written instead of an answer."""
+    return body is not None and word_count(body) < MIN_BODY_WORDS
 
 
 def is_refusal(text: str) -> bool:

@@ -180,13 +180,13 @@ def _placeholders(text, a, _p):
     return len(re.findall(r"\[.*?\]", text)) >= a["num_placeholders"]
 
 
-def _marker_pattern(marker: str) -> str:
+def marker_pattern(marker: str) -> str:
     # Lets "P.S." also match "p. s." as IFEval does, by allowing a space after each dot.
     return "".join(r"\.\s?" if ch == "." else re.escape(ch) for ch in marker.strip().lower())
 
 
 def _postscript(text, a, _p):
-    pattern = r"^\s*" + _marker_pattern(a["postscript_marker"])
+    pattern = r"^\s*" + marker_pattern(a["postscript_marker"])
     return re.search(pattern, text.lower(), flags=re.MULTILINE) is not None
 
 

@@ -5,8 +5,9 @@ satisfies (IFEval's strict reading; the loose reading is recorded beside it).
 
 No model judges anything, so the reward cannot drift with the policy. What it cannot see is
 substance, which is how a constraints-only reward gets hacked (docs/constraints.md): a response
-that is empty, a refusal, or a copy of its instruction scores 0 whatever it satisfies, and the
-pairs stage can match lengths and consult a quality ranker (rank.quality) on top.
+that is empty, a refusal, a copy of its instruction, or bare (only the postscript or closing
+phrase it demands) scores 0 whatever it satisfies, and the pairs stage can match lengths and
+consult a quality ranker (rank.quality) on top.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefloop.config import RankConfig
-from prefloop.constraints import Constraint, check_all, guards, required_phrases
+from prefloop.constraints import (
+    Constraint,
+    answer_body,
+    check_all,
+    guards,
+    required_phrases,
+)
 from prefloop.errors import PrefloopError
 
 # Constraint kinds that are about length: pairs for them need not be length-matched.
@@ -23,13 +30,16 @@ LENGTH_KINDS = frozenset({"length_constraints:number_words", "length_constraints
 
 
 def hollow(response: str, instruction: str, constraints: list[Constraint]) -> str | None:
-    """Why a response answers nothing (empty, refusal, copy of the instruction), else None."""
+    """Why a response answers nothing (empty, refusal, copy of the instruction, or bare: only the
+    postscript or closing phrase its constraints demand), else None."""
     if guards.is_empty(response):
         return "empty"
     if guards.is_refusal(response):
         return "refusal"
     if guards.copies_example(response, instruction, required_phrases(constraints)):
         return "copy"
+    if guards.is_bare(answer_body(response, constraints)):
+        return "bare"
     return None
 
 
@@ -74,7 +84,8 @@ class ConstraintsRanker:
         return [
             "- Ranker: verifiable constraints (IFEval-style checks, `prefloop.constraints`); "
             "score = share of the instruction's constraints satisfied (strict reading), 0 for "
-            "an empty answer, a refusal or a copy of the instruction",
+            "an empty answer, a refusal, a copy of the instruction, or a bare postscript or "
+            "closing phrase with no answer before it",
             "- Per-candidate results: `checks` (kind, strict, loose per constraint) and "
             "`hollow` in pairs/dropped.jsonl and rank/scores.jsonl",
         ]
@@ -92,15 +103,15 @@ class ConstraintsRanker:
             "strict_mean": round(sum(f["strict"] for f in fields) / len(fields), 4),
             "loose_mean": round(sum(f["loose"] for f in fields) / len(fields), 4),
             "hollow": {k: sum(f["hollow"] == k for f in fields)
-                       for k in ("empty", "refusal", "copy")},
+                       for k in ("empty", "refusal", "copy", "bare")},
         }
 
     def summary(self, counts: dict) -> str | None:
         h = counts["hollow"]
         return (f"{counts['responses']} responses checked against their constraints "
                 f"(no model): mean satisfied {counts['strict_mean']:.3f} strict, "
-                f"{counts['loose_mean']:.3f} loose; scored 0 as empty/refusal/copy: "
-                f"{h['empty']}/{h['refusal']}/{h['copy']}")
+                f"{counts['loose_mean']:.3f} loose; scored 0 as empty/refusal/copy/bare: "
+                f"{h['empty']}/{h['refusal']}/{h['copy']}/{h.get('bare', 0)}")
 
     def compare(self, instructions: list[str], a: list[str], b: list[str]) -> list[float]:
         raise PrefloopError("the constraints ranker compares responses through their "

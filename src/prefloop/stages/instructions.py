@@ -265,8 +265,14 @@ def disjoint(train: list[dict], heldout: list[dict], where: str) -> tuple[list[d
     return train, heldout
 
 
-def keep_kinds(items: list[dict], kinds: str | None, where: str) -> list[dict]:
-    """Only instructions whose constraints are all of the given kinds (comma-separated ids)."""
+def keep_kinds(items: list[dict], kinds: str | None, where: str,
+               strip: bool = False) -> list[dict]:
+    """Only instructions whose constraints are all of the given kinds (comma-separated ids).
+
+    ``strip``: instead, every instruction with at least one constraint of the kinds, its other
+    constraints removed and its text rebuilt from its ``task`` (the instruction without its
+    constraint sentences, as in the built-in set); an instruction whose rebuilt text, pasted as
+    the answer, would already meet every kept constraint is left out (a copy must never win)."""
     if not kinds:
         return items
     from prefloop.constraints import KINDS
@@ -276,16 +282,45 @@ def keep_kinds(items: list[dict], kinds: str | None, where: str) -> list[dict]:
     if unknown:
         raise PrefloopError(f"instructions.kinds: unknown constraint kind '{unknown[0]}'; use ids "
                             "such as punctuation:no_comma (see docs/constraints.md)")
-    kept = [it for it in items if it.get("constraints")
-            and {c["kind"] for c in it["constraints"]} <= wanted]
     if not any(it.get("constraints") for it in items):
         raise PrefloopError(f"{where}: its instructions carry no constraints, so "
                             "instructions.kinds cannot select any; set instructions.kinds=null "
                             "(and a rank.ranker other than constraints, e.g. judge), or use a "
                             "source with constraints (instructions.source=verifiable)")
+    if strip:
+        kept = strip_other_kinds(items, wanted, where)
+    else:
+        kept = [it for it in items if it.get("constraints")
+                and {c["kind"] for c in it["constraints"]} <= wanted]
     if not kept:
-        raise PrefloopError(f"{where}: no instruction has only constraints of the kinds "
+        which = "has a constraint" if strip else "has only constraints"
+        raise PrefloopError(f"{where}: no instruction {which} of the kinds "
                             f"{', '.join(sorted(wanted))}; widen instructions.kinds")
+    return kept
+
+
+def strip_other_kinds(items: list[dict], wanted: set[str], where: str) -> list[dict]:
+    """The instructions.strip_other_kinds reading of instructions.kinds (see keep_kinds)."""
+    from prefloop.constraints import check, instruction_text, parse_constraints
+
+    kept = []
+    for n, it in enumerate(items):
+        ours = [c for c in it.get("constraints") or [] if c["kind"] in wanted]
+        if not ours:
+            continue
+        if len(ours) < len(it["constraints"]):
+            task = it.get("task")
+            if not isinstance(task, str) or not task.strip():
+                raise PrefloopError(
+                    f"{where}: record {n + 1} (id {it.get('id', '?')}) has no 'task' field, which "
+                    "instructions.strip_other_kinds needs to rebuild the instruction without its "
+                    "other constraints; add the field or set instructions.strip_other_kinds=false")
+            constraints = parse_constraints(ours, f"{where}: record {n + 1}")
+            text = instruction_text(task, constraints)
+            if all(check(text, c).strict for c in constraints):
+                continue
+            it = {**it, "constraints": ours, "instruction": text}
+        kept.append(it)
     return kept
 
 
@@ -343,7 +378,8 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
         from prefloop.models import load_tokenizer
 
         items = length_filter(items, cfg, load_tokenizer(recipe.model.name, recipe.model.revision))
-    items = keep_kinds(items, cfg.kinds, f"instructions.source {cfg.source}")
+    items = keep_kinds(items, cfg.kinds, f"instructions.source {cfg.source}",
+                       cfg.strip_other_kinds)
     train, heldout = split_items(items, cfg, "instructions")
     write_jsonl(run.train_instructions, train)
     write_jsonl(run.heldout_instructions, heldout)
