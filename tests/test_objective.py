@@ -86,6 +86,26 @@ def test_strip_other_kinds_keeps_the_named_constraints_and_rebuilds_the_text():
         instructions.keep_kinds(no_task, "detectable_content:postscript", "x", strip=True)
 
 
+def test_degenerate_repetition_is_a_guard():
+    """The main job's printed table of 2026-12-03 showed answers like these on both sides."""
+    from prefloop.constraints import guards
+
+    assert guards.is_degenerate("1. " + "1." * 60)
+    assert guards.is_degenerate("P.S.\n\n" * 20)
+    assert guards.is_degenerate("The bulbs flicker at night. " * 14)
+    assert guards.is_degenerate(" ".join(f"{n}." for n in range(1, 40)))  # no letters
+    assert not guards.is_degenerate("P.S. P.S. P.S.")  # too short to call
+    prose = ("Rain forms when water vapour cools and condenses around tiny dust particles. The "
+             "droplets merge until they are heavy enough to fall, and wind carries them along. "
+             "1. Clouds form. 2. Droplets grow. 3. Rain falls on the hills below.")
+    assert not guards.is_degenerate(prose)
+    item = {"id": "r", "instruction": "Describe rain.", "task": "Describe rain.",
+            "constraints": NO_COMMA}
+    o = ev.evaluate([item] * 3, [prose] * 3, [prose, "1. " + "1." * 60, "1. " + "1." * 60])
+    assert (o["original"]["degenerate"], o["dpo"]["degenerate"]) == (0, 2)
+    assert "more degenerate answers (repetition) (2 vs 0)" in o["guards_fired"]
+
+
 def test_local_file_constraints_are_checked_with_file_line_and_field(tmp_path):
     path = tmp_path / "mine.jsonl"
     good = {"id": "a", "instruction": "Describe rain.", "constraints": NO_COMMA}

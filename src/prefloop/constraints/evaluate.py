@@ -40,6 +40,7 @@ def response_report(item: dict, response: str) -> dict:
         "copy": guards.copies_example(response, item["instruction"],
                                       required_phrases(constraints)),
         "bare": guards.is_bare(answer_body(response, constraints)),
+        "degenerate": guards.is_degenerate(response),
         "relevance": guards.relevance(item.get("task", item["instruction"]), response),
     }
 
@@ -82,6 +83,7 @@ def side_summary(reports: list[dict]) -> dict:
         "empty": sum(r["empty"] for r in reports), "refusals": sum(r["refusal"] for r in reports),
         "copies": sum(r["copy"] for r in reports),
         "bare": sum(r["bare"] for r in reports),
+        "degenerate": sum(r["degenerate"] for r in reports),
         "relevance_mean": statistics.fmean(r["relevance"] for r in reports),
     }
 
@@ -107,7 +109,8 @@ def hollow_signs(orig: dict, dpo: dict) -> list[str]:
                      f"{orig['words_median']:g}, floor {LENGTH_FLOOR:.0%})")
     for key, text in (("copies", "copies of the instruction"), ("empty", "empty answers"),
                       ("refusals", "refusals"),
-                      ("bare", "bare answers (only the demanded postscript or closing phrase)")):
+                      ("bare", "bare answers (only the demanded postscript or closing phrase)"),
+                      ("degenerate", "degenerate answers (repetition)")):
         if dpo[key] > orig[key]:
             fired.append(f"more {text} ({dpo[key]} vs {orig[key]})")
     return fired

@@ -8,6 +8,7 @@ docs/constraints.md.
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Iterable
 
 _TOKEN = re.compile(r"\w+|\x00")
@@ -38,6 +39,11 @@ MIN_SHARED_RUN = 8
 # An answer needs this many words besides the postscript and the closing phrase its
 # constraints demand; fewer is a bare decoration ("P.S. Hope this helps.")
 MIN_BODY_WORDS = 5
+# Degenerate repetition: text that zlib shrinks below this share of its bytes ("1.1.1.1...",
+# "P.S. P.S. P.S. ...", one sentence again and again), or 20+ words of which fewer than 5 have
+# letters ("1. 1. 2. 3. 4. ..."); set on the main job's answers of 2026-12-03 (docs/constraints.md)
+MAX_COMPRESSED_SHARE = 0.15
+MIN_REPEAT_CHARS = 60
 MAX_COPIED_SHARE = 0.6
 NGRAM = 3
 
@@ -68,6 +74,17 @@ def is_bare(body: str | None) -> bool:
     (``constraints.answer_body``; None: its constraints demand neither) has fewer than
     MIN_BODY_WORDS words: the decoration was written instead of an answer."""
     return body is not None and word_count(body) < MIN_BODY_WORDS
+
+
+def is_degenerate(text: str) -> bool:
+    """True when the response is degenerate repetition rather than prose (see
+    MAX_COMPRESSED_SHARE); texts shorter than MIN_REPEAT_CHARS bytes are never flagged."""
+    raw = text.strip().encode("utf-8")
+    if len(raw) < MIN_REPEAT_CHARS:
+        return False
+    if len(zlib.compress(raw, 9)) < MAX_COMPRESSED_SHARE * len(raw):
+        return True
+    return word_count(text) >= 20 and len(_LETTERS.findall(text)) < 5
 
 
 def is_refusal(text: str) -> bool:

@@ -275,7 +275,8 @@ def objective_text(o: dict, training_ranker: str) -> str:
         f"  guards: median words {so['words_median']:g} → {sd['words_median']:g}; empty "
         f"{so['empty']} → {sd['empty']}, refusals {so['refusals']} → {sd['refusals']}, copies of "
         f"the instruction {so['copies']} → {sd['copies']}, bare postscript or closing phrase "
-        f"{so['bare']} → {sd['bare']}; relevance to the task "
+        f"{so['bare']} → {sd['bare']}, degenerate repetition {so['degenerate']} → "
+        f"{sd['degenerate']}; relevance to the task "
         f"{so['relevance_mean']:.2f} → {sd['relevance_mean']:.2f}",
     ]
     return "\n".join(lines)
