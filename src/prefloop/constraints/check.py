@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from prefloop.constraints.kinds import CONSTRAINED_OPTIONS, Kind, marker_pattern
+from prefloop.constraints.kinds import CONSTRAINED_OPTIONS, Kind, find_postscript
 from prefloop.constraints.spec import Constraint, validate
 from prefloop.errors import PrefloopError
 
@@ -98,7 +97,7 @@ def answer_body(response: str, constraints: Sequence[Constraint]) -> str | None:
         return None
     body = response
     for marker in markers:
-        found = re.search(r"^\s*" + marker_pattern(marker), body.lower(), flags=re.MULTILINE)
+        found = find_postscript(body, marker)
         if found:
             body = body[:found.start()]
     for phrase in endings:

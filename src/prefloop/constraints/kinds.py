@@ -180,14 +180,18 @@ def _placeholders(text, a, _p):
     return len(re.findall(r"\[.*?\]", text)) >= a["num_placeholders"]
 
 
-def marker_pattern(marker: str) -> str:
+def _marker_pattern(marker: str) -> str:
     # Lets "P.S." also match "p. s." as IFEval does, by allowing a space after each dot.
     return "".join(r"\.\s?" if ch == "." else re.escape(ch) for ch in marker.strip().lower())
 
 
+def find_postscript(text: str, marker: str) -> re.Match | None:
+    """The first line of ``text`` that starts with the postscript ``marker`` (IFEval's reading)."""
+    return re.search(r"^\s*" + _marker_pattern(marker), text.lower(), flags=re.MULTILINE)
+
+
 def _postscript(text, a, _p):
-    pattern = r"^\s*" + marker_pattern(a["postscript_marker"])
-    return re.search(pattern, text.lower(), flags=re.MULTILINE) is not None
+    return find_postscript(text, a["postscript_marker"]) is not None
 
 
 def count_bullets(text: str) -> int:
