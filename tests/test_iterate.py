@@ -136,11 +136,14 @@ def test_summary_table_formats_one_line_per_model():
          "self_judge_score": 3.25,
          "step0": {"reference_is_base_step0": True, "reference_is_base_end": True},
          "vs_prev": {"wins": 6, "ties": 2, "losses": 2, "win_rate": 0.7}, "vs_m1": None,
-         "objective": 0.5},
+         "objective": 0.5,
+         "objective_vs_m1": {"difference": 0.25, "ci95": [0.0, 0.5], "mcnemar_p": 0.25,
+                             "guards_fired": []}},
     ]
     assert report.summary_table(rows).splitlines()[2:] == [
-        "| M1 | – | – | – | – | – | – | – | – | 2.5 | 120.0 | 25.0% | – |",
-        "| M2 | 20 | 12 | 7 / 1 | 12.5% | 3.25 | yes | 70.0% (6/2/2) | – | 3 | 150.5 | 0.0% | 50.0% |",
+        "| M1 | – | – | – | – | – | – | – | – | 2.5 | 120.0 | 25.0% | – | – | – |",
+        "| M2 | 20 | 12 | 7 / 1 | 12.5% | 3.25 | yes | 70.0% (6/2/2) | – | 3 | 150.5 | 0.0% | 50.0% "
+        "| +25.0% (+0.0%, +50.0%), p 0.25 | none |",
     ]
 
 
@@ -161,8 +164,8 @@ def test_report_of_a_round_that_stopped(tmp_path):
                            "**Stopped in round 1:** no preference pairs\n")
     rows = [line for line in text.splitlines() if line.startswith("| M")]
     assert rows == [
-        "| M1 | – | – | – | – | – | – | – | – | – | 99.5 | 100.0% | – |",
-        "| M2 | 3 | 0 | 0 / 3 | – | – | – | – | – | – | – | – | – |"]
+        "| M1 | – | – | – | – | – | – | – | – | – | 99.5 | 100.0% | – | – | – |",
+        "| M2 | 3 | 0 | 0 / 3 | – | – | – | – | – | – | – | – | – | – | – |"]
 
 
 def test_shipped_self_reward_recipe():
@@ -217,7 +220,9 @@ def loop(tmp_path_factory):
     tok.save_pretrained(m1)
     rng = random.Random(0)
     source = root / "prompts.jsonl"
-    write_jsonl(source, [{"id": f"q{i}", "instruction": " ".join(rng.choices(WORDS[:80], k=6))}
+    # every prompt carries one constraint, so each round's eval is also checked by the program
+    write_jsonl(source, [{"id": f"q{i}", "instruction": " ".join(rng.choices(WORDS[:80], k=6)),
+                          "constraints": [{"kind": "punctuation:no_comma"}]}
                          for i in range(14)])
     recipe = tiny_recipe(m1, source)
     run_dir = root / "run"
@@ -259,6 +264,13 @@ def loop(tmp_path_factory):
             "killed": killed, "before": before, "after": after}
 
 
+def no_comma(run_dir: Path, t: int) -> dict[str, bool]:
+    """id -> whether round t's eval answer has no comma (the loop's one constraint); an empty
+    answer satisfies no constraint (docs/constraints.md)."""
+    return {r["id"]: bool(r["response"].strip()) and "," not in r["response"]
+            for r in read_jsonl_lines(run_dir / f"rounds/{t}/eval/generations.jsonl")}
+
+
 @pytest.mark.slow
 def test_each_round_writes_its_artifacts(loop):
     run_dir, recipe = loop["run_dir"], loop["recipe"]
@@ -288,12 +300,21 @@ def test_each_round_writes_its_artifacts(loop):
         assert ev["prompts"] == 3 and ev["judge_samples"] == 3 * recipe.rank.judge_samples
         assert sorted(k for k in ev if k.startswith("vs_")) == (
             ["vs_M1"] if t == 1 else ["vs_M1", "vs_M2"])
+        # the program's reading of M_t against M1: no comma is the whole constraint
+        new, first = no_comma(run_dir, t), no_comma(run_dir, 0)
+        assert ev["objective_strict"] == round(sum(new.values()) / 3, 4)
+        vs = ev["objective_vs_M1"]
+        assert vs["difference"] == round((sum(new.values()) - sum(first.values())) / 3, 4)
+        assert (vs["only_new_right"], vs["only_m1_right"]) == (
+            sum(new[i] and not first[i] for i in new), sum(first[i] and not new[i] for i in new))
+        assert json.loads((rdir / "eval/objective_vs_M1.json").read_text())["n"] == 3
+    assert "objective_vs_M1" not in read_manifest(run_dir / "rounds/0/eval")["counts"]
     assert len(set(trained_prompts)) == 8  # seed mode: disjoint rounds
     report = (run_dir / "report.md").read_text()
     assert [line.split(" | ")[0] for line in report.splitlines() if line.startswith("| M")] == [
         "| M1", "| M2", "| M3"]
     assert {p.name for p in (run_dir / "plots").iterdir()} == {
-        "win_rate.png", "score.png", "length.png", "pairs.png"}
+        "win_rate.png", "score.png", "length.png", "objective.png", "pairs.png"}
     assert [r["model"] for r in json.loads((run_dir / "report.json").read_text())] == [
         "M1", "M2", "M3"]
 
@@ -389,6 +410,35 @@ def test_eval_stats_report_objective_accuracy_of_constrained_prompts():
     assert iterate.eval_stats(gens, scores)["objective_strict"] == 0.75
     plain = [{k: v for k, v in g.items() if k != "constraints"} for g in gens]
     assert iterate.eval_stats(plain, scores)["objective_strict"] is None
+
+
+def test_objective_vs_start_is_compares_paired_reading_with_guards():
+    """M_t against M1 on the same constrained prompts: the paired difference, McNemar p and a
+    guard that fires (one more refusal), whatever order the records come in."""
+    no_comma = [{"kind": "punctuation:no_comma", "args": {}}]
+    items = [{"id": str(i), "instruction": "Describe tea. Do not use any commas.",
+              "constraints": no_comma} for i in range(4)]
+    m1 = ["Tea is a warm drink that many people enjoy.", "Tea, hot, is nice.",
+          "Coffee, black, is strong.", "Green tea is calm and gentle."]
+    mt = ["Tea is a warm drink that many people enjoy.", "Tea is hot and nice to drink.",
+          "I'm sorry but I cannot help with that.", "Green tea is calm and gentle."]
+    start = [{"id": str(i), "response": r} for i, r in enumerate(m1)]
+    gens = [{"id": str(i), "response": r} for i, r in reversed(list(enumerate(mt)))]
+    vs = iterate.objective_vs_start(items, start, gens)
+    s = vs["summary"]
+    assert (s["difference"], s["only_new_right"], s["only_m1_right"], s["mcnemar_p"]) == \
+        (0.5, 2, 0, 0.5)
+    assert s["words_median"] == [5.0, 8.0]  # IFEval counts "I'm" as two words
+    assert s["guards_fired"] == ["more refusals (1 vs 0)"]
+    assert vs["report"]["original"]["prompt_strict"] == 0.5
+    assert vs["report"]["dpo"]["prompt_strict"] == 1.0
+    assert iterate.objective_vs_start([{k: v for k, v in it.items() if k != "constraints"}
+                                       for it in items], start, gens) is None
+    row = {"model": "M2", "objective_vs_m1": s}
+    assert report._vs_m1(s) == "+50.0% ({:+.1f}%, {:+.1f}%), p 0.5".format(
+        *(100 * x for x in s["ci95"]))
+    assert report._guards(s) == "1 fired" and report._guards(None) == "–"
+    assert report.guard_lines([{"model": "M1"}, row]) == ["- M2 vs M1: more refusals (1 vs 0)"]
 
 
 # -- --force as one transaction, and a changed loop refused -----------------------------------------

@@ -252,6 +252,30 @@ def objective_accuracy(gens: list[dict]) -> float | None:
     return round(sum(ok) / len(ok), 4)
 
 
+def objective_vs_start(items: list[dict], start: list[dict], gens: list[dict],
+                       seed: int = 0) -> dict | None:
+    """M_t against M1 on the constrained held-out prompts, read as compare reads the DPO model
+    against the original (`prefloop.constraints.evaluate`): the paired difference of strict
+    prompt-level accuracy with its bootstrap 95% interval and McNemar p, and the guards that
+    make a gain hollow (length collapse, copies, refusals, empty, bare, degenerate answers).
+    None when the prompts carry no constraints. `start`, `gens`: one record per item, any order."""
+    if not items or not all(it.get("constraints") for it in items):
+        return None
+    from prefloop.constraints.evaluate import evaluate as objective
+
+    first = {g["id"]: g["response"] for g in start}
+    new = {g["id"]: g["response"] for g in gens}
+    rep = objective([it | {"task": it.get("task", it["instruction"])} for it in items],
+                    [first[it["id"]] for it in items], [new[it["id"]] for it in items], seed=seed)
+    d = rep["difference"]
+    return {"report": rep, "summary": {
+        "difference": round(d["prompt_strict"], 4), "ci95": [round(x, 4) for x in d["ci95"]],
+        "mcnemar_p": round(d["mcnemar_p"], 4), "only_new_right": d["only_dpo_right"],
+        "only_m1_right": d["only_original_right"],
+        "words_median": [rep["original"]["words_median"], rep["dpo"]["words_median"]],
+        "guards_fired": rep["guards_fired"]}}
+
+
 def evaluate(recipe: Recipe, run_dir: Path, t: int, *, force: bool = False) -> Path:
     """rounds/<t>/eval: M_{t+1} on the held-out prompts, judged by the fixed judge; for t >= 1
     also its margins and win rates against M_t (rounds/<t-1>/eval) and M1 (rounds/0/eval)."""
@@ -276,6 +300,12 @@ def evaluate(recipe: Recipe, run_dir: Path, t: int, *, force: bool = False) -> P
         m = _margins(judge, gens, scores, run.round(o).stage("eval"),
                      out / f"vs_{label(o)}.jsonl")
         counts[f"vs_{label(o)}"] = win_rate(m)
+    if t:  # the program's verdict next to the judge's: M_t against M1, same prompts
+        vs = objective_vs_start(items, read_jsonl(run.round(0).stage("eval") / "generations.jsonl"),
+                                gens, seed=recipe.compare.seed)
+        if vs is not None:
+            atomic_write_json(out / "objective_vs_M1.json", vs["report"])
+            counts["objective_vs_M1"] = vs["summary"]
     return stage.finish(counts, extra={"model": label(t), "model_path": name,
                                        "judge": judge.name})
 

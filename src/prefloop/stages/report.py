@@ -53,6 +53,7 @@ def round_row(run_dir: Path, t: int) -> dict:
            "eval_tokens": ev.get("response_tokens_mean"), "eval_eos_rate": ev.get("eos_rate"),
            "eval_judge_fail": ev.get("judge_parse_failure_rate"),
            "objective": ev.get("objective_strict"),
+           "objective_vs_m1": ev.get("objective_vs_M1") if t else None,
            "vs_prev": ev.get(f"vs_{label(t - 1)}") if t else None,
            "vs_m1": ev.get("vs_M1") if t else None}
     if t == 0:
@@ -120,12 +121,34 @@ def _wtl(w: dict | None) -> str:
     return f"{_fmt(w['win_rate'], pct=True)} ({w['wins']}/{w['ties']}/{w['losses']})"
 
 
+def _vs_m1(v: dict | None) -> str:
+    """'+10.0% (+3.6%, +16.8%), p 0.008': M_t's strict accuracy minus M1's, on the same prompts."""
+    if not v:
+        return "–"
+    lo, hi = v["ci95"]
+    return f"{100 * v['difference']:+.1f}% ({100 * lo:+.1f}%, {100 * hi:+.1f}%), p {v['mcnemar_p']:.2g}"
+
+
+def _guards(v: dict | None) -> str:
+    if not v:
+        return "–"
+    return f"{len(v['guards_fired'])} fired" if v["guards_fired"] else "none"
+
+
+def guard_lines(rows: list[dict]) -> list[str]:
+    """One bullet per guard that fires for a model against M1: a gain that comes with it is
+    hollow, not a success (docs/constraints.md)."""
+    return [f"- {r['model']} vs M1: {g}" for r in rows
+            for g in (r.get("objective_vs_m1") or {}).get("guards_fired", [])]
+
+
 def summary_table(rows: list[dict]) -> str:
     """One line per model: what the round built and how the model does on the eval prompts."""
     lines = ["| model | prompts | pairs | dropped (tie / <2 scored) | self-judge parse fail | "
              "self-judge mean | reference = M_t | win vs previous (W/T/L) | win vs M1 (W/T/L) | "
-             "eval score | eval tokens | eval judge parse fail | objective accuracy |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "eval score | eval tokens | eval judge parse fail | objective accuracy | "
+             "objective vs M1 (95% CI), McNemar p | guards vs M1 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d, s0 = r.get("dropped") or {}, r.get("step0") or {}
         prompts = (r.get("prompts") or {}).get("train")
@@ -138,7 +161,8 @@ def summary_table(rows: list[dict]) -> str:
             f"{_fmt(r.get('self_judge_fail'), pct=True)} | {_fmt(r.get('self_judge_score'))} | "
             f"{_fmt(reward)} | {_wtl(r['vs_prev'])} | {_wtl(r['vs_m1'])} | "
             f"{_fmt(r['eval_score'])} | {_fmt(r['eval_tokens'])} | "
-            f"{_fmt(r['eval_judge_fail'], pct=True)} | {_fmt(r.get('objective'), pct=True)} |")
+            f"{_fmt(r['eval_judge_fail'], pct=True)} | {_fmt(r.get('objective'), pct=True)} | "
+            f"{_vs_m1(r.get('objective_vs_m1'))} | {_guards(r.get('objective_vs_m1'))} |")
     return "\n".join(lines)
 
 
@@ -217,6 +241,22 @@ def plot_rounds(rows: list[dict], folder: Path) -> list[Path]:
     paths.append(folder / "length.png")
     save_figure(fig, paths[-1])
 
+    if any(r.get("objective") is not None for r in rows):
+        fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
+        acc = [nan(r.get("objective")) for r in rows]
+        ax.plot(models, acc, marker="o", label="strict prompt-level accuracy")
+        start = acc[0]
+        bars = [(i, r["objective_vs_m1"]["ci95"]) for i, r in enumerate(rows)
+                if r.get("objective_vs_m1")]
+        if bars:  # M1's accuracy plus the 95% interval of the paired difference
+            ax.vlines([models[i] for i, _ in bars], [start + lo for _, (lo, _) in bars],
+                      [start + hi for _, (_, hi) in bars], color="grey",
+                      label="M1 + 95% CI of the difference")
+        ax.set(ylim=(0, 1), ylabel="share of held-out prompts", title="Objective accuracy")
+        ax.legend()
+        paths.append(folder / "objective.png")
+        save_figure(fig, paths[-1])
+
     fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
     bottom = [0] * len(trained)
     for key, text in (("pairs", "kept"), ("all_tied", "dropped: tie"),
@@ -269,6 +309,8 @@ def write_report(recipe: Recipe, run_dir: Path, stopped: str | None = None) -> P
         f"{recipe.compare.temperature}, ≤ {recipe.compare.max_new_tokens} tokens; fixed judge "
         f"`{judge}`; win rate = (W + T/2)/(W + T + L)", "",
         "## Summary", "", summary_table(rows), "",
+        *(["Guards of the objective evaluation (a gain that comes with one of these is hollow):",
+           "", *guard_lines(rows), ""] if guard_lines(rows) else []),
         "## Per round", "", detail_table(rows), "",
         *[f"![{p.stem}](plots/{p.name})" for p in plots], "",
     ]
