@@ -321,6 +321,10 @@ def test_constrained_heldout_gets_the_objective_evaluation(run_dir, capsys):
     assert "Objective evaluation (program checks of each held-out instruction's constraints; " \
            "the same checks ranked the training pairs" in text
     assert "Ranker (fake:ranker; independent of the training ranker): DPO wins 5" in text
+    sound = o["original"]["prompt_sound"]
+    assert sound <= expected  # a hollow answer that passes counts wrong here
+    assert ("  the same, hollow answers counted wrong (empty, refusal, copy, bare, degenerate): "
+            f"original {sound:.3f}, DPO {o['dpo']['prompt_sound']:.3f}; difference") in text
     assert text.rstrip().splitlines()[-1].startswith("Verdict: ")
     m = json.loads((out / "manifest.json").read_text())
     assert m["counts"]["objective_strict"]["original"] == expected

@@ -309,6 +309,26 @@ def test_evaluate_counts_a_real_gain_without_guards():
     assert o["difference"]["only_dpo_right"] == 6 and o["guards_fired"] == []
     assert o["difference"]["mcnemar_p"] == pytest.approx(2 / 64)
     assert o["per_kind"] == {"punctuation:no_comma": {"n": 6, "original": 0.0, "dpo": 1.0}}
+    assert (o["original"]["prompt_sound"], o["dpo"]["prompt_sound"]) == (0.0, 1.0)
+    assert o["difference_sound"]["prompt_sound"] == 1.0
+
+
+def test_sound_accuracy_counts_a_passing_hollow_answer_wrong():
+    """IFEval's strict reading passes a refusal or a loop with no comma; the sound reading (strict
+    and not empty, refusal, copy, bare or degenerate) does not."""
+    items, original = items_and_answers()
+    loop = "Topic is big. " * 20  # no comma, and degenerate repetition
+    dpo = [f"Topic {k} is big and wide and deep in every sense of the word today." for k in
+           range(4)] + [loop, "I'm sorry but I cannot write about that topic today."]
+    o = ev.evaluate(items, original, dpo)
+    assert o["dpo"]["prompt_strict"] == 1.0
+    assert o["dpo"]["prompt_sound"] == pytest.approx(4 / 6)
+    assert [it["dpo"]["sound"] for it in o["items"]] == [True] * 4 + [False, False]
+    assert (o["dpo"]["degenerate"], o["dpo"]["refusals"]) == (1, 1)
+    d = o["difference_sound"]
+    assert (d["only_dpo_right"], d["only_original_right"]) == (4, 0)
+    assert d["mcnemar_p"] == pytest.approx(2 / 16)
+    assert o["difference"]["only_dpo_right"] == 6
 
 
 def test_evaluate_calls_a_collapsed_or_refusing_gain_hollow():

@@ -31,16 +31,19 @@ def response_report(item: dict, response: str) -> dict:
     """Everything the evaluation reads from one response to one constrained instruction."""
     constraints = [Constraint(c["kind"], c["args"]) for c in item["constraints"]]
     results = check_all(response, constraints, item["instruction"])
+    hollow = {"empty": guards.is_empty(response), "refusal": guards.is_refusal(response),
+              "copy": guards.copies_example(response, item["instruction"],
+                                            required_phrases(constraints)),
+              "bare": guards.is_bare(answer_body(response, constraints)),
+              "degenerate": guards.is_degenerate(response)}
+    strict = all(r.strict for r in results)
     return {
-        "strict": all(r.strict for r in results), "loose": all(r.loose for r in results),
+        "strict": strict, "loose": all(r.loose for r in results),
+        # strict, and not hollow: what IFEval's reading credits but no user would
+        "sound": strict and not any(hollow.values()),
         "checks": [{"kind": c.kind, "strict": r.strict, "loose": r.loose}
                    for c, r in zip(constraints, results, strict=True)],
-        "words": guards.word_count(response), "empty": guards.is_empty(response),
-        "refusal": guards.is_refusal(response),
-        "copy": guards.copies_example(response, item["instruction"],
-                                      required_phrases(constraints)),
-        "bare": guards.is_bare(answer_body(response, constraints)),
-        "degenerate": guards.is_degenerate(response),
+        "words": guards.word_count(response), **hollow,
         "relevance": guards.relevance(item.get("task", item["instruction"]), response),
     }
 
@@ -76,6 +79,7 @@ def side_summary(reports: list[dict]) -> dict:
     return {
         "prompt_strict": _rate([r["strict"] for r in reports]),
         "prompt_loose": _rate([r["loose"] for r in reports]),
+        "prompt_sound": _rate([r["sound"] for r in reports]),
         "constraint_strict": _rate([c["strict"] for c in checks]),
         "constraint_loose": _rate([c["loose"] for c in checks]),
         "words_median": statistics.median(words), "words_mean": statistics.fmean(words),
@@ -116,21 +120,26 @@ def hollow_signs(orig: dict, dpo: dict) -> list[str]:
     return fired
 
 
+def paired(a: list[bool], b: list[bool], seed: int = 0) -> dict:
+    """Interval and exact test of b's accuracy minus a's on the same items."""
+    n01 = sum(x and not y for x, y in zip(a, b, strict=True))  # only a (the original) is right
+    n10 = sum(y and not x for x, y in zip(a, b, strict=True))
+    lo, hi = paired_interval(a, b, seed)
+    return {"ci95": [lo, hi], "ci_method": "paired bootstrap, 10,000 draws",
+            "only_dpo_right": n10, "only_original_right": n01, "mcnemar_p": mcnemar_p(n01, n10)}
+
+
 def evaluate(items: list[dict], original: list[str], dpo: list[str], seed: int = 0) -> dict:
     """The objective comparison of two models on constrained held-out instructions."""
     ro = [response_report(it, r) for it, r in zip(items, original, strict=True)]
     rd = [response_report(it, r) for it, r in zip(items, dpo, strict=True)]
     so, sd = side_summary(ro), side_summary(rd)
-    a, b = [r["strict"] for r in ro], [r["strict"] for r in rd]
-    n01 = sum(x and not y for x, y in zip(a, b, strict=True))  # only the original is right
-    n10 = sum(y and not x for x, y in zip(a, b, strict=True))
-    lo, hi = paired_interval(a, b, seed)
     return {
         "n": len(items), "original": so, "dpo": sd,
         "difference": {"prompt_strict": sd["prompt_strict"] - so["prompt_strict"],
-                       "ci95": [lo, hi], "ci_method": "paired bootstrap, 10,000 draws",
-                       "only_dpo_right": n10, "only_original_right": n01,
-                       "mcnemar_p": mcnemar_p(n01, n10)},
+                       **paired([r["strict"] for r in ro], [r["strict"] for r in rd], seed)},
+        "difference_sound": {"prompt_sound": sd["prompt_sound"] - so["prompt_sound"],
+                             **paired([r["sound"] for r in ro], [r["sound"] for r in rd], seed)},
         "per_kind": per_kind(ro, rd),
         "guards_fired": hollow_signs(so, sd),
         "items": [{"id": it["id"], "original": o, "dpo": d}

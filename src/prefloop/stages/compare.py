@@ -254,7 +254,7 @@ def verdict_text(v: dict) -> str:
 
 def objective_text(o: dict, training_ranker: str) -> str:
     """The objective result: both models' accuracies, the paired difference, the guards."""
-    so, sd, d = o["original"], o["dpo"], o["difference"]
+    so, sd, d, ds = o["original"], o["dpo"], o["difference"], o["difference_sound"]
     lo, hi = d["ci95"]
     same = ("the same checks ranked the training pairs (on other instructions): the model was "
             "trained toward exactly this metric" if training_ranker == "constraints"
@@ -268,6 +268,10 @@ def objective_text(o: dict, training_ranker: str) -> str:
         f"{sd['prompt_strict']:.3f}; difference {d['prompt_strict']:+.3f} (95% CI {lo:+.3f} to "
         f"{hi:+.3f}, {d['ci_method']}; only DPO right {d['only_dpo_right']}, only original right "
         f"{d['only_original_right']}, exact McNemar p {d['mcnemar_p']:.3g})",
+        f"  the same, hollow answers counted wrong (empty, refusal, copy, bare, degenerate): "
+        f"original {so['prompt_sound']:.3f}, DPO {sd['prompt_sound']:.3f}; difference "
+        f"{ds['prompt_sound']:+.3f} (95% CI {ds['ci95'][0]:+.3f} to {ds['ci95'][1]:+.3f}; "
+        f"McNemar p {ds['mcnemar_p']:.3g})",
         f"  prompt-level loose: {so['prompt_loose']:.3f} → {sd['prompt_loose']:.3f}; "
         f"constraint-level strict: {so['constraint_strict']:.3f} → {sd['constraint_strict']:.3f}"
         f", loose: {so['constraint_loose']:.3f} → {sd['constraint_loose']:.3f}",
