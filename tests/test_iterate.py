@@ -399,6 +399,26 @@ def test_round_recipe_keeps_a_programmatic_reward(tmp_path):
     assert (j.ranker, j.judge_model, j.judge_samples) == ("judge", None, 3)
 
 
+def test_the_default_recipe_iterates_with_the_programmatic_reward(tmp_path):
+    """`prefloop iterate --set rank.ranker=constraints` (issue #12's command) passes every
+    check made before a model loads: the default recipe's rounds take its own verifiable
+    training instructions, disjoint, and are ranked by the program."""
+    from prefloop import preflight
+    from prefloop.config import apply_overrides
+    from prefloop.stages.instructions import load_source
+
+    r = apply_overrides(load_recipe("default"), ["rank.ranker=constraints"])
+    preflight.check(r, ["instructions"], "iterate", tmp_path / "run")
+    it = r.iterate
+    assert (it.prompt_source, it.rounds * it.prompts_per_round) == ("seed", r.instructions.n_train)
+    assert it.eval_prompts == r.instructions.n_heldout == 60
+    assert iterate.round_recipe(r, tmp_path, 2).rank.ranker == "constraints"
+    assert all(x.get("constraints") for x in load_source(r.instructions))
+    self_instruct = apply_overrides(r, ["iterate.prompt_source=self-instruct"])
+    with pytest.raises(PrefloopError, match="Self-Instruct prompts carry no constraints"):
+        preflight.check(self_instruct, ["instructions"], "iterate", tmp_path / "run")
+
+
 def test_eval_stats_report_objective_accuracy_of_constrained_prompts():
     no_comma = [{"kind": "punctuation:no_comma", "args": {}}]
     gens = [{"id": str(i), "instruction": "Describe tea. Do not use any commas.",
