@@ -432,7 +432,7 @@ def test_eval_stats_report_objective_accuracy_of_constrained_prompts():
     assert iterate.eval_stats(plain, scores)["objective_strict"] is None
 
 
-def test_objective_vs_start_is_compares_paired_reading_with_guards():
+def test_objective_vs_start_reads_m_t_against_m1_as_compare_does():
     """M_t against M1 on the same constrained prompts: the paired difference, McNemar p and a
     guard that fires (one more refusal), whatever order the records come in."""
     no_comma = [{"kind": "punctuation:no_comma", "args": {}}]

@@ -380,9 +380,8 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
     texts = []
     objective = None
     if all(it.get("constraints") for it in items):
-        objective = evaluate([it | {"task": it.get("task", it["instruction"])} for it in items],
-                             [r["response"] for r in original], [r["response"] for r in dpo],
-                             seed=cfg.seed)
+        objective = evaluate(items, [r["response"] for r in original],
+                             [r["response"] for r in dpo], seed=cfg.seed)
         atomic_write_json(out / "objective.json", objective)
         texts.append(objective_text(objective, recipe.rank.ranker))
         d = objective["difference"]

@@ -265,8 +265,8 @@ def objective_vs_start(items: list[dict], start: list[dict], gens: list[dict],
 
     first = {g["id"]: g["response"] for g in start}
     new = {g["id"]: g["response"] for g in gens}
-    rep = objective([it | {"task": it.get("task", it["instruction"])} for it in items],
-                    [first[it["id"]] for it in items], [new[it["id"]] for it in items], seed=seed)
+    rep = objective(items, [first[it["id"]] for it in items], [new[it["id"]] for it in items],
+                    seed=seed)
     d = rep["difference"]
     return {"report": rep, "summary": {
         "difference": round(d["prompt_strict"], 4), "ci95": [round(x, 4) for x in d["ci95"]],

@@ -294,6 +294,7 @@ def write_report(recipe: Recipe, run_dir: Path, stopped: str | None = None) -> P
     atomic_write_json(run_dir / "report.json", rows)
     plots = plot_rounds(rows, run_dir / "plots") if rows else []
     judge = (read_manifest(round_dir(run_dir, 0) / "eval") or {}).get("judge", "?")
+    guards = guard_lines(rows)
     text = [
         f"# Self-rewarding run: {recipe.model.name}, {finished} of {it.rounds} rounds", "",
         *([f"**Stopped in round {len(rows) - 1}:** {stopped}", ""] if stopped else []),
@@ -310,7 +311,7 @@ def write_report(recipe: Recipe, run_dir: Path, stopped: str | None = None) -> P
         f"`{judge}`; win rate = (W + T/2)/(W + T + L)", "",
         "## Summary", "", summary_table(rows), "",
         *(["Guards of the objective evaluation (a gain that comes with one of these is hollow):",
-           "", *guard_lines(rows), ""] if guard_lines(rows) else []),
+           "", *guards, ""] if guards else []),
         "## Per round", "", detail_table(rows), "",
         *[f"![{p.stem}](plots/{p.name})" for p in plots], "",
     ]
