@@ -512,3 +512,16 @@ def test_cuda_graphs_greedy_matches_transformers(prompts):
                        session=session, stats=stats)
         assert [[c.token_ids for c in comps] for comps in got] == [[w] * 3 for w in want]
         assert (stats.capture_seconds > 0) == capture
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_bf16_greedy_matches_transformers_generate_in_bf16(kind, prompts):
+    """The bf16 path (what model.dtype auto picks on CPUs with bf16 units) is token-exact with
+    transformers' own bf16 generate, as the fp32 path is."""
+    bf16 = tiny(kind).to(torch.bfloat16)
+    eos = mid_sequence_eos(bf16, prompts)
+    want = hf_greedy(bf16, prompts, 12, eos)
+    got = generate(bf16, prompts, 2, greedy(), eos_token_ids=[eos], pad_token_id=PAD,
+                   batch_size=4)
+    assert [[c.token_ids for c in comps] for comps in got] == [[w] * 2 for w in want]
+    assert {c.finish_reason for comps in got for c in comps} == {"eos", "length"}

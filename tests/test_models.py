@@ -17,13 +17,43 @@ def test_resolve_model_names():
         "mistralai/Mistral-7B-Instruct-v0.2")
 
 
-def test_dtype_and_device_rules():
+def test_dtype_and_device_rules(monkeypatch):
+    monkeypatch.setenv(models.CPU_BF16_ENV, "0")  # a CPU without bf16 units: today's fp32
     assert models.pick_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setenv(models.CPU_BF16_ENV, "1")
+    assert models.pick_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert models.pick_dtype("float32", torch.device("cpu")) == torch.float32
     assert models.pick_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert models.pick_dtype("float16", torch.device("cpu")) == torch.float16
     if not torch.cuda.is_available():
         with pytest.raises(PrefloopError, match="model.device: 'cuda' asked for but CUDA"):
             models.pick_device("cuda")
+
+
+def test_cpu_bf16_detector_reads_torchs_cpu_features(monkeypatch):
+    """Without the override, the answer is torch's own feature detection: AMX tiles or
+    AVX512-BF16, either one."""
+    monkeypatch.delenv(models.CPU_BF16_ENV, raising=False)
+    for amx, avx512_bf16, want in [(False, False, False), (True, False, True),
+                                   (False, True, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert models.cpu_bf16_native() is want
+        assert models.pick_dtype("auto", torch.device("cpu")) == (
+            torch.bfloat16 if want else torch.float32)
+
+
+def test_dtype_record_says_what_was_chosen_and_why(monkeypatch):
+    from prefloop.config import ModelConfig
+
+    monkeypatch.setenv(models.CPU_BF16_ENV, "1")
+    assert models.dtype_record(ModelConfig(device="cpu")) == {
+        "dtype": "bfloat16", "dtype_why": "auto: this CPU has native bf16 units"}
+    monkeypatch.setenv(models.CPU_BF16_ENV, "0")
+    assert models.dtype_record(ModelConfig(device="cpu")) == {
+        "dtype": "float32", "dtype_why": "auto: this CPU has no native bf16 units"}
+    assert models.dtype_record(ModelConfig(device="cpu", dtype="bfloat16")) == {
+        "dtype": "bfloat16", "dtype_why": "model.dtype"}
 
 
 def test_hub_id_offline_names_what_works_offline():

@@ -20,22 +20,26 @@ SETTINGS = ["instructions.n_train=6", "instructions.n_heldout=2", "generate.k=4"
             # kinds are
             "instructions.kinds=punctuation:no_comma"]
 
+FP32 = r"; float32 \(auto: this CPU has no native bf16 units\)"  # PREFLOOP_CPU_BF16=0 below
 TIME = r"; (took \d+\.\ds|took \d+m\d\ds|took \d+h\d\dm)$"
 SUMMARY = {  # stage -> the line's pattern, before its time
     "instructions": r"6 training \+ 2 held-out instructions \(of \d+ loaded, \d+ after "
                     r"de-duplication and filtering\)",
-    "generate": r"24 responses to 6 instructions \(\d+ cut at max_new_tokens, \d+ tokens\)",
+    "generate": r"24 responses to 6 instructions \(\d+ cut at max_new_tokens, \d+ tokens\)"
+                + FP32,
     "rank": r"24 responses checked against their constraints \(no model\): mean satisfied "
             r"[\d.]+ strict, [\d.]+ loose; scored 0 as empty/refusal/copy/bare: \d+/\d+/\d+/\d+",
     "pairs": r"\d+ pairs? from 6 instructions(, \d+ dropped \([^)]*\))?",
-    "train": r"2 steps on \d+ pairs?, last loss [\d.]+, reward accuracy [\d.]+",
-    "compare": r"2 held-out instructions, original vs DPO: \d+ wins, \d+ ties, \d+ losses",
+    "train": r"2 steps on \d+ pairs?, last loss [\d.]+, reward accuracy [\d.]+" + FP32,
+    "compare": r"2 held-out instructions, original vs DPO: \d+ wins, \d+ ties, \d+ losses"
+               + FP32,
 }
 
 
 def prefloop(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1",
-           "PYTHONWARNINGS": "default"}  # show every warning once: none may reach stdout
+           "PYTHONWARNINGS": "default",  # show every warning once: none may reach stdout
+           "PREFLOOP_CPU_BF16": "0"}  # the same lines on any CPU: model.dtype auto is fp32
     return subprocess.run([sys.executable, "-m", "prefloop", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 

@@ -47,14 +47,45 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+CPU_BF16_ENV = "PREFLOOP_CPU_BF16"  # "1"/"0": take the detector's answer as given (tests, users)
+
+
+def cpu_bf16_native() -> bool:
+    """Whether torch runs bf16 matrix products on this CPU's own bf16 units (AMX tiles or
+    AVX512-BF16), as torch's CPU feature detection (cpuinfo) reports them. Elsewhere torch
+    emulates bf16 products in software: 5-20x slower than fp32 (BENCHMARKS.md, CPU bf16)."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """bf16 on CUDA and fp32 on CPU unless the recipe names a dtype."""
+    """`auto`: bf16 on CUDA, and on a CPU with native bf16 units (`cpu_bf16_native`); fp32 on
+    other CPUs. A named dtype is taken as it is."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda" or (device.type == "cpu" and cpu_bf16_native()):
+            return torch.bfloat16
+        return torch.float32
     if dtype not in _DTYPES:
         raise PrefloopError(f"model.dtype: unknown dtype '{dtype}'; use auto, float32, bfloat16 "
                             "or float16")
     return _DTYPES[dtype]
+
+
+def dtype_record(cfg: ModelConfig) -> dict:
+    """What a stage's manifest says of its precision: the dtype and why it was chosen."""
+    device = pick_device(cfg.device)
+    dtype = str(pick_dtype(cfg.dtype, device)).removeprefix("torch.")
+    if cfg.dtype != "auto":
+        why = "model.dtype"
+    elif device.type != "cpu":
+        why = f"auto on {device.type}"
+    else:
+        units = "has" if cpu_bf16_native() else "has no"
+        why = f"auto: this CPU {units} native bf16 units"
+    return {"dtype": dtype, "dtype_why": why}
 
 
 def embedded_gguf_path(name: str) -> Path:

@@ -82,4 +82,5 @@ def stage_line(stage: str, folder: Path, seconds: float | None) -> str | None:
     if m is None or stage not in LINES:
         return None
     when = "finished earlier" if seconds is None else f"took {duration(seconds)}"
-    return f"[prefloop] {stage}: {LINES[stage](m.get('counts') or {}, m)}; {when}"
+    precision = f"; {m['dtype']} ({m['dtype_why']})" if m.get("dtype") else ""
+    return f"[prefloop] {stage}: {LINES[stage](m.get('counts') or {}, m)}{precision}; {when}"

@@ -404,4 +404,6 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
     if objective is not None:
         texts.append(reading(objective))
     print("\n".join(texts))
-    return stage.finish(counts)
+    from prefloop.models import dtype_record
+
+    return stage.finish(counts, extra=dtype_record(recipe.model))

@@ -197,6 +197,7 @@ def stage_config(recipe: Recipe, upstream) -> dict:
 
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     from prefloop.engine.backends import load_backend
+    from prefloop.models import dtype_record
 
     cfg = recipe.generate
     run = RunDir(run_dir)
@@ -220,4 +221,5 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
         "length": sum(r["finish_reason"] == "length" for r in records),
         "response_tokens": sum(r["response_tokens"] for r in records)},
         extra={"processes": distributed.topology().world_size,
-               **({} if backend.name == "local" else {"backend": backend.name})})
+               **({} if backend.name == "local" else {"backend": backend.name}),
+               **(dtype_record(recipe.model) if backend.name == "local" else {})})

@@ -491,7 +491,7 @@ def stage_config(recipe: Recipe, upstream) -> dict:
 
 
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
-    from prefloop.models import pick_device
+    from prefloop.models import dtype_record, pick_device
 
     cfg = recipe.train
     run = RunDir(run_dir)
@@ -578,4 +578,4 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
                "lora": {"targets": targets, "modules": n_lora,
                         "trainable_params": trainable},
                "reference": "base model with the LoRA adapter disabled (no second copy)",
-               "processes": trainer.args.world_size})
+               "processes": trainer.args.world_size, **dtype_record(recipe.model)})
