@@ -143,6 +143,16 @@ class TrainConfig:
     fast_activation_budget_gb: float | None = None
     fast_min_chunk_tokens: int = 8192
     fast_lean_activations: bool = True
+    # experiment trackers the trainer also logs to, comma-separated: none, or transformers'
+    # report_to names (tensorboard, wandb, trackio, mlflow, ...); each needs its own package
+    report_to: str = "none"
+    # > 0: this fraction of the pairs (at least one pair) is held out of training, seeded by
+    # train.seed, and scored every eval_steps steps and at the end (eval reward accuracy, margins)
+    eval_fraction: float = 0.0
+    eval_steps: int = 10  # with eval_fraction > 0: optimizer steps between two evaluations
+    # a checkpoint (adapter, optimizer, scheduler, RNG, step) every this many optimizer steps,
+    # from which a killed train resumes; 0: none (a killed train starts again at step 1)
+    save_steps: int = 10
 
 
 @dataclass(frozen=True)
@@ -261,13 +271,31 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
     raise PrefloopError(f"{where}: unsupported type {hint}")
 
 
+# TRL's (transformers' TrainingArguments') names, accepted for the recipe's own keys
+ALIASES: dict[type, dict[str, str]] = {TrainConfig: {
+    "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
+    "num_train_epochs": "epochs", "lr_scheduler_type": "scheduler"}}
+
+
+def _canonical_keys(where: str, cls: type, data: dict) -> dict:
+    """`data` with TRL's aliases renamed to the recipe's keys; both names at once is an error."""
+    aliases = ALIASES.get(cls, {})
+    out: dict = {}
+    for key, value in data.items():
+        name = aliases.get(key, key)
+        if name in out:
+            raise PrefloopError(f"{where}: '{key}' and '{name}' name the same setting; keep one")
+        out[name] = value
+    return out
+
+
 def _build_section(where: str, cls: type, data: Any, base: Any) -> Any:
     if not isinstance(data, dict):
         raise PrefloopError(f"{where}: expected a mapping of keys, got {type(data).__name__}")
     hints = _HINTS[cls]
     valid = [f.name for f in fields(cls)]
     values = {}
-    for key, value in data.items():
+    for key, value in _canonical_keys(where, cls, data).items():
         if key not in hints:
             raise _unknown(where, str(key), valid)
         values[key] = _coerce(f"{where}.{key}", value, hints[key])
@@ -282,7 +310,7 @@ _POSITIVE = {"k", "n_train", "max_new_tokens", "judge_samples", "judge_max_new_t
              "batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha", "rounds",
              "prompts_per_round", "n_candidates", "eval_prompts", "logging_steps",
              "fast_min_chunk_tokens", "show_rows", "max_concurrency", "request_timeout",
-             "per_instruction"}
+             "per_instruction", "eval_steps"}
 
 
 def _check_ranges(where: str, section: Any) -> None:
@@ -296,9 +324,11 @@ def _check_ranges(where: str, section: Any) -> None:
             raise PrefloopError(f"{where}.{f.name}: must be >= 0, got {v}")
         if f.name.endswith("top_p") and not 0 < v <= 1:
             raise PrefloopError(f"{where}.{f.name}: must be in (0, 1], got {v}")
-        if f.name in ("lora_dropout", "warmup_ratio", "length_match") and not 0 <= v < 1:
+        if f.name in ("lora_dropout", "warmup_ratio", "length_match", "eval_fraction") \
+                and not 0 <= v < 1:
             raise PrefloopError(f"{where}.{f.name}: must be in [0, 1), got {v}")
-        if f.name in ("n_heldout", "min_margin", "fast_activation_budget_gb", "max_retries") and v < 0:
+        if f.name in ("n_heldout", "min_margin", "fast_activation_budget_gb", "max_retries",
+                      "save_steps") and v < 0:
             raise PrefloopError(f"{where}.{f.name}: must be >= 0, got {v}")
 
 
