@@ -406,18 +406,25 @@ def final_eval(trainer, eval_pairs, log: Path) -> dict | None:
     without an eval split. Every process takes part; the main one writes the line."""
     if eval_pairs is None:
         return None
-    last = trainer.state.log_history[-1] if trainer.state.log_history else {}
-    if not ("eval_loss" in last and last.get("step") == trainer.state.global_step):
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), {})
+    if last.get("step") != trainer.state.global_step:
         last = trainer.evaluate()  # the last step was not an eval step
     return {k: last.get(k) for k in EVAL_KEYS}
 
 
 def remove_checkpoints(scratch: Path) -> None:
-    """The finished stage needs no checkpoint; what trackers wrote there (runs/) stays."""
-    for folder in Path(scratch).glob("checkpoint-*"):
-        shutil.rmtree(folder, ignore_errors=True)
-    if Path(scratch).is_dir() and not any(Path(scratch).iterdir()):
-        Path(scratch).rmdir()
+    """The finished stage needs no checkpoint: keep only what trackers wrote (runs/:
+    tensorboard's event files), else remove the folder."""
+    scratch = Path(scratch)
+    if not (scratch / "runs").is_dir():
+        shutil.rmtree(scratch, ignore_errors=True)
+        return
+    for entry in scratch.iterdir():
+        if entry.name != "runs":
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
 
 # --- checks and reports ----------------------------------------------------------------------
@@ -596,7 +603,26 @@ def check_fsdp() -> None:
                             "adapter; set fsdp_version: 2 (as configs/accelerate/fsdp.yaml does)")
 
 
-def _save_adapter(model, tokenizer, adapter_dir: Path, state_dict: dict | None = None) -> None:
+def portable_adapter_config(folder: Path, recipe: Recipe) -> None:
+    """adapter_config.json names the base model as another machine can resolve it (the Hub id
+    of an embedded model's source, else the recipe's model name), not this machine's converted
+    copy in the user cache; recipe.yaml beside it says which exact base prefloop trained on."""
+    import json
+
+    from prefloop.config import dump_recipe
+    from prefloop.models import hub_base_id
+
+    path = folder / "adapter_config.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["base_model_name_or_path"] = hub_base_id(recipe.model.name) or recipe.model.name
+    if recipe.model.revision:
+        data["revision"] = recipe.model.revision
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (folder / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+
+
+def _save_adapter(model, tokenizer, adapter_dir: Path, recipe: Recipe,
+                  state_dict: dict | None = None) -> None:
     """Write the adapter and tokenizer to a temp folder, then move it into place whole."""
     tmp = adapter_dir.with_name(f".{adapter_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -605,6 +631,7 @@ def _save_adapter(model, tokenizer, adapter_dir: Path, state_dict: dict | None =
     else:  # gathered from FSDP shards; PEFT keeps only the adapter's entries
         model.save_pretrained(str(tmp), state_dict=state_dict)
     tokenizer.save_pretrained(str(tmp))
+    portable_adapter_config(tmp, recipe)
     shutil.rmtree(adapter_dir, ignore_errors=True)
     os.replace(tmp, adapter_dir)
 
@@ -715,7 +742,7 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
               "pairs_per_second": round(result.metrics.get("train_samples_per_second", 0.0), 3),
               "device": str(device)}
 
-    _save_adapter(policy, tok, run.adapter, state_dict)
+    _save_adapter(policy, tok, run.adapter, recipe, state_dict)
     print(f"[prefloop] train: adapter saved to {run.adapter} ({trainer.args.world_size} "
           "process(es))", file=sys.stderr, flush=True)
     plot_curves(records, run.curves)
