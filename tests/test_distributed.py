@@ -319,10 +319,11 @@ def test_train_under_ddp_with_two_processes(tmp_path, monkeypatch):
                                                      "manifest.json"]
     assert sorted(p.name for p in (out / "adapter").iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
-        "tokenizer.json", "tokenizer_config.json"]
+        "recipe.yaml", "tokenizer.json", "tokenizer_config.json"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["processes"] == 2
-    assert manifest["counts"] == {"pairs": 6, "pairs_trained": 6, "steps": 2, "log_lines": 2}
+    assert manifest["counts"] == {"pairs": 6, "pairs_trained": 6, "eval_pairs": 0, "steps": 2,
+                                  "log_lines": 2}
     log = read_jsonl_lines(out / "log.jsonl")
     # 2 processes x batch 1 = 2 of the 6 pairs per optimizer step
     assert [(r["step"], round(r["epoch"], 6)) for r in log] == [(1, 0.333333), (2, 0.666667)]
