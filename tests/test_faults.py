@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -607,3 +608,10 @@ def test_kill9_mid_train_resumes_from_the_checkpoint_to_the_uninterrupted_adapte
     assert [r["step"] for r in log_killed] == list(range(1, 13))
     assert [r["loss"] for r in log_killed] == [r["loss"] for r in log_whole]
     assert not list(scratch.glob("checkpoint-*"))  # the finished stage keeps no checkpoint
+    # the manifest says what ran: the command line and prefloop's version and commit
+    m = manifest(whole, "train")
+    assert m["command"] == shlex.join(["prefloop", "train", "--recipe", str(recipe),
+                                       "--output-dir", str(whole), *sets])
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=SRC, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert (m["prefloop"]["version"], m["prefloop"]["git_commit"]) == ("0.1.0", head)

@@ -460,7 +460,8 @@ def test_pairs_are_read_from_their_own_folder_not_a_cache(tmp_path):
     assert train.load_pairs(first)[0]["chosen"][0]["content"] == PAIRS[0][1]
 
 
-def test_eval_split_metrics_in_log_manifest_line_and_curves(tmp_path):
+@pytest.mark.parametrize("engine", ["trl", "fast"])
+def test_eval_split_metrics_in_log_manifest_line_and_curves(tmp_path, engine):
     """2 of the 6 pairs held out: scored at every step, the end's metrics in the manifest and
     the stage line, which names the training-batch accuracy as such."""
     from prefloop.summary import stage_line
@@ -468,7 +469,8 @@ def test_eval_split_metrics_in_log_manifest_line_and_curves(tmp_path):
     model_dir = save_model_folder(tmp_path / "model")
     run_dir = tmp_path / "run"
     write_pairs(run_dir)
-    recipe = _recipe(model_dir, "train.eval_fraction=0.34", "train.eval_steps=1")
+    recipe = _recipe(model_dir, "train.eval_fraction=0.34", "train.eval_steps=1",
+                     f"train.engine={engine}")
     out, seen = run_capturing(recipe, run_dir)
     log = read_jsonl_lines(out / "log.jsonl")
     assert [(r["step"], "eval_loss" in r) for r in log] == [(1, False), (1, True), (2, False),
