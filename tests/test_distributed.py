@@ -308,8 +308,10 @@ def test_train_under_ddp_with_two_processes(tmp_path, monkeypatch):
     with one_thread():
         train.run(recipe, one)
 
-    sets = [x for s in [f"model.name={model_dir}", "train.batch_size=1", *TRAIN_SETTINGS]
-            for x in ("--set", s)]
+    # a checkpoint at each step: DDP saves them (the main process marks each complete) and the
+    # adapter is the same (save_steps is not in the stage hash and changes no weight)
+    sets = [x for s in [f"model.name={model_dir}", "train.batch_size=1", "train.save_steps=1",
+                        *TRAIN_SETTINGS] for x in ("--set", s)]
     output = accelerate_launch(tmp_path, "train", "--output-dir", str(two), *sets)
 
     out = two / "train"

@@ -206,6 +206,7 @@ def test_adapter_card_fields(trained):
     assert "in a copy of its source tree, run `pip install -e .`" in body
     assert "pip install prefloop" not in body and "repository URL>" not in body
     assert "max_steps: 2" in body  # the resolved recipe is embedded
+    assert "not on held-out pairs (train.eval_fraction was 0)" in body
 
 
 def test_adapter_card_with_hub_ids(tmp_path):
@@ -488,6 +489,8 @@ def test_eval_split_metrics_in_log_manifest_line_and_curves(tmp_path, engine):
     assert "on the last training batch" in line
     assert f"; on 2 held-out pairs: reward accuracy {acc:.2f}, margin {margin:.3f}" in line
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (out / "adapter" / "README.md").read_text()
+    assert f"| rewards/accuracies | {acc:.6g} |" in card.split("## Held-out pairs")[1]
 
 
 def test_eval_fraction_that_leaves_nothing_to_train_is_refused():

@@ -47,11 +47,13 @@ def _table(rows: list[tuple[str, object]], head: tuple[str, str]) -> list[str]:
 
 
 def adapter_card(recipe: Recipe, run_dir: Path, *, hyper: dict, final: dict, last_n: int,
-                 mean_last: dict, dataset_repo_id: str | None, timing: dict) -> str:
+                 mean_last: dict, dataset_repo_id: str | None, timing: dict,
+                 evaluation: dict | None = None) -> str:
     """Markdown with YAML front matter for a PEFT LoRA adapter trained by `prefloop train`.
 
     hyper: name -> value of every training setting; final / mean_last: metric -> value at the last
-    logged step and averaged over the last `last_n` logged steps; timing: seconds, tokens/s.
+    logged step and averaged over the last `last_n` logged steps; timing: seconds, tokens/s;
+    evaluation: the held-out pairs' metrics at the end (train.eval_fraction), if any.
     """
     base = recipe.model.name
     base_id = hub_base_id(base)
@@ -92,6 +94,7 @@ def adapter_card(recipe: Recipe, run_dir: Path, *, hyper: dict, final: dict, las
         "(rewards are β times the policy-to-reference log-ratio).", "",
         *_table(metric_rows, ("metric", "last / mean")),
         "",
+        *eval_section(evaluation),
         f"Training time: {_fmt(timing.get('train_seconds'))} s, "
         f"{_fmt(timing.get('tokens_per_second'))} tokens/s on {_fmt(timing.get('device'))}.",
         "",
@@ -125,6 +128,16 @@ def adapter_card(recipe: Recipe, run_dir: Path, *, hyper: dict, final: dict, las
         "```yaml", dump_recipe(recipe).rstrip(), "```", "", "</details>", "",
     ]
     return "\n".join(lines)
+
+
+def eval_section(evaluation: dict | None) -> list[str]:
+    """The held-out pairs' metrics (pairs never trained on), or a line saying there were none."""
+    if not evaluation:
+        return ["The metrics above are measured on the batches being trained on, not on held-out "
+                "pairs (train.eval_fraction was 0).", ""]
+    rows = [(k.removeprefix("eval_"), v) for k, v in evaluation.items()]
+    return ["## Held-out pairs", "", "Pairs kept out of training (train.eval_fraction), scored "
+            "by the final adapter:", "", *_table(rows, ("metric", "value")), ""]
 
 
 def adapter_ref(recipe: Recipe, run: RunDir) -> str:

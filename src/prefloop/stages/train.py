@@ -738,7 +738,8 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     timing = {"train_seconds": round(seconds, 3), "steps": steps,
               "seconds_per_step": round(seconds / max(steps, 1), 3),
               "tokens": tokens,
-              "tokens_per_second": round(tokens / seconds, 1) if tokens else None,
+              # resumed: the token count spans both runs, the seconds only this one
+              "tokens_per_second": round(tokens / seconds, 1) if tokens and not resume else None,
               "pairs_per_second": round(result.metrics.get("train_samples_per_second", 0.0), 3),
               "device": str(device)}
 
@@ -754,7 +755,8 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
 
     atomic_write_text(run.adapter / "README.md", adapter_card(
         recipe, run_dir, hyper=hyper, final=final, last_n=min(LAST_N, len(records)),
-        mean_last=mean_last, dataset_repo_id=run.pushed_dataset_id(), timing=timing))
+        mean_last=mean_last, dataset_repo_id=run.pushed_dataset_id(), timing=timing,
+        evaluation=evaluation))
     remove_checkpoints(run.trainer_scratch)
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     return stage.finish({
