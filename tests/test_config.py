@@ -1,10 +1,13 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from prefloop.config import (
+    SECTIONS,
     SHIPPED_RECIPES,
     Recipe,
+    TrainConfig,
     apply_overrides,
     dump_recipe,
     load_recipe,
@@ -88,3 +91,49 @@ def test_exponent_without_dot_is_a_float():
     assert r.train.learning_rate == 0.01
     with pytest.raises(PrefloopError, match="train.learning_rate: expected a number, got 'fast'"):
         apply_overrides(Recipe(), ["train.learning_rate=fast"])
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_recipe_reference_is_generated_and_current():
+    """docs/recipe.md is what prefloop.recipe_doc renders now: regenerate it after a config
+    change (`PYTHONPATH=src python -m prefloop.recipe_doc > docs/recipe.md`)."""
+    from prefloop import recipe_doc
+
+    assert recipe_doc.missing_meanings() == []  # every key has its comment in config.py
+    assert (DOCS / "recipe.md").read_text(encoding="utf-8") == recipe_doc.render()
+
+
+def test_recipe_reference_rows_name_type_default_and_meaning():
+    from prefloop import recipe_doc
+
+    text = recipe_doc.render()
+    assert ("| `grad_accum` | int | `1` | batches accumulated per optimizer step (TRL's name "
+            "`gradient_accumulation_steps` is accepted too) |") in text
+    assert "| `revision` | str or null | `null` | the Hub revision" in text
+    assert "| `ranker` | one of: `judge`, `pairrm`, `constraints` | `\"judge\"` |" in text
+    assert ("| `fast_min_chunk_tokens` | int | `8192` | engine fast: smallest chunk of pairs "
+            "given a forward/backward of its own (> 0) |") in text
+    n_keys = sum(len(dataclasses.fields(getattr(Recipe(), name))) for name in SECTIONS)
+    assert text.count("\n| `") == n_keys + 1  # every key of every section, and `name`
+
+
+def test_field_comments_join_the_lines_above_and_the_one_beside():
+    from prefloop.recipe_doc import field_comments
+
+    comments = field_comments(TrainConfig)
+    assert comments["save_steps"] == (
+        "a checkpoint (adapter, optimizer, scheduler, RNG, step) every this many optimizer steps, "
+        "from which a killed train resumes; 0: none (a killed train starts again at step 1)")
+    assert comments["eval_steps"] == "with eval_fraction > 0: optimizer steps between two evaluations"
+    assert comments["fast_activation_budget_gb"].startswith("engine fast: activation memory")
+
+
+def test_instruction_formats_page_names_what_the_loader_reads():
+    from prefloop.stages.instructions import FIELD_CANDIDATES, ID_CANDIDATES, LOCAL_SUFFIXES
+
+    text = (DOCS / "instructions.md").read_text(encoding="utf-8")
+    for name in (*FIELD_CANDIDATES, *ID_CANDIDATES, *LOCAL_SUFFIXES, "constraints",
+                 "instruction_id_list", "kwargs", "task", "topic", "split"):
+        assert f"`{name}`" in text, name

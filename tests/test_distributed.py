@@ -308,8 +308,10 @@ def test_train_under_ddp_with_two_processes(tmp_path, monkeypatch):
     with one_thread():
         train.run(recipe, one)
 
-    sets = [x for s in [f"model.name={model_dir}", "train.batch_size=1", *TRAIN_SETTINGS]
-            for x in ("--set", s)]
+    # a checkpoint at each step: DDP saves them (the main process marks each complete) and the
+    # adapter is the same (save_steps is not in the stage hash and changes no weight)
+    sets = [x for s in [f"model.name={model_dir}", "train.batch_size=1", "train.save_steps=1",
+                        *TRAIN_SETTINGS] for x in ("--set", s)]
     output = accelerate_launch(tmp_path, "train", "--output-dir", str(two), *sets)
 
     out = two / "train"
@@ -319,10 +321,11 @@ def test_train_under_ddp_with_two_processes(tmp_path, monkeypatch):
                                                      "manifest.json"]
     assert sorted(p.name for p in (out / "adapter").iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
-        "tokenizer.json", "tokenizer_config.json"]
+        "recipe.yaml", "tokenizer.json", "tokenizer_config.json"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["processes"] == 2
-    assert manifest["counts"] == {"pairs": 6, "pairs_trained": 6, "steps": 2, "log_lines": 2}
+    assert manifest["counts"] == {"pairs": 6, "pairs_trained": 6, "eval_pairs": 0, "steps": 2,
+                                  "log_lines": 2}
     log = read_jsonl_lines(out / "log.jsonl")
     # 2 processes x batch 1 = 2 of the 6 pairs per optimizer step
     assert [(r["step"], round(r["epoch"], 6)) for r in log] == [(1, 0.333333), (2, 0.666667)]

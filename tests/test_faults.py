@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -561,3 +562,56 @@ def test_resumed_generation_draws_the_same_numbers(tmp_path, model_dir):
         part.write_text("".join(lines[4:10]))  # a killed run finished groups 2-4
         resumed = generate_responses(backend, items, part, k=2, sampling=sampling, batch_size=4)
     assert resumed == whole
+
+
+# --- 2b. train: kill -9 after a checkpoint, resume to the uninterrupted adapter -----------------
+
+RESUME_SETS = ["train.max_steps=-1", "train.num_train_epochs=2", "train.batch_size=1",
+               "train.learning_rate=0.01", "train.warmup_ratio=0", "train.save_steps=3",
+               "train.lora_r=2", "train.lora_alpha=4"]
+
+
+def adapter_tensors(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "train" / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("engine", ["trl", "fast"])
+def test_kill9_mid_train_resumes_from_the_checkpoint_to_the_uninterrupted_adapter(
+        tmp_path, recipe, engine):
+    """6 pairs x 2 epochs, a checkpoint every 3 steps; killed at step 8's log line (after the
+    step-6 checkpoint): the rerun resumes at step 6 and ends with the same adapter and log."""
+    import torch
+
+    sets = [a for s in (*RESUME_SETS, f"train.engine={engine}") for a in ("--set", s)]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for run in (whole, killed):
+        write_pairs(run)
+    ok(cli("train", "--recipe", recipe, "--output-dir", whole, *sets))
+    proc = cli("train", "--recipe", recipe, "--output-dir", killed, *sets,
+               extra_env={"PREFLOOP_TEST_KILL_AT": "train:append:8"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    scratch = killed / "train" / "trainer"
+    assert sorted(p.name for p in scratch.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert [r["step"] for r in read_jsonl_lines(killed / "train" / "log.jsonl")] == list(range(1, 9))
+    resumed = ok(cli("train", "--recipe", recipe, "--output-dir", killed, *sets))
+    assert f"resuming from {scratch / 'checkpoint-6'} (step 6)" in resumed.stderr
+    assert manifest(killed, "train")["resumed_from_step"] == 6
+    assert manifest(whole, "train")["resumed_from_step"] is None
+    assert manifest(killed, "train")["counts"]["steps"] == 12
+    a, b = adapter_tensors(whole), adapter_tensors(killed)
+    assert sorted(a) == sorted(b) and len(a) > 0
+    assert all(torch.equal(a[k], b[k]) for k in a), {k: (a[k] - b[k]).abs().max() for k in a}
+    log_whole = read_jsonl_lines(whole / "train" / "log.jsonl")
+    log_killed = read_jsonl_lines(killed / "train" / "log.jsonl")
+    assert [r["step"] for r in log_killed] == list(range(1, 13))
+    assert [r["loss"] for r in log_killed] == [r["loss"] for r in log_whole]
+    assert not list(scratch.glob("checkpoint-*"))  # the finished stage keeps no checkpoint
+    # the manifest says what ran: the command line and prefloop's version and commit
+    m = manifest(whole, "train")
+    assert m["command"] == shlex.join(["prefloop", "train", "--recipe", str(recipe),
+                                       "--output-dir", str(whole), *sets])
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=SRC, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert (m["prefloop"]["version"], m["prefloop"]["git_commit"]) == ("0.1.0", head)

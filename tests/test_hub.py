@@ -231,3 +231,18 @@ def test_card_metadata_rejected_by_the_hub(tmp_path, fake_hub):
     assert str(e.value) == (
         "push dataset to alice/pairs failed: Invalid metadata in README.md. - license: bad value "
         f"({folder / 'README.md'}); the local folder is unchanged")
+
+
+def test_pushed_adapter_card_names_the_dataset_in_its_yaml(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from prefloop.cards import adapter_card as make_card
+
+    text = make_card(Recipe(), tmp_path, hyper={}, final={}, last_n=0, mean_last={},
+                     dataset_repo_id=None, timing={})
+    assert ModelCard(text).data.datasets is None  # nothing pushed, nothing planned
+    pushed = ModelCard(hub.adapter_card(text, "alice/pairs"))
+    assert pushed.data.datasets == ["alice/pairs"]
+    assert pushed.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert pushed.text.rstrip().endswith("Dataset: https://huggingface.co/datasets/alice/pairs")
+    assert hub.adapter_card(str(pushed), "alice/pairs") == str(pushed)  # once is enough

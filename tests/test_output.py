@@ -30,7 +30,8 @@ SUMMARY = {  # stage -> the line's pattern, before its time
     "rank": r"24 responses checked against their constraints \(no model\): mean satisfied "
             r"[\d.]+ strict, [\d.]+ loose; scored 0 as empty/refusal/copy/bare: \d+/\d+/\d+/\d+",
     "pairs": r"\d+ pairs? from 6 instructions(, \d+ dropped \([^)]*\))?",
-    "train": r"2 steps on \d+ pairs?, last loss [\d.]+, reward accuracy [\d.]+" + FP32,
+    "train": r"2 steps on \d+ pairs?, last loss [\d.]+, reward accuracy [\d.]+ on the last "
+             r"training batch" + FP32,
     "compare": r"2 held-out instructions, original vs DPO: \d+ wins, \d+ ties, \d+ losses"
                + FP32,
 }

@@ -275,6 +275,9 @@ def test_per_instruction_rows_and_card(tmp_path):
     assert read_manifest(run_dir / "pairs")["counts"]["pairs"] == 2
     card = (run_dir / "pairs" / "dataset" / "README.md").read_text()
     assert "up to 2 pairs per instruction, no response in two" in card
+    assert "highest-scored response is `chosen`" not in card  # not true of the second pair
+    assert ("per instruction up to 2 pairs, no response in two: the highest-scored vs the "
+            "lowest-scored, then the highest vs the lowest of the rest") in card
 
 
 def test_card_and_recipe_copy(tmp_path):
@@ -289,7 +292,22 @@ def test_card_and_recipe_copy(tmp_path):
     assert front["license"] == "apache-2.0" and front["tags"][:2] == ["dpo", "preference"]
     assert front["configs"] == [{"config_name": "default",
                                  "data_files": [{"split": "train", "path": "data/train-*"}]}]
-    assert front["dataset_info"]["splits"] == [{"name": "train", "num_examples": 1}]
+    data = pairs.read_dataset(folder)
+    parquet = sum(f.stat().st_size for f in (folder / "data").glob("*.parquet"))
+    assert front["dataset_info"]["splits"] == [{"name": "train", "num_bytes": data.data.nbytes,
+                                                "num_examples": 1}]
+    assert (front["dataset_info"]["download_size"], front["dataset_info"]["dataset_size"]) == (
+        parquet, data.data.nbytes)
+    assert data.data.nbytes > 0 and parquet > 0
+    from huggingface_hub import DatasetCard
+
+    hub = DatasetCard.load(folder / "README.md")  # the Hub library's parser takes the YAML
+    assert hub.data.license == "apache-2.0" and hub.data.dataset_info == front["dataset_info"]
+    # every column of the dataset is described, in order
+    columns = [ln.split("`")[1] for ln in card.split("## Columns")[1].split("\n\n")[1]
+               .splitlines()]
+    assert columns == data.column_names
+    assert f"```text\n{data[0]['prompt_text'].rstrip()}\n```" in card
     assert "- Generator: `smollm2-135m-instruct`" in card
     assert ("- Sampling: k=5, temperature 0.8, top-p 0.95, up to 256 new tokens, seed 0; the "
             "model's own chat template, system prompt: 'Be brief.'") in card
@@ -300,8 +318,8 @@ def test_card_and_recipe_copy(tmp_path):
     # prefloop is not on PyPI: the card installs it from its repository and links no PyPI page
     assert "pypi.org" not in card and "pip install prefloop" not in card
     assert "it is not on PyPI" in card
-    assert "git clone <prefloop repository URL> prefloop" in card
-    assert "pip install -e ./prefloop" in card
+    assert "repository URL>" not in card
+    assert "in a copy of its source tree, run `pip install -e .`" in card
     assert "- Generation: prefloop's in-process engine (`model.backend: local`)" in card
     assert cards.generation_line("server") == (
         "Generation: the `server` backend (`model.backend: server`)")
@@ -317,7 +335,32 @@ def test_card_and_recipe_copy(tmp_path):
     lima_pairrm = replace(lima, rank=replace(lima.rank, ranker="pairrm"))
     assert "PairRM `llm-blender/PairRM` at revision" in cards.dataset_card(
         lima_pairrm, {"pairs": 1}, {}, pairs.features(),
-        PairRMRanker.card_lines(lima_pairrm))
+        PairRMRanker.card_lines(lima_pairrm), sizes={"num_bytes": 1, "download_size": 1},
+        first_prompt="x")
+    for builtin in ("builtin", "verifiable"):  # both written for prefloop, shipped under its license
+        meta, note = cards.license_meta(builtin)
+        assert meta == {"license": "apache-2.0"} and f"built-in `{builtin}` set" in note
+    assert cards.license_meta("me/my-set")[0] == {"license": "unknown"}
+
+
+def test_every_column_the_dataset_can_have_is_described():
+    from prefloop.cards import COLUMN_DOCS, column_lines
+
+    feats = pairs.features(checks=True)
+    assert list(COLUMN_DOCS) == list(feats)
+    lines = column_lines(feats)
+    assert lines[-3:] == [f"- `{c}`: {COLUMN_DOCS[c]}" for c in
+                          ("constraints", "candidate_checks", "candidate_hollow")]
+
+
+def test_no_system_prompt_card_says_what_prompt_text_holds():
+    card = cards.dataset_card(Recipe(), {"pairs": 1}, {}, pairs.features(), [],
+                              sizes={"num_bytes": 1, "download_size": 1},
+                              first_prompt="<|im_start|>system\nYou are SmolLM<|im_end|>\n")
+    assert "no system prompt" not in card
+    assert ("no system message sent (the template adds its own default system turn if it has "
+            "one: see `prompt_text`)") in card
+    assert "```text\n<|im_start|>system\nYou are SmolLM<|im_end|>\n```" in card
 
 
 # -- PairRM through the rank stage (fake model) ------------------------------------------------

@@ -152,11 +152,13 @@ def test_log_curves_manifest_and_settings(trained):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (out / "adapter").iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
-        "tokenizer.json", "tokenizer_config.json"]
+        "recipe.yaml", "tokenizer.json", "tokenizer_config.json"]
     assert not (out / "trainer").exists()
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "done"
-    assert m["counts"] == {"pairs": 6, "pairs_trained": 6, "steps": 2, "log_lines": 2}
+    assert m["counts"] == {"pairs": 6, "pairs_trained": 6, "eval_pairs": 0, "steps": 2,
+                           "log_lines": 2}
+    assert m["eval"] is None and m["resumed_from_step"] is None
     assert m["lora"]["targets"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
                                     "up_proj", "v_proj"]
     assert m["lora"]["modules"] == 14
@@ -171,8 +173,8 @@ def test_log_curves_manifest_and_settings(trained):
         False, False, True, False)
     assert (args.beta, args.loss_type, args.learning_rate, args.max_length) == (
         0.1, ["sigmoid"], 0.01, 1024)
-    assert (args.report_to, args.save_strategy, args.disable_dropout, args.seed) == (
-        [], "no", True, 0)
+    assert (args.report_to, args.save_strategy, args.save_steps, args.disable_dropout,
+            args.seed, args.eval_strategy) == ([], "steps", 10, True, 0, "no")
     assert args.lr_scheduler_type == "cosine"
     lora = trained["trainer"].model.peft_config["default"]
     assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (16, 32, 0.05)
@@ -197,11 +199,14 @@ def test_adapter_card_fields(trained):
     assert f"| loss | {log[1]['loss']:.6g} / {loss_mean:.6g} |" in body
     assert "mean of the last 2 logged steps" in body
     adapter = trained["out"] / "adapter"
-    assert f'PeftModel.from_pretrained(base, "{adapter}")' in body
-    assert f'AutoModelForCausalLM.from_pretrained("{trained["model_dir"]}")' in body
+    assert f'model, tokenizer = prefloop.load_model("{adapter}")' in body
+    assert f'AutoPeftModelForCausalLM.from_pretrained("{adapter}")' in body
+    assert f"(base model: `{trained['model_dir']}`)" in body
     assert "prefloop run --recipe recipe.yaml --output-dir runs/default" in body
-    assert "pip install -e ./prefloop" in body and "pip install prefloop" not in body
+    assert "in a copy of its source tree, run `pip install -e .`" in body
+    assert "pip install prefloop" not in body and "repository URL>" not in body
     assert "max_steps: 2" in body  # the resolved recipe is embedded
+    assert "not on held-out pairs (train.eval_fraction was 0)" in body
 
 
 def test_adapter_card_with_hub_ids(tmp_path):
@@ -214,10 +219,72 @@ def test_adapter_card_with_hub_ids(tmp_path):
     assert meta == {"base_model": "mistralai/Mistral-7B-Instruct-v0.2", "library_name": "peft",
                     "tags": ["dpo", "lora", "trl", "prefloop"], "datasets": ["me/pairs"]}
     assert f"- Dataset: me/pairs on the Hub (local copy: {tmp_path / 'pairs' / 'dataset'})" in text
-    assert 'PeftModel.from_pretrained(base, "me/adapter")' in text
+    assert 'AutoPeftModelForCausalLM.from_pretrained("me/adapter")' in text
     embedded = adapter_card(Recipe(), tmp_path, hyper={}, final={}, last_n=0, mean_last={},
                             dataset_repo_id=None, timing={})
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in embedded
+    assert "Trained on prefloop's embedded copy of HuggingFaceTB/SmolLM2-135M-Instruct" in embedded
+    # the dataset repo the recipe will push to is named before the push happens
+    planned = apply_overrides(Recipe(), ["push.dataset_repo_id=me/planned"])
+    meta = yaml.safe_load(adapter_card(planned, tmp_path, hyper={}, final={}, last_n=0,
+                                       mean_last={}, dataset_repo_id=None, timing={})
+                          .split("---\n")[1])
+    assert meta["datasets"] == ["me/planned"]
+
+
+def test_adapter_card_yaml_parses_with_huggingface_hub(trained, tmp_path):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(trained["out"] / "adapter" / "README.md")
+    assert card.data.to_dict() == {"library_name": "peft",
+                                   "tags": ["dpo", "lora", "trl", "prefloop"]}
+    recipe = apply_overrides(Recipe(), ["push.dataset_repo_id=me/pairs"])
+    hub = ModelCard(adapter_card(recipe, tmp_path, hyper={}, final={}, last_n=0, mean_last={},
+                                 dataset_repo_id=None, timing={}))
+    assert (hub.data.base_model, hub.data.datasets, hub.data.library_name) == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct", ["me/pairs"], "peft")
+
+
+def test_adapter_config_names_a_resolvable_base_and_load_model_applies_it(trained, tmp_path):
+    """adapter_config.json names the model as the recipe did (here a folder), never the cache;
+    prefloop.load_model gives the trained policy from the run directory or the adapter folder."""
+    import shutil
+
+    import prefloop
+
+    adapter = trained["out"] / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(trained["model_dir"])
+    ids = torch.tensor([[2, 4, 50, 7, 54, 51, 52, 9, 53, 3, 5, 40, 41]])
+    policy = trained["trainer"].model.eval()
+    with torch.no_grad():
+        want = policy(input_ids=ids).logits
+        for where in (trained["run_dir"], adapter):
+            model, tok = prefloop.load_model(where)
+            assert type(model).__name__ == "PeftModelForCausalLM" and not model.training
+            torch.testing.assert_close(model(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+        # an adapter folder without prefloop's recipe.yaml: its adapter_config names the base
+        bare = shutil.copytree(adapter, tmp_path / "bare")
+        (bare / "recipe.yaml").unlink()
+        model, _ = prefloop.load_model(bare)
+        torch.testing.assert_close(model(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+        base, _ = prefloop.load_model(str(trained["model_dir"]))  # a plain model, no adapter
+        assert type(base).__name__ == "LlamaForCausalLM"
+
+
+def test_an_embedded_models_adapter_names_its_hub_source_and_loads_the_embedded_copy(tmp_path):
+    from prefloop.models import adapter_base
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    train.portable_adapter_config(tmp_path, Recipe())
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config == {"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "r": 4}
+    assert adapter_base(tmp_path).name == "smollm2-135m-instruct"  # from recipe.yaml
+    (tmp_path / "recipe.yaml").unlink()
+    assert adapter_base(tmp_path).name == "smollm2-135m-instruct"  # from the Hub id
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    with pytest.raises(PrefloopError, match="names no base model"):
+        adapter_base(tmp_path)
 
 
 def test_finished_stage_is_skipped(trained):
@@ -392,3 +459,89 @@ def test_pairs_are_read_from_their_own_folder_not_a_cache(tmp_path):
     pairs_stage.write_dataset(rows, second / "pairs" / "dataset")
     assert train.load_pairs(second)[0]["chosen"][0]["content"] == PAIRS[0][2]
     assert train.load_pairs(first)[0]["chosen"][0]["content"] == PAIRS[0][1]
+
+
+@pytest.mark.parametrize("engine", ["trl", "fast"])
+def test_eval_split_metrics_in_log_manifest_line_and_curves(tmp_path, engine):
+    """2 of the 6 pairs held out: scored at every step, the end's metrics in the manifest and
+    the stage line, which names the training-batch accuracy as such."""
+    from prefloop.summary import stage_line
+
+    model_dir = save_model_folder(tmp_path / "model")
+    run_dir = tmp_path / "run"
+    write_pairs(run_dir)
+    recipe = _recipe(model_dir, "train.eval_fraction=0.34", "train.eval_steps=1",
+                     f"train.engine={engine}")
+    out, seen = run_capturing(recipe, run_dir)
+    log = read_jsonl_lines(out / "log.jsonl")
+    assert [(r["step"], "eval_loss" in r) for r in log] == [(1, False), (1, True), (2, False),
+                                                          (2, True)]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"] == {"pairs": 6, "pairs_trained": 4, "eval_pairs": 2, "steps": 2,
+                           "log_lines": 4}
+    assert m["eval"] == {k: log[-1][k] for k in train.EVAL_KEYS}
+    assert len(seen["trainer"].eval_dataset) == 2
+    trained_prompts = {r["prompt"][-1]["content"] for r in seen["trainer"].train_dataset}
+    held = {r["prompt"][-1]["content"] for r in seen["trainer"].eval_dataset}
+    assert len(trained_prompts) == 4 and not trained_prompts & held
+    line = stage_line("train", out, 1.0)
+    acc, margin = m["eval"]["eval_rewards/accuracies"], m["eval"]["eval_rewards/margins"]
+    assert "on the last training batch" in line
+    assert f"; on 2 held-out pairs: reward accuracy {acc:.2f}, margin {margin:.3f}" in line
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (out / "adapter" / "README.md").read_text()
+    assert f"| rewards/accuracies | {acc:.6g} |" in card.split("## Held-out pairs")[1]
+
+
+def test_eval_fraction_that_leaves_nothing_to_train_is_refused():
+    from datasets import Dataset
+
+    pairs = Dataset.from_list([{"prompt": str(i)} for i in range(3)])
+    cfg = apply_overrides(Recipe(), ["train.eval_fraction=0.9"]).train
+    with pytest.raises(PrefloopError, match=r"train.eval_fraction: 0.9 of 3 pair\(s\) leaves none"):
+        train.split_pairs(pairs, cfg)
+    assert train.split_pairs(pairs, Recipe().train) == (pairs, None)
+
+
+def test_epoch_marks_fall_between_the_epochs_logged_steps():
+    log = [{"step": s, "epoch": e} for s, e in [(1, 0.5), (2, 1.0), (3, 1.5), (4, 2.0), (5, 2.5)]]
+    assert train.epoch_starts(log) == [2.5, 4.5]
+    assert train.epoch_starts(log[:2]) == []
+
+
+def test_report_to_is_checked_against_transformers_trackers(monkeypatch):
+    from transformers.integrations import integration_utils
+
+    assert train.parse_report_to("none") == [] and train.parse_report_to("") == []
+    with pytest.raises(PrefloopError, match="train.report_to: unknown tracker tensorbord; use "
+                                            "none or some of .*tensorboard"):
+        train.parse_report_to("tensorbord")
+    monkeypatch.setattr(integration_utils, "get_available_reporting_integrations",
+                        lambda: ["tensorboard"])
+    assert train.parse_report_to("tensorboard") == ["tensorboard"]
+    with pytest.raises(PrefloopError, match="train.report_to: wandb is not installed; pip "
+                                            "install wandb"):
+        train.parse_report_to("tensorboard,wandb")
+
+
+def test_trl_names_are_aliases_of_the_recipe_keys():
+    r = apply_overrides(Recipe(), ["train.gradient_accumulation_steps=4",
+                                   "train.per_device_train_batch_size=3",
+                                   "train.num_train_epochs=2", "train.learning_rate=1e-4",
+                                   "train.lr_scheduler_type=linear"])
+    t = r.train
+    assert (t.grad_accum, t.batch_size, t.epochs, t.learning_rate, t.scheduler) == (
+        4, 3, 2.0, 1e-4, "linear")
+    with pytest.raises(PrefloopError, match="--set: train: 'gradient_accumulation_steps' and 'grad_accum' name "
+                                            "the same setting; keep one"):
+        apply_overrides(Recipe(), ["train.grad_accum=2", "train.gradient_accumulation_steps=4"])
+
+
+def test_unhashed_settings_leave_the_stage_hash_alone():
+    up = lambda stage: "up"  # noqa: E731
+    base = train.stage_config(Recipe(), up)
+    same = apply_overrides(Recipe(), ["train.save_steps=0", "train.report_to=tensorboard",
+                                      "train.eval_steps=3"])
+    assert train.stage_config(same, up) == base
+    split = apply_overrides(Recipe(), ["train.eval_fraction=0.1"])
+    assert train.stage_config(split, up)["train"]["eval_fraction"] == 0.1

@@ -7,12 +7,16 @@ makes each stage resumable.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -429,6 +433,35 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+@functools.cache
+def prefloop_source() -> dict:
+    """prefloop's version and, when it runs from a git checkout, the commit (and whether files
+    differ from it): what reproduces a run besides the recipe."""
+    import prefloop
+
+    out: dict = {"version": prefloop.__version__, "git_commit": None}
+    here = Path(prefloop.__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(here), *args], capture_output=True,
+                                  text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit:
+        out["git_commit"] = commit.strip()
+        out["git_dirty"] = bool((git("status", "--porcelain", "--untracked-files=no") or "").strip())
+    return out
+
+
+def command_line() -> str:
+    """The command that is running, as the user would type it."""
+    return " ".join(["prefloop", *map(shlex.quote, sys.argv[1:])])
+
+
 def manifest_path(stage_dir: Path) -> Path:
     return Path(stage_dir) / "manifest.json"
 
@@ -472,6 +505,8 @@ def write_manifest(stage_dir: Path, stage: str, cfg_hash: str, *, started: float
         "seconds": round(time.time() - started, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": package_versions(),
+        "command": command_line(),
+        "prefloop": prefloop_source(),
         **(extra or {}),
     })
     (Path(stage_dir) / "in_progress.json").unlink(missing_ok=True)

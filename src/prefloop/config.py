@@ -26,13 +26,18 @@ SHIPPED_RECIPES = ("default", "seed", "self-reward", "constraints-loop")
 class ModelConfig:
     """The policy: an embedded name, a local folder or a Hub id."""
 
+    # an embedded model (smollm2-135m-instruct), a local model folder or a Hub id
     name: str = "smollm2-135m-instruct"
-    revision: str | None = None
+    revision: str | None = None  # the Hub revision (branch, tag or commit) of model.name
+    # weights' dtype; auto: bfloat16 on CUDA, float32 on CPU
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str | None = None  # None: cuda when available, else cpu
     system_prompt: str | None = None  # None: the chat template's own default
-    backend: Literal["local", "openai"] = "local"  # who generates: engine.backends.BACKENDS
-    # backend "openai" only: an OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp)
+    # who generates: prefloop's in-process engine (local), or a server (openai) that serves
+    # /v1/completions with token-id prompts (engine.backends.BACKENDS)
+    backend: Literal["local", "openai"] = "local"
+    # backend "openai" only: the server (vLLM, SGLang, TGI, llama.cpp's llama-server; chat-only
+    # hosted APIs do not qualify)
     base_url: str | None = None  # e.g. http://127.0.0.1:8080/v1
     server_model: str | None = None  # None: the one model the server lists
     api_key_env: str = "OPENAI_API_KEY"  # the env var holding the key (never printed)
@@ -47,12 +52,14 @@ class InstructionsConfig:
     # .jsonl/.json/.csv/.parquet, or a Hub dataset id (GAIR/lima, google/IFEval, ...)
     source: str = "builtin"
     field: str | None = None  # None: auto-detect (GAIR/lima: first turn of `conversations`)
-    split: str = "train"
-    hub_revision: str | None = None
-    n_train: int = 50
-    n_heldout: int = 10
-    seed: int = 0
+    split: str = "train"  # the split read from a Hub dataset
+    hub_revision: str | None = None  # the Hub dataset's revision (None: its main branch)
+    n_train: int = 50  # instructions drawn for generation, ranking and training
+    n_heldout: int = 10  # other instructions kept aside for compare (never trained on)
+    seed: int = 0  # seed of the draw of the train and held-out instructions
+    # keep instructions of at least this many tokens (None: no minimum)
     min_tokens: int | None = None
+    # keep instructions of at most this many tokens (None: no maximum)
     max_tokens: int | None = None
     kinds: str | None = None  # keep instructions whose constraints are all of these kinds (a,b)
     # true: keep every instruction with at least one constraint of `kinds`, its other
@@ -65,41 +72,42 @@ class InstructionsConfig:
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    k: int = 5
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    seed: int = 0
+    k: int = 5  # responses sampled per instruction
+    temperature: float = 0.8  # sampling temperature (0: greedy)
+    top_p: float = 0.95  # nucleus sampling: the smallest set of tokens with this probability mass
+    max_new_tokens: int = 256  # a response is cut at this many tokens
+    seed: int = 0  # sampling seed (each response has its own stream from it)
     batch_size: int | None = None  # None: automatic
 
 
 @dataclass(frozen=True)
 class RankConfig:
+    # who scores the responses: an LLM judge, PairRM, or the verifiable constraints
     ranker: Literal["judge", "pairrm", "constraints"] = "judge"
     # a second ranker whose score breaks ties between equally ranked responses (and, with
     # pairs.quality_gate, vetoes a pair whose chosen response it scores below the rejected one)
     quality: Literal["none", "judge", "pairrm"] = "none"
     judge_model: str | None = None  # None: the policy judges itself
     judge_revision: str | None = None  # revision of judge_model (None with the policy: its own)
-    judge_template: str = "yuan2024"
-    judge_samples: int = 3
-    judge_temperature: float = 0.7
-    judge_top_p: float = 0.9
-    judge_max_new_tokens: int = 256
+    judge_template: str = "yuan2024"  # the judge prompt, prompts/judge_<name>.txt
+    judge_samples: int = 3  # judgments sampled per response, their scores averaged
+    judge_temperature: float = 0.7  # the judge's sampling temperature
+    judge_top_p: float = 0.9  # the judge's nucleus sampling
+    judge_max_new_tokens: int = 256  # a judgment is cut at this many tokens
     # non-paper: when a judgment has no parsable score, append "Score:" to it and score it
     # Σ d·p(d) over the judge's next-token probabilities of 0-5 (G-Eval style; for small
     # judges that lose the format); counted as forced in the manifest
     judge_force_score: bool = False
-    min_valid: int = 1
-    pairrm_model: str = "llm-blender/PairRM"
+    min_valid: int = 1  # parsable judgments a response needs to get a score
+    pairrm_model: str = "llm-blender/PairRM"  # the PairRM checkpoint (a Hub id or a folder)
     pairrm_revision: str | None = None  # None: the pinned revision
-    batch_size: int | None = None
-    seed: int = 0
+    batch_size: int | None = None  # responses scored per batch (None: automatic; PairRM: 32)
+    seed: int = 0  # seed of the judge's sampling
 
 
 @dataclass(frozen=True)
 class PairsConfig:
-    min_margin: float = 0.0
+    min_margin: float = 0.0  # chosen's score must exceed rejected's by more than this
     require_eos: bool = False  # drop responses cut at max_new_tokens before pairing
     # > 0: chosen and rejected must be within this ratio of lengths (shorter/longer, in
     # tokens) unless the instruction's constraints are about length (constraints ranker)
@@ -115,42 +123,56 @@ class PairsConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    # TRL's DPO loss (sigmoid: the DPO paper's), or a comma-separated mix such as sigmoid,sft
     loss_type: str = "sigmoid"
-    beta: float = 0.1
-    learning_rate: float = 5e-6
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 4
-    grad_accum: int = 1
-    warmup_ratio: float = 0.1
+    beta: float = 0.1  # DPO's β: how far the policy may move from the reference
+    learning_rate: float = 5e-6  # peak learning rate of the LoRA weights
+    epochs: float = 1.0  # passes over the pairs (fractions allowed)
+    max_steps: int = -1  # > 0: stop after this many optimizer steps, whatever epochs says
+    batch_size: int = 4  # pairs per device per forward/backward
+    grad_accum: int = 1  # batches accumulated per optimizer step
+    warmup_ratio: float = 0.1  # fraction of the steps with a rising learning rate
+    # learning-rate schedule (transformers' names: cosine, linear, constant, ...)
     scheduler: str = "cosine"
-    max_length: int = 1024
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    max_length: int = 1024  # longest prompt + response in tokens; longer pairs are truncated
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scale α (the update is α/r · B·A)
+    lora_dropout: float = 0.05  # dropout on the LoRA branch
+    # layers that get LoRA: all-linear or comma-separated names (q_proj,v_proj)
     target_modules: str = "all-linear"
-    gradient_checkpointing: bool = False
-    qlora: bool = False
-    seed: int = 0
-    logging_steps: int = 1
+    gradient_checkpointing: bool = False  # recompute activations in the backward to save memory
+    qlora: bool = False  # train on a 4-bit (bitsandbytes NF4) base: CUDA only
+    seed: int = 0  # seed of the LoRA initialisation and the data order
+    logging_steps: int = 1  # optimizer steps between two lines of train/log.jsonl
     engine: Literal["trl", "fast"] = "trl"  # "fast": prefloop.dpo.FastDPOTrainer
-    # FastDPOTrainer's settings (prefloop.dpo.FastDPOConfig's fields, same names and defaults), used
-    # with engine "fast" only (ignored with "trl"):
-    # - fast_activation_budget_gb: activation memory a chunk of pairs may hold, in GiB (>= 0);
-    #   null: what TRL's padded layout would need for this batch size and the longest pair.
-    # - fast_min_chunk_tokens: smallest chunk of pairs given a forward/backward of its own (> 0).
-    # - fast_lean_activations: RMSNorm and SwiGLU save less for the backward (Llama/Mistral/Qwen).
+    # FastDPOTrainer's settings (prefloop.dpo.FastDPOConfig's fields, same names and defaults) are
+    # used with engine "fast" only (ignored with "trl").
+    #
+    # engine fast: activation memory a chunk of pairs may hold, in GiB (>= 0); null: what TRL's
+    # padded layout would need for this batch size and the longest pair
     fast_activation_budget_gb: float | None = None
+    # engine fast: smallest chunk of pairs given a forward/backward of its own (> 0)
     fast_min_chunk_tokens: int = 8192
+    # engine fast: RMSNorm and SwiGLU save less for the backward (Llama/Mistral/Qwen)
     fast_lean_activations: bool = True
+    # experiment trackers the trainer also logs to, comma-separated: none, or transformers'
+    # report_to names (tensorboard, wandb, trackio, mlflow, ...); each needs its own package
+    report_to: str = "none"
+    # > 0: this fraction of the pairs (at least one pair) is held out of training, seeded by
+    # train.seed, and scored every eval_steps steps and at the end (eval reward accuracy, margins)
+    eval_fraction: float = 0.0
+    eval_steps: int = 10  # with eval_fraction > 0: optimizer steps between two evaluations
+    # a checkpoint (adapter, optimizer, scheduler, RNG, step) every this many optimizer steps,
+    # from which a killed train resumes; 0: none (a killed train starts again at step 1)
+    save_steps: int = 10
 
 
 @dataclass(frozen=True)
 class CompareConfig:
     temperature: float = 0.0  # greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    seed: int = 0
+    top_p: float = 1.0  # nucleus sampling of both models' answers
+    max_new_tokens: int = 256  # an answer is cut at this many tokens
+    seed: int = 0  # sampling seed of both models' answers
     verdict: bool = True  # a ranker's win-rate of DPO over the original
     # the ranker that gives that win-rate (None: rank.ranker); instructions with constraints
     # are also checked objectively, whatever ranker this names
@@ -161,32 +183,37 @@ class CompareConfig:
 
 @dataclass(frozen=True)
 class PushConfig:
+    # the Hub dataset repo `prefloop push dataset` uploads to (None: do not push)
     dataset_repo_id: str | None = None
+    # the Hub model repo `prefloop push adapter` uploads to (None: do not push)
     adapter_repo_id: str | None = None
-    private: bool = False
+    private: bool = False  # create the Hub repos private
 
 
 @dataclass(frozen=True)
 class IterateConfig:
-    rounds: int = 2
+    rounds: int = 2  # self-rewarding rounds: M1 trains M2, M2 trains M3, ...
+    # new prompts each round: written by the model from few-shot examples (self-instruct), or taken
+    # from the seed instructions
     prompt_source: Literal["self-instruct", "seed"] = "self-instruct"
     prompt_model: str | None = None  # None: the starting model, kept fixed across rounds
-    prompts_per_round: int = 50
-    fewshot_seed: int = 6
-    fewshot_generated: int = 2
-    prompt_temperature: float = 0.6
-    prompt_top_p: float = 0.9
-    prompt_max_new_tokens: int = 128
+    prompts_per_round: int = 50  # new training prompts per round
+    fewshot_seed: int = 6  # seed instructions shown in each self-instruct prompt (paper: 6)
+    fewshot_generated: int = 2  # earlier generated prompts shown beside them (paper: 2)
+    prompt_temperature: float = 0.6  # sampling temperature of the new prompts
+    prompt_top_p: float = 0.9  # nucleus sampling of the new prompts
+    prompt_max_new_tokens: int = 128  # a new prompt is cut at this many tokens
+    # a new prompt whose ROUGE-L with a kept one reaches this is dropped as a near copy
     rouge_threshold: float = 0.7
-    min_words: int = 4
-    max_words: int = 150
-    n_candidates: int = 4
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 256
+    min_words: int = 4  # new prompts shorter than this many words are dropped
+    max_words: int = 150  # new prompts longer than this many words are dropped
+    n_candidates: int = 4  # responses sampled per prompt, judged by the current model
+    temperature: float = 0.7  # sampling temperature of those responses
+    top_p: float = 0.9  # nucleus sampling of those responses
+    max_new_tokens: int = 256  # a response is cut at this many tokens
     judge_samples: int = 3  # M_t's self-judgments per response, averaged (paper: 3)
-    eval_prompts: int = 10
-    seed: int = 0
+    eval_prompts: int = 10  # held-out prompts on which each round's model is compared
+    seed: int = 0  # seed of the prompts, samples and judgments
 
 
 @dataclass(frozen=True)
@@ -261,13 +288,31 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
     raise PrefloopError(f"{where}: unsupported type {hint}")
 
 
+# TRL's (transformers' TrainingArguments') names, accepted for the recipe's own keys
+ALIASES: dict[type, dict[str, str]] = {TrainConfig: {
+    "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
+    "num_train_epochs": "epochs", "lr_scheduler_type": "scheduler"}}
+
+
+def _canonical_keys(where: str, cls: type, data: dict) -> dict:
+    """`data` with TRL's aliases renamed to the recipe's keys; both names at once is an error."""
+    aliases = ALIASES.get(cls, {})
+    out: dict = {}
+    for key, value in data.items():
+        name = aliases.get(key, key)
+        if name in out:
+            raise PrefloopError(f"{where}: '{key}' and '{name}' name the same setting; keep one")
+        out[name] = value
+    return out
+
+
 def _build_section(where: str, cls: type, data: Any, base: Any) -> Any:
     if not isinstance(data, dict):
         raise PrefloopError(f"{where}: expected a mapping of keys, got {type(data).__name__}")
     hints = _HINTS[cls]
     valid = [f.name for f in fields(cls)]
     values = {}
-    for key, value in data.items():
+    for key, value in _canonical_keys(where, cls, data).items():
         if key not in hints:
             raise _unknown(where, str(key), valid)
         values[key] = _coerce(f"{where}.{key}", value, hints[key])
@@ -282,7 +327,7 @@ _POSITIVE = {"k", "n_train", "max_new_tokens", "judge_samples", "judge_max_new_t
              "batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha", "rounds",
              "prompts_per_round", "n_candidates", "eval_prompts", "logging_steps",
              "fast_min_chunk_tokens", "show_rows", "max_concurrency", "request_timeout",
-             "per_instruction"}
+             "per_instruction", "eval_steps"}
 
 
 def _check_ranges(where: str, section: Any) -> None:
@@ -296,9 +341,11 @@ def _check_ranges(where: str, section: Any) -> None:
             raise PrefloopError(f"{where}.{f.name}: must be >= 0, got {v}")
         if f.name.endswith("top_p") and not 0 < v <= 1:
             raise PrefloopError(f"{where}.{f.name}: must be in (0, 1], got {v}")
-        if f.name in ("lora_dropout", "warmup_ratio", "length_match") and not 0 <= v < 1:
+        if f.name in ("lora_dropout", "warmup_ratio", "length_match", "eval_fraction") \
+                and not 0 <= v < 1:
             raise PrefloopError(f"{where}.{f.name}: must be in [0, 1), got {v}")
-        if f.name in ("n_heldout", "min_margin", "fast_activation_budget_gb", "max_retries") and v < 0:
+        if f.name in ("n_heldout", "min_margin", "fast_activation_budget_gb", "max_retries",
+                      "save_steps") and v < 0:
             raise PrefloopError(f"{where}.{f.name}: must be >= 0, got {v}")
 
 

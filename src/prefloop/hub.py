@@ -79,13 +79,29 @@ def _is_hub_failure(err: Exception) -> bool:
 
 
 def adapter_card(text: str, dataset_repo_id: str) -> str:
-    """The adapter README with its dataset linked: fill DATASET_LINK, else append a line."""
+    """The adapter README with its dataset linked: in the YAML's `datasets` (when the card has
+    front matter) and in the text (fill DATASET_LINK, else append a line)."""
+    text = with_dataset_meta(text, dataset_repo_id)
     url = dataset_url(dataset_repo_id)
     if DATASET_LINK in text:
         return text.replace(DATASET_LINK, url)
     if url in text:
         return text
     return text.rstrip("\n") + f"\n\nDataset: {url}\n"
+
+
+def with_dataset_meta(text: str, dataset_repo_id: str) -> str:
+    """`dataset_repo_id` added to the card's YAML `datasets` (huggingface_hub's own card parser)."""
+    if not text.startswith("---\n"):
+        return text
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(text)
+    have = list(card.data.datasets or [])
+    if dataset_repo_id in have:
+        return text
+    card.data.datasets = [*have, dataset_repo_id]
+    return str(card)
 
 
 def _staged_adapter(folder: Path, dataset_repo_id: str | None, base_id: str | None,

@@ -295,3 +295,53 @@ def context_length(model) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 2**31 - 1
+
+
+# -- the public loader: a model by name, or a trained adapter on the base it was trained on ------
+
+
+def embedded_name_of(hub_id: str) -> str | None:
+    """The embedded model made from `hub_id`, if any (so its adapters load offline)."""
+    return next((name for name, src in EMBEDDED_SOURCE.items() if src == hub_id), None)
+
+
+def adapter_folder(path: Path) -> Path | None:
+    """The adapter folder `path` names: itself, or a run directory's train/adapter."""
+    for folder in (path, path / "train" / "adapter"):
+        if (folder / "adapter_config.json").is_file():
+            return folder
+    return None
+
+
+def adapter_base(folder: Path) -> ModelConfig:
+    """The base an adapter was trained on: the model section of the recipe.yaml prefloop writes
+    beside it, else adapter_config.json's base model (an embedded model's Hub source: the
+    embedded copy, offline)."""
+    import json
+
+    from prefloop.config import load_recipe
+
+    if (folder / "recipe.yaml").is_file():
+        return load_recipe(folder / "recipe.yaml").model
+    data = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    name = data.get("base_model_name_or_path")
+    if not name:
+        raise PrefloopError(f"{folder / 'adapter_config.json'}: names no base model "
+                            "(base_model_name_or_path); load the base yourself and apply the "
+                            "adapter with peft.PeftModel.from_pretrained")
+    return ModelConfig(name=embedded_name_of(name) or name, revision=data.get("revision"))
+
+
+def load_pretrained(what: str | Path, *, device: str | None = None, dtype: str = "auto"):
+    """(model in eval mode, tokenizer) for a model name (embedded, folder, Hub id), or for a
+    trained adapter (its folder or its run directory) applied on the base it was trained on."""
+    import dataclasses
+
+    from peft import PeftModel
+
+    folder = adapter_folder(Path(what).expanduser()) if Path(what).expanduser().is_dir() else None
+    if folder is None:
+        return load_model(ModelConfig(name=str(what), device=device, dtype=dtype))
+    base_cfg = dataclasses.replace(adapter_base(folder), device=device, dtype=dtype)
+    base, tok = load_model(base_cfg)
+    return PeftModel.from_pretrained(base, str(folder)).eval(), tok

@@ -59,8 +59,12 @@ def _train(c: dict, m: dict) -> str:
             f"{_plural(c.get('pairs_trained', 0), 'pair')}")
     if final.get("loss") is not None:
         line += f", last loss {final['loss']:.4f}"
-    if final.get("rewards/accuracies") is not None:
-        line += f", reward accuracy {final['rewards/accuracies']:.2f}"
+    if final.get("rewards/accuracies") is not None:  # the batch just trained on: not held out
+        line += f", reward accuracy {final['rewards/accuracies']:.2f} on the last training batch"
+    ev = m.get("eval") or {}
+    if ev.get("eval_rewards/accuracies") is not None:
+        line += (f"; on {_plural(c.get('eval_pairs', 0), 'held-out pair')}: reward accuracy "
+                 f"{ev['eval_rewards/accuracies']:.2f}, margin {ev['eval_rewards/margins']:.3f}")
     return line
 
 

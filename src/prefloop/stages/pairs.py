@@ -286,6 +286,13 @@ def read_dataset(folder: Path):
     return Dataset(pa.concat_tables([pq.read_table(f) for f in files]))
 
 
+def dataset_sizes(folder: Path) -> dict:
+    """num_bytes (the rows as Arrow holds them in memory) and download_size (parquet files)."""
+    files = sorted((Path(folder) / "data").glob("*.parquet"))
+    return {"num_bytes": read_dataset(folder).data.nbytes,
+            "download_size": sum(f.stat().st_size for f in files)}
+
+
 # -- the stage -----------------------------------------------------------------------------------
 
 
@@ -323,6 +330,7 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     atomic_write_text(run.dataset / "recipe.yaml", dump_recipe(recipe))
     backends = sorted({g["backend"] for g in gens if "backend" in g})  # absent: local engine
     card = dataset_card(recipe, counts, stats, features("candidate_checks" in rows[0]),
-                        ranker_class(recipe.rank.ranker).card_lines(recipe), backends=backends)
+                        ranker_class(recipe.rank.ranker).card_lines(recipe), backends=backends,
+                        sizes=dataset_sizes(run.dataset), first_prompt=rows[0]["prompt_text"])
     atomic_write_text(run.dataset / "README.md", card)
     return stage.finish(counts, extra={"stats": stats})

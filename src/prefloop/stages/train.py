@@ -8,9 +8,10 @@ DPO (Rafailov et al. 2023, eq. 7), per pair (x, y_w, y_l):
 no second copy of the weights is held. At step 0 the adapter is a no-op (LoRA B = 0), hence
 πθ = π_ref and every reward β·log(πθ/π_ref) is 0: we check that and record it in the manifest.
 
-Resumability: a finished stage is skipped (manifest). An interrupted train restarts training from
-the first step (its partial log, curves and adapter are discarded); there are no checkpoints, as
-the stage is minutes long at the sizes prefloop targets.
+Resumability: a finished stage is skipped (manifest). Every train.save_steps optimizer steps the
+trainer writes a checkpoint (transformers' own: adapter, optimizer, scheduler, RNG states, step),
+marked complete only once whole; a killed train resumes from the last complete one and ends with
+the adapter an uninterrupted run gives (tests/test_faults.py). With save_steps 0 it restarts.
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
 LOG_KEYS = ("step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
             "rewards/accuracies", "learning_rate")
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+EVAL_KEYS = ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margins",
+             "eval_rewards/accuracies")
 LAST_N = 10  # the card's "mean of the last N logged steps"
+CHECKPOINT_DONE = "prefloop-complete"  # written into a checkpoint folder once it is whole
 
 
 # --- options ---------------------------------------------------------------------------------
@@ -73,11 +77,33 @@ def parse_target_modules(value: str) -> str | list[str]:
     return names
 
 
+def parse_report_to(value: str) -> list[str]:
+    """train.report_to as transformers' list: [] for none; each tracker known and installed."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    names = [t.strip() for t in value.split(",") if t.strip()]
+    if names in ([], ["none"]):
+        return []
+    bad = [n for n in names if n not in INTEGRATION_TO_CALLBACK]
+    if bad:
+        raise PrefloopError(f"train.report_to: unknown tracker {', '.join(bad)}; use none or "
+                            f"some of {', '.join(INTEGRATION_TO_CALLBACK)} (comma-separated)")
+    missing = [n for n in names if n not in get_available_reporting_integrations()]
+    if missing:
+        raise PrefloopError(f"train.report_to: {', '.join(missing)} is not installed; "
+                            f"pip install {' '.join(missing)}, or set train.report_to=none")
+    return names
+
+
 def check_options(cfg: TrainConfig, device: torch.device) -> None:
     """Fail before any model loads on settings this machine or TRL cannot honour."""
     from transformers import SchedulerType
 
     parse_loss_types(cfg.loss_type)
+    parse_report_to(cfg.report_to)
     parse_target_modules(cfg.target_modules)
     schedulers = [s.value for s in SchedulerType]
     if cfg.scheduler not in schedulers:
@@ -118,6 +144,19 @@ def load_pairs(run_dir: Path):
         raise PrefloopError(f"{path}: missing column(s) {', '.join(missing)}; re-run "
                             "`prefloop pairs --force`")
     return ds.select_columns(list(PAIR_COLUMNS))
+
+
+def split_pairs(pairs, cfg: TrainConfig):
+    """(train pairs, eval pairs or None): train.eval_fraction of the pairs, at least one, drawn
+    with train.seed; at least one pair is left to train on."""
+    if cfg.eval_fraction <= 0:
+        return pairs, None
+    n_eval = max(1, round(cfg.eval_fraction * len(pairs)))
+    if n_eval >= len(pairs):
+        raise PrefloopError(f"train.eval_fraction: {cfg.eval_fraction} of {len(pairs)} pair(s) "
+                            "leaves none to train on; lower it or set it to 0")
+    split = pairs.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
+    return split["train"], split["test"]
 
 
 # --- trainer ---------------------------------------------------------------------------------
@@ -163,7 +202,8 @@ def dpo_config(cfg: TrainConfig, out_dir: Path, device: torch.device, dtype: tor
             else "gradient_checkpointing")
     return config_cls(
         **{ckpt: cfg.gradient_checkpointing}, **extra,
-        output_dir=str(out_dir), report_to=[], save_strategy="no", seed=cfg.seed,
+        output_dir=str(out_dir), report_to=parse_report_to(cfg.report_to), seed=cfg.seed,
+        **checkpoint_settings(cfg),
         data_seed=cfg.seed, use_cpu=not cuda,
         bf16=cuda and dtype == torch.bfloat16, fp16=cuda and dtype == torch.float16,
         disable_dropout=True,
@@ -180,6 +220,16 @@ def dpo_config(cfg: TrainConfig, out_dir: Path, device: torch.device, dtype: tor
     )
 
 
+def checkpoint_settings(cfg: TrainConfig) -> dict:
+    """Checkpoints (two kept: the newest may be cut by a kill) and the eval schedule."""
+    out = {"save_strategy": "steps" if cfg.save_steps else "no",
+           "save_steps": cfg.save_steps or 500, "save_total_limit": 2}
+    if cfg.eval_fraction > 0:
+        out.update(eval_strategy="steps", eval_steps=cfg.eval_steps,
+                   per_device_eval_batch_size=cfg.batch_size)
+    return out
+
+
 def trainer_class(engine: str):
     if engine == "fast":
         from prefloop.dpo import FastDPOTrainer
@@ -190,7 +240,8 @@ def trainer_class(engine: str):
     return DPOTrainer
 
 
-def build_trainer(model, tokenizer, dataset, recipe: Recipe, out_dir: Path, callbacks):
+def build_trainer(model, tokenizer, dataset, recipe: Recipe, out_dir: Path, callbacks,
+                  eval_dataset=None):
     """The DPO trainer: LoRA from `peft_config`, reference = base with the adapter disabled.
 
     `model` is a loaded model, or (QLoRA) the path/id TRL loads in 4 bits itself.
@@ -210,7 +261,7 @@ def build_trainer(model, tokenizer, dataset, recipe: Recipe, out_dir: Path, call
     cls = trainer_class(cfg.engine)
     try:
         trainer = cls(model=model, ref_model=None, args=args, train_dataset=dataset,
-                      processing_class=tokenizer, callbacks=callbacks,
+                      eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks,
                       peft_config=lora_config(cfg), quantization_config=quant)
     except ValueError as e:  # peft's NoMatchingPeftModuleError: no module has those names
         if type(e).__name__ != "NoMatchingPeftModuleError":
@@ -290,15 +341,90 @@ def make_log_callback(path: Path):
             logs = logs or {}
             if "num_tokens" in logs:
                 self.num_tokens = logs["num_tokens"]
-            if "loss" not in logs or not state.is_world_process_zero:
+            if not state.is_world_process_zero:
                 return
-            rec = {k: logs.get(k) for k in LOG_KEYS}
+            keys = LOG_KEYS if "loss" in logs else ("step", "epoch", *EVAL_KEYS) \
+                if "eval_loss" in logs else None
+            if keys is None:
+                return
+            rec = {k: logs.get(k) for k in keys}
             rec["step"] = state.global_step
             rec["epoch"] = logs.get("epoch", state.epoch)
             self.records.append(rec)
             append_jsonl(path, [rec])
 
     return JsonlLog()
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+def make_checkpoint_callback():
+    """Mark each checkpoint complete once transformers has written all of it (a kill during the
+    save leaves an unmarked folder, which resume ignores)."""
+    from transformers import TrainerCallback
+
+    from prefloop.artifacts import test_point
+
+    class MarkComplete(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                (folder / CHECKPOINT_DONE).touch()
+                test_point("train", "checkpoint")
+
+    return MarkComplete()
+
+
+def last_checkpoint(scratch: Path, *, clean: bool = False) -> Path | None:
+    """The newest complete checkpoint folder under the trainer's output folder, if any;
+    `clean` (main process) deletes the incomplete ones."""
+    found = []
+    for folder in Path(scratch).glob("checkpoint-*"):
+        step = folder.name.rpartition("-")[2]
+        if (folder / CHECKPOINT_DONE).is_file() and step.isdigit():
+            found.append((int(step), folder))
+        elif clean:
+            shutil.rmtree(folder, ignore_errors=True)
+    return max(found)[1] if found else None
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rpartition("-")[2])
+
+
+def keep_log_until(path: Path, step: int) -> None:
+    """Drop the log lines a killed run wrote after its last checkpoint (they will be redone)."""
+    if path.exists():
+        from prefloop.artifacts import write_jsonl
+
+        write_jsonl(path, [r for r in read_jsonl(path, allow_partial_tail=True)
+                           if r["step"] <= step])
+
+
+def final_eval(trainer, eval_pairs, log: Path) -> dict | None:
+    """The eval pairs scored by the trained adapter (logged as the last eval line); None
+    without an eval split. Every process takes part; the main one writes the line."""
+    if eval_pairs is None:
+        return None
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), {})
+    if last.get("step") != trainer.state.global_step:
+        last = trainer.evaluate()  # the last step was not an eval step
+    return {k: last.get(k) for k in EVAL_KEYS}
+
+
+def remove_checkpoints(scratch: Path) -> None:
+    """The finished stage needs no checkpoint: keep only what trackers wrote (runs/:
+    tensorboard's event files), else remove the folder."""
+    scratch = Path(scratch)
+    if not (scratch / "runs").is_dir():
+        shutil.rmtree(scratch, ignore_errors=True)
+        return
+    for entry in scratch.iterdir():
+        if entry.name != "runs":
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
 
 # --- checks and reports ----------------------------------------------------------------------
@@ -371,8 +497,10 @@ def reference_check(base: list[float] | None, reference: list[float], dtype: tor
 
 
 def summarize(records: list[dict], n: int = LAST_N) -> tuple[dict, dict]:
-    """(values at the last logged step, means over the last n logged steps) per metric."""
+    """(values at the last logged step, means over the last n logged steps) per training metric
+    (evaluation lines aside)."""
     keys = [k for k in LOG_KEYS if k not in ("step", "epoch")]
+    records = [r for r in records if "loss" in r]
     if not records:
         return {k: None for k in keys}, {k: None for k in keys}
     tail = records[-n:]
@@ -389,27 +517,46 @@ def plot_curves(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    steps = [r["step"] for r in records]
+    def series(rows, key):
+        return [r["step"] for r in rows], [math.nan if r.get(key) is None else r[key]
+                                           for r in rows]
 
-    def series(key):
-        return [math.nan if r[key] is None else r[key] for r in records]
-
+    train_rows = [r for r in records if "loss" in r]
+    eval_rows = [r for r in records if "eval_loss" in r]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
     panels = [("loss", ["loss"]), ("reward margin (chosen − rejected)", ["rewards/margins"]),
               ("reward accuracy", ["rewards/accuracies"]),
               ("rewards", ["rewards/chosen", "rewards/rejected"])]
     for ax, (title, keys) in zip(axes.flat, panels, strict=True):
         for key in keys:
-            ax.plot(steps, series(key), marker="o", markersize=3, label=key.split("/")[-1])
+            label = key.split("/")[-1] if len(keys) > 1 else "train"
+            ax.plot(*series(train_rows, key), marker="o", markersize=3,
+                    label=f"{label} (train pairs)" if len(keys) > 1 and eval_rows else label)
+            if eval_rows:
+                ax.plot(*series(eval_rows, f"eval_{key}"), marker="s", markersize=4,
+                        linestyle="--", label=f"{label} (eval pairs)" if len(keys) > 1 else "eval")
+        for step in epoch_starts(train_rows):
+            ax.axvline(step, color="grey", linestyle=":", linewidth=1)
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel("step (dotted: a new epoch begins)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if len(keys) > 1:
-            ax.legend()
+        if len(keys) > 1 or eval_rows:
+            ax.legend(fontsize=8)
     axes[1, 0].set_ylim(-0.05, 1.05)
     fig.suptitle("prefloop DPO training")
     save_figure(fig, path)
+
+
+def epoch_starts(records: list[dict]) -> list[float]:
+    """Steps where training entered a new epoch: between the last logged step of epoch e and
+    the first of e+1 (epochs as the trainer logs them, fractional)."""
+    marks = []
+    for prev, cur in zip(records, records[1:], strict=False):
+        if prev.get("epoch") is not None and cur.get("epoch") is not None and \
+                math.floor(cur["epoch"] - 1e-9) > math.floor(prev["epoch"] - 1e-9):
+            marks.append((prev["step"] + cur["step"]) / 2)
+    return marks
 
 
 def hyper_parameters(cfg: TrainConfig, args, n_pairs: int, n_used: int, steps: int,
@@ -456,7 +603,26 @@ def check_fsdp() -> None:
                             "adapter; set fsdp_version: 2 (as configs/accelerate/fsdp.yaml does)")
 
 
-def _save_adapter(model, tokenizer, adapter_dir: Path, state_dict: dict | None = None) -> None:
+def portable_adapter_config(folder: Path, recipe: Recipe) -> None:
+    """adapter_config.json names the base model as another machine can resolve it (the Hub id
+    of an embedded model's source, else the recipe's model name), not this machine's converted
+    copy in the user cache; recipe.yaml beside it says which exact base prefloop trained on."""
+    import json
+
+    from prefloop.config import dump_recipe
+    from prefloop.models import hub_base_id
+
+    path = folder / "adapter_config.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["base_model_name_or_path"] = hub_base_id(recipe.model.name) or recipe.model.name
+    if recipe.model.revision:
+        data["revision"] = recipe.model.revision
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (folder / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+
+
+def _save_adapter(model, tokenizer, adapter_dir: Path, recipe: Recipe,
+                  state_dict: dict | None = None) -> None:
     """Write the adapter and tokenizer to a temp folder, then move it into place whole."""
     tmp = adapter_dir.with_name(f".{adapter_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -465,6 +631,7 @@ def _save_adapter(model, tokenizer, adapter_dir: Path, state_dict: dict | None =
     else:  # gathered from FSDP shards; PEFT keeps only the adapter's entries
         model.save_pretrained(str(tmp), state_dict=state_dict)
     tokenizer.save_pretrained(str(tmp))
+    portable_adapter_config(tmp, recipe)
     shutil.rmtree(adapter_dir, ignore_errors=True)
     os.replace(tmp, adapter_dir)
 
@@ -481,12 +648,19 @@ def _load_policy(recipe: Recipe):
     return load_model(recipe.model)
 
 
+# settings that change no weight of the adapter: a killed run may resume under other values
+UNHASHED = ("report_to", "save_steps")
+
+
 def stage_config(recipe: Recipe, upstream) -> dict:
     """What the stage's manifest hash covers (prefloop.plan predicts it before a run). The
-    fast_* settings count only with the fast engine (so a trl run's hash is unchanged by them)."""
+    fast_* settings count only with the fast engine (so a trl run's hash is unchanged by them),
+    the eval split only when there is one, and UNHASHED never."""
     cfg = recipe.train
-    hashed = cfg if cfg.engine == "fast" else {k: v for k, v in dataclasses.asdict(cfg).items()
-                                                if k not in fast_settings(cfg)}
+    skip = set(UNHASHED) | (set() if cfg.engine == "fast" else set(fast_settings(cfg)))
+    if cfg.eval_fraction == 0:  # no eval split: eval_steps is unused
+        skip |= {"eval_fraction", "eval_steps"}
+    hashed = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
     return {"train": hashed, "model": recipe.model, "upstream": upstream("pairs")}
 
 
@@ -502,24 +676,29 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     check_options(cfg, device)
     check_fsdp()
 
-    def restart() -> None:  # an interrupted run restarts from step 0: drop what it left
-        run.train_log.unlink(missing_ok=True)
+    def restart() -> None:  # resume from the last complete checkpoint, else restart at step 1
         run.curves.unlink(missing_ok=True)
         shutil.rmtree(run.adapter, ignore_errors=True)
-        shutil.rmtree(run.trainer_scratch, ignore_errors=True)
+        resume = last_checkpoint(run.trainer_scratch, clean=True) if cfg.save_steps else None
+        if resume is None:
+            run.train_log.unlink(missing_ok=True)
+            shutil.rmtree(run.trainer_scratch, ignore_errors=True)
+        else:
+            keep_log_until(run.train_log, checkpoint_step(resume))
 
     # Only the main process deletes or writes files; the others train and wait (DDP/FSDP).
     if stage.begin(force=force, restart=restart):
         return out
     topo = distributed.topology()
-    pairs = load_pairs(run_dir)
+    pairs, eval_pairs = split_pairs(load_pairs(run_dir), cfg)
     model, tok = _load_policy(recipe)
     # The base (M_t) scores the first pair before any adapter exists: the reference must match.
     first = rendered_pair_ids(pairs[0], tok)
     base = None if isinstance(model, str) else model_logps(model, first)
     dtype = torch.bfloat16 if isinstance(model, str) else next(model.parameters()).dtype
     log_cb = make_log_callback(run.train_log)
-    trainer = build_trainer(model, tok, pairs, recipe, run.trainer_scratch, [log_cb])
+    trainer = build_trainer(model, tok, pairs, recipe, run.trainer_scratch,
+                            [log_cb, make_checkpoint_callback()], eval_dataset=eval_pairs)
     n_used = len(trainer.train_dataset)
     if n_used == 0:
         raise PrefloopError(f"train.max_length: every pair's prompt is at least {cfg.max_length} "
@@ -532,9 +711,14 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
         print(f"[prefloop] warning: the DPO reference is not the loaded model at step 0 "
               f"({check}); the rewards are offset", file=sys.stderr)
 
+    resume = last_checkpoint(run.trainer_scratch) if cfg.save_steps else None
+    if resume is not None:
+        print(f"[prefloop] train: resuming from {resume} (step {checkpoint_step(resume)})",
+              file=sys.stderr, flush=True)
     t0 = time.time()
     try:
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        evaluation = final_eval(trainer, eval_pairs, run.train_log)
     finally:  # an interrupt or error: end the bar's line, so the message starts on its own
         close_progress(trainer)
     seconds = time.time() - t0
@@ -554,27 +738,34 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     timing = {"train_seconds": round(seconds, 3), "steps": steps,
               "seconds_per_step": round(seconds / max(steps, 1), 3),
               "tokens": tokens,
-              "tokens_per_second": round(tokens / seconds, 1) if tokens else None,
+              # resumed: the token count spans both runs, the seconds only this one
+              "tokens_per_second": round(tokens / seconds, 1) if tokens and not resume else None,
               "pairs_per_second": round(result.metrics.get("train_samples_per_second", 0.0), 3),
               "device": str(device)}
 
-    _save_adapter(policy, tok, run.adapter, state_dict)
+    _save_adapter(policy, tok, run.adapter, recipe, state_dict)
     print(f"[prefloop] train: adapter saved to {run.adapter} ({trainer.args.world_size} "
           "process(es))", file=sys.stderr, flush=True)
     plot_curves(records, run.curves)
     targets, n_lora = lora_targets(policy)
     final, mean_last = summarize(records)
     hyper = hyper_parameters(cfg, trainer.args, len(pairs), n_used, steps, targets)
+    hyper["eval pairs (held out of training)"] = len(eval_pairs) if eval_pairs is not None else 0
     from prefloop.cards import adapter_card
 
     atomic_write_text(run.adapter / "README.md", adapter_card(
         recipe, run_dir, hyper=hyper, final=final, last_n=min(LAST_N, len(records)),
-        mean_last=mean_last, dataset_repo_id=run.pushed_dataset_id(), timing=timing))
-    shutil.rmtree(run.trainer_scratch, ignore_errors=True)
+        mean_last=mean_last, dataset_repo_id=run.pushed_dataset_id(), timing=timing,
+        evaluation=evaluation))
+    remove_checkpoints(run.trainer_scratch)
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     return stage.finish({
-        "pairs": len(pairs), "pairs_trained": n_used, "steps": steps, "log_lines": len(records)},
-        extra={"step0_check": check, "timing": timing, "final": final, "mean_last": mean_last,
+        "pairs": len(pairs) + (len(eval_pairs) if eval_pairs is not None else 0),
+        "pairs_trained": n_used, "eval_pairs": len(eval_pairs) if eval_pairs is not None else 0,
+        "steps": steps, "log_lines": len(records)},
+        extra={"eval": evaluation,
+               "resumed_from_step": checkpoint_step(resume) if resume else None,
+               "step0_check": check, "timing": timing, "final": final, "mean_last": mean_last,
                "lora": {"targets": targets, "modules": n_lora,
                         "trainable_params": trainable},
                "reference": "base model with the LoRA adapter disabled (no second copy)",
