@@ -148,8 +148,13 @@ def test_compare_tables_and_verdict(run_dir, capsys):
     assert "Verdict (fake:ranker): on 4 held-out instructions the DPO model wins 2, ties 1 " \
            "(0 identical responses) and loses 1 against the original, 1 left out" in printed
     m = json.loads((out / "manifest.json").read_text())
-    assert m["counts"] == {"heldout": 5, "identical": 0, "wins": 2, "ties": 1, "losses": 1,
-                           "invalid": 1}
+    assert m["counts"] == {"heldout": 5, "identical": 0, "original_from_cache": 0, "wins": 2,
+                           "ties": 1, "losses": 1, "invalid": 1}
+
+    # Run again: the original's greedy answers come from the answer cache, the same ones.
+    compare.run(_recipe(run_dir), run_dir, ranker=FakeRanker([0.0] * 5), force=True)
+    assert json.loads((out / "manifest.json").read_text())["counts"]["original_from_cache"] == 5
+    assert in_item_order("original.jsonl") == original
 
 
 def test_default_judge_is_the_original_model(run_dir, monkeypatch):

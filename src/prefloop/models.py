@@ -88,6 +88,34 @@ def dtype_record(cfg: ModelConfig) -> dict:
     return {"dtype": dtype, "dtype_why": why}
 
 
+def model_fingerprint(cfg: ModelConfig) -> str | None:
+    """A name for the exact computation a recipe's model section loads, for caching what it
+    computes: the folder's weight and config files (name, size, mtime) or the Hub snapshot's
+    commit, with the dtype, device type and library versions (each changes the rounding). None
+    when it cannot tell (a Hub model that is not in the local HF cache)."""
+    import hashlib
+    import json
+
+    import transformers
+
+    path = Path(resolve_model(cfg.name))
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+        ident: list = [str(path.resolve()),
+                       [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(cfg.name, "config.json", revision=cfg.revision)
+        if not isinstance(found, str):
+            return None
+        ident = [cfg.name, Path(found).parent.name]  # .../snapshots/<commit>/config.json
+    device = pick_device(cfg.device)
+    ident += [str(pick_dtype(cfg.dtype, device)), device.type, torch.__version__,
+              transformers.__version__]
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()
+
+
 def embedded_gguf_path(name: str) -> Path:
     package, filename = EMBEDDED_GGUF[name]
     spec = importlib.util.find_spec(package)

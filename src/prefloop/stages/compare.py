@@ -344,6 +344,7 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
     """
     from prefloop.engine import Sampling
     from prefloop.engine.backend import LocalBackend
+    from prefloop.engine.cache import answer_cache
     from prefloop.stages.generate import generate_responses
 
     cfg = recipe.compare
@@ -360,8 +361,9 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     common = {"k": 1, "sampling": sampling, "system": recipe.model.system_prompt,
               "where": str(run.heldout_instructions)}
+    cached = answer_cache(backend, recipe.model)  # the original's answers, from earlier runs
     with model.disable_adapter():
-        original = generate_responses(backend, items, out / "original.jsonl",
+        original = generate_responses(cached, items, out / "original.jsonl",
                                       extra={"model": "original"}, desc="compare: original",
                                       **common)
     dpo = generate_responses(backend, items, out / "dpo.jsonl", extra={"model": "dpo"},
@@ -376,7 +378,8 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
         print(f"({len(shown)} of {len(df)} rows; all of them in {out / 'comparison.csv'})")
 
     counts = {"heldout": len(items), "identical": sum(a["response"] == b["response"]
-                                                      for a, b in zip(original, dpo, strict=True))}
+                                                      for a, b in zip(original, dpo, strict=True)),
+              "original_from_cache": getattr(cached, "hits", 0)}
     texts = []
     objective = None
     if all(it.get("constraints") for it in items):

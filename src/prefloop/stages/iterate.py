@@ -163,14 +163,17 @@ def _eval_responses(recipe: Recipe, name: str, t: int, items: list[dict], out: P
     """One response per eval prompt from model `name` (compare-section decoding), resumable."""
     from prefloop.engine import Sampling
     from prefloop.engine.backends import load_backend
+    from prefloop.engine.cache import answer_cache
 
     path = out / "generations.jsonl"
     done = generate.completed_groups(path, 1)
     if all(it["id"] in done for it in items):
         return [done[it["id"]][0] for it in items]
     c = recipe.compare
-    backend = load_backend(replace(recipe.model, name=name,
-                                   revision=recipe.model.revision if t == 0 else None))
+    model = replace(recipe.model, name=name, revision=recipe.model.revision if t == 0 else None)
+    backend = load_backend(model)
+    if t == 0:  # M1 is the recipe's model: its answers are compare's original ones
+        backend = answer_cache(backend, model)
     sampling = Sampling(temperature=c.temperature, top_p=c.top_p,
                         max_new_tokens=c.max_new_tokens, seed=c.seed)
     records = generate.generate_responses(
