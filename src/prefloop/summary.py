@@ -75,11 +75,12 @@ LINES = {"instructions": _instructions, "generate": _generate, "rank": _rank, "p
          "train": _train, "compare": _compare}
 
 
-def stage_line(stage: str, folder: Path, seconds: float | None) -> str | None:
-    """`[prefloop] <stage>: <what it produced>; took <time>`, or `; finished earlier` when
-    seconds is None (the stage was skipped). None when the stage left no manifest."""
+def stage_line(stage: str, folder: Path, seconds: float | None,
+               title: str | None = None) -> str | None:
+    """`[prefloop] <title or stage>: <what it produced>; took <time>`, or `; finished earlier`
+    when seconds is None (the stage was skipped). None when the stage left no manifest."""
     m = read_manifest(folder)
     if m is None or stage not in LINES:
         return None
     when = "finished earlier" if seconds is None else f"took {duration(seconds)}"
-    return f"[prefloop] {stage}: {LINES[stage](m.get('counts') or {}, m)}; {when}"
+    return f"[prefloop] {title or stage}: {LINES[stage](m.get('counts') or {}, m)}; {when}"
