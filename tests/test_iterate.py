@@ -4,6 +4,7 @@ on a tiny random Llama with real DPO, the round-2 reference check, and resume af
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from dataclasses import replace
@@ -616,3 +617,22 @@ def test_each_round_prints_its_rank_and_pairs_lines_before_an_empty_pairs_error(
         "8 of 8 responses got no score from the ranker; 0 of 8 judgments parsable; set "
         "rank.judge_force_score=true (the score read from the self-judge's digit probabilities) "
         f"or raise iterate.judge_samples; see {rdir / 'pairs' / 'dropped.jsonl'}")
+
+
+def test_win_rate_plot_has_the_wilson_intervals(tmp_path):
+    lo, hi = wilson_interval(7, 10)
+    trained = [{"round": 1, "model": "M2", "vs_prev": {"win_rate": 0.7, "ci95": [lo, hi]},
+                "vs_m1": None},
+               {"round": 2, "model": "M3", "vs_prev": {"win_rate": None, "ci95": None},
+                "vs_m1": {"win_rate": 0.25, "ci95": [0.1, 0.5]}}]
+    below, above = report.win_rate_errors(trained, "vs_prev")
+    assert below[0] == pytest.approx(0.7 - lo) and above[0] == pytest.approx(hi - 0.7)
+    assert math.isnan(below[1]) and math.isnan(above[1])
+    below, above = report.win_rate_errors(trained, "vs_m1")
+    assert math.isnan(below[0]) and below[1] == pytest.approx(0.15) and above[1] == 0.25
+    rows = [{"round": 0, "model": "M1", "eval_score": 2.0, "eval_tokens": 40.0},
+            *[{**r, "eval_score": 2.5, "eval_tokens": 41.0, "self_judge_score": 3.0, "pairs": 4,
+               "dropped": {}, "pair_stats": {}} for r in trained]]
+    paths = report.plot_rounds(rows, tmp_path)
+    assert [p.name for p in paths] == ["win_rate.png", "score.png", "length.png", "pairs.png"]
+    assert (tmp_path / "win_rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
