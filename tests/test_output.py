@@ -29,7 +29,11 @@ SUMMARY = {  # stage -> the line's pattern, before its time
             r"[\d.]+ strict, [\d.]+ loose; scored 0 as empty/refusal/copy/bare: \d+/\d+/\d+/\d+",
     "pairs": r"\d+ pairs? from 6 instructions(, \d+ dropped \([^)]*\))?",
     "train": r"2 steps on \d+ pairs?, last loss [\d.]+, reward accuracy [\d.]+",
-    "compare": r"2 held-out instructions, original vs DPO: \d+ wins, \d+ ties, \d+ losses",
+    # the objective accuracy of both models and who won first, the judge's win-rate after it
+    "compare": r"2 held-out instructions; strict accuracy original [\d.]+, DPO [\d.]+, difference "
+               r"[+-][\d.]+ \(95% CI [+-][\d.]+ to [+-][\d.]+\): (DPO better|original better|"
+               r"no detectable difference)( but hollow \(\d guards? fired\))?; judge:\S+ win-rate "
+               r"[\d.]+ \(95% CI [\d.]+-[\d.]+; \d+ wins, \d+ ties, \d+ losses\)",
 }
 
 
@@ -80,3 +84,8 @@ def test_stdout_is_one_summary_line_per_stage_and_what_compare_prints(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.splitlines() == [
         re.sub(TIME, "; finished earlier", line) for line in ours]
+    result = tmp_path / "run" / "compare" / "report.md"
+    assert f"[prefloop] result: {result} (`prefloop show --output-dir " in again.stderr
+    assert "## Verdict\n\nVerdict: " in result.read_text()
+    shown = prefloop("show", "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert shown.returncode == 0 and shown.stdout.splitlines() == lines[5:-1]
