@@ -207,6 +207,12 @@ def test_plan_of_finished_changed_and_refused_stages(tmp_path, capsys):
         "(measured rates)")
     assert main(["generate", "--dry-run", "--output-dir", str(run)]) == 0
     assert _plan_lines(capsys.readouterr().out)[0].startswith("  generate  to run; estimate ")
+    assert main(["plan", "train", "--output-dir", str(run)]) == 2  # pairs has not run
+    got = capsys.readouterr()
+    assert _plan_lines(got.out)[0] == "  train  refused: a stage before it has not finished"
+    assert got.err == (f"prefloop: error: the command would be refused: {run / 'pairs'}: stage "
+                       f"'pairs' has not finished; run `prefloop pairs` --output-dir {run} first "
+                       "(or `prefloop run`)\n")
     assert sorted(p.stat().st_mtime_ns for p in run.rglob("*")) == before  # nothing written
 
 

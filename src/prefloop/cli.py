@@ -332,6 +332,10 @@ def dispatch(args: argparse.Namespace, argv: list[str] | None = None) -> None:
             from prefloop.stages.iterate import check_resume
 
             check_resume(recipe, run_dir, argv)
+        if dry_run:
+            from prefloop.plan import check_upstream
+
+            check_upstream(recipe, run_dir, steps)
     except PrefloopError as e:
         if not dry_run:
             raise
@@ -383,9 +387,10 @@ def finished(args: argparse.Namespace, recipe: Recipe, run_dir: Path, stages: li
     for stage in stages:
         line = stage_line(stage, run_dir / stage, None)
         print(line or f"[prefloop] {stage}: finished with this configuration, kept", flush=True)
-    if "compare" in stages:
-        print(f"[prefloop] result: {run_dir / 'compare' / REPORT} (`prefloop show --output-dir "
-              f"{run_dir}` prints it)", file=sys.stderr)
+    report = run_dir / "compare" / REPORT
+    if "compare" in stages and report.exists():  # a run of an older prefloop has none
+        print(f"[prefloop] result: {report} (`prefloop show --output-dir {run_dir}` prints it)",
+              file=sys.stderr)
     if args.command == "run":
         print(f"[prefloop] done: {run_dir}", file=sys.stderr)
 

@@ -204,7 +204,17 @@ STATE_TEXT = {"done": "done", "changed": "to redo: finished with another configu
               "aside": "done (kept aside by a killed --force; put back, no computing)",
               "partial": "to run: resumes an interrupted run", "stale":
               "to redo: an interrupted run of another configuration", "todo": "to run",
-              "unknown": "to run after its upstream (not part of this command)"}
+              "unknown": "refused: a stage before it has not finished"}
+
+
+def check_upstream(recipe: Recipe, run_dir: Path, steps: list[StagePlan]) -> None:
+    """Raise the error the first stage whose upstream has not finished would raise when run
+    (a plan says so before running; the command itself finds out when it gets there)."""
+    from prefloop.artifacts import RunDir
+
+    for step in steps:
+        if step.state == "unknown":
+            stage_module(step.name).stage_config(recipe, RunDir(run_dir).upstream)
 
 
 def stage_row(recipe: Recipe, run_dir: Path, step: StagePlan, forced: bool,
@@ -215,6 +225,8 @@ def stage_row(recipe: Recipe, run_dir: Path, step: StagePlan, forced: bool,
     if step.state in ("done", "aside") and not forced:
         took = previous_seconds(run_dir, step.name)
         return (STATE_TEXT[step.state] + (f" (took {duration(took)})" if took else ""), None)
+    if step.state == "unknown":
+        return STATE_TEXT["unknown"], None
     what = "to redo (--force)" if forced and step.state == "done" else STATE_TEXT[step.state]
     est = rate_estimate(recipe, run_dir, step.name) if on_cpu else None
     last = previous_seconds(run_dir, step.name)
