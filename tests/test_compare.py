@@ -429,3 +429,6 @@ def test_compare_stage_line_leads_with_the_objective_accuracy_and_who_won():
     assert LINES["compare"](no_constraints, {}) == (
         "60 held-out instructions; judge:smollm2 win-rate 0.200 (95% CI 0.050-0.450; 28 wins, "
         "3 ties, 29 losses): original better")
+    assert LINES["compare"]({"heldout": 3}, {}) == (
+        "3 held-out instructions; original vs DPO, not evaluated (no constraints on the held-out "
+        "instructions and no ranker verdict)")

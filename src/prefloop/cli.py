@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", choices=STAGES, help="with `run`: stop after this stage")
     p = sub.add_parser("show", help="print a finished run's result again (the table and the "
                        "evaluation compare printed; an iterate run's report)")
-    p.add_argument("--recipe", help=argparse.SUPPRESS)  # only to find runs/<recipe name>
+    p.add_argument("--recipe", help="without --output-dir: show runs/<this recipe's name> "
+                   "(default: runs/default)")
     p.add_argument("--output-dir", type=Path, help="run directory (default: runs/default)")
     p.set_defaults(overrides=[])
     p = sub.add_parser("push", help="push the dataset or the adapter to the Hugging Face Hub")
@@ -310,7 +311,10 @@ def dispatch(args: argparse.Namespace, argv: list[str] | None = None) -> None:
     if args.command == "show":
         from prefloop.stages.results import show
 
-        print(show(*resolve(args)), flush=True)
+        recipe, run_dir = resolve(args)
+        if (run_dir / "recipe.yaml").is_file():  # what the run used, whichever --recipe found it
+            recipe = load_recipe(run_dir / "recipe.yaml")
+        print(show(recipe, run_dir), flush=True)
         return
     if args.command == "plan":
         args.command, args.dry_run = args.what, True

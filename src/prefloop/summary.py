@@ -91,7 +91,8 @@ def _compare(c: dict, m: dict) -> str:
         else:
             parts.append(f"{c.get('ranker', 'ranker')}: {wtl}")
     if len(parts) == 1:
-        parts.append("original vs DPO, not evaluated (no constraints, compare.verdict off)")
+        parts.append("original vs DPO, not evaluated (no constraints on the held-out "
+                     "instructions and no ranker verdict)")
     return "; ".join(parts)
 
 
