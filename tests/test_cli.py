@@ -1,4 +1,7 @@
+import argparse
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +87,146 @@ def test_other_runtime_errors_are_not_taken_for_out_of_memory(tmp_path, monkeypa
     monkeypatch.setattr(generate, "run", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         main(["generate", "--output-dir", str(tmp_path / "run")])
+
+
+def _subparsers():
+    from prefloop.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return parser, sub.choices
+
+
+def test_help_is_for_users_every_option_says_something_and_recipes_are_all_listed(capsys):
+    from prefloop.config import SHIPPED_RECIPES
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "prefloop makes preference data from a model's own answers" in out
+    assert "examples:\n  prefloop run " in out and "prefloop plan " in out
+    assert "call stage.run" not in out  # not the module's developer docstring
+    parser, commands = _subparsers()
+    assert set(commands) == {"run", "instructions", "generate", "rank", "pairs", "train",
+                             "compare", "iterate", "plan", "show", "push"}
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help, (name, action.dest)  # every option and argument is explained
+        recipe = [a for a in sub._actions if a.dest == "recipe"]
+        if recipe and name != "show":
+            assert f"a shipped recipe ({', '.join(SHIPPED_RECIPES)}) or a YAML" in recipe[0].help
+    assert "constraints-loop" in SHIPPED_RECIPES
+    # push does not run stages: no --force there
+    assert "force" not in {a.dest for a in commands["push"]._actions}
+    assert "dry_run" in {a.dest for a in commands["run"]._actions}
+
+
+def test_version_names_the_package_and_the_checkout_commit(tmp_path, capsys):
+    import subprocess
+
+    from prefloop import __version__
+    from prefloop.version import git_commit
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert capsys.readouterr().out.startswith(f"prefloop {__version__} (git {head}")
+    assert git_commit(tmp_path) is None  # installed, not a checkout
+    repo = tmp_path / "repo"
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "a.txt").write_text("1")
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    short = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    assert git_commit(repo) == short
+    (repo / "a.txt").write_text("2")
+    assert git_commit(repo) == f"{short}, uncommitted changes"
+
+
+def _plan_lines(out: str) -> list[str]:
+    return out.split("\nstages:\n")[1].splitlines()
+
+
+def test_plan_shows_the_recipe_each_stage_and_the_time_and_writes_nothing(tmp_path, capsys):
+    from prefloop.config import dump_recipe, load_recipe
+
+    run = tmp_path / "run"
+    argv = ["--output-dir", str(run), "--set", "model.device=cpu"]
+    assert main(["plan", *argv]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"plan: prefloop run --output-dir {run}\n\nresolved recipe:\n")
+    recipe = dump_recipe(load_recipe("default", ["model.device=cpu"]))
+    assert "\n".join("  " + line for line in recipe.rstrip().splitlines()) in out
+    # the default's sizes at the measured rates: 48 x 6 x 128 tokens, 29 pairs x 2 epochs, 60
+    # held-out instructions (plan.EMBEDDED_CPU)
+    assert _plan_lines(out) == [
+        "  instructions  to run; estimate 0.0s (measured rates)",
+        "  generate      to run; estimate 1m56s (measured rates)",
+        "  rank          to run; estimate 0.0s (measured rates)",
+        "  pairs         to run; estimate 0.4s (measured rates)",
+        "  train         to run; estimate 1m40s (measured rates)",
+        "  compare       to run; estimate 2m07s (measured rates)",
+        "",
+        "estimated time: 5m43s (rates: BENCHMARKS.md, embedded model on 2 idle CPU cores, "
+        "2026-12-03; several times that when other jobs share the cores, less on more cores)"]
+    assert not run.exists()
+    assert main(["run", "--dry-run", *argv]) == 0  # the same plan
+    assert capsys.readouterr().out == out
+
+
+def test_plan_of_finished_changed_and_refused_stages(tmp_path, capsys):
+    run = tmp_path / "run"
+    small = ["--set", "instructions.n_train=7", "--set", "instructions.n_heldout=3"]
+    assert main(["instructions", "--output-dir", str(run), *small]) == 0
+    capsys.readouterr()
+    before = sorted(p.stat().st_mtime_ns for p in run.rglob("*"))
+    assert main(["plan", "instructions", "--output-dir", str(run)]) == 0
+    lines = _plan_lines(capsys.readouterr().out)
+    assert re.fullmatch(r"  instructions  done \(took \d+\.\ds\)", lines[0]), lines
+    assert lines[1:] == ["", "nothing to do: every stage finished with this configuration"]
+
+    changed = ["--output-dir", str(run), "--set", "instructions.n_train=5"]
+    assert main(["plan", *changed]) == 2
+    got = capsys.readouterr()
+    assert _plan_lines(got.out)[0] == ("  instructions  to redo: finished with another "
+                                       "configuration; estimate 0.0s (measured rates)")
+    assert got.err == (
+        f"prefloop: error: the command would be refused: {run / 'instructions'}: stage "
+        "'instructions' finished with a different configuration (instructions.n_train: 7 -> 5); "
+        "to redo instructions and the stages after it run: prefloop run --output-dir "
+        f"{run} --set instructions.n_train=5 --force (or use a new --output-dir)\n")
+    assert main(["plan", *changed, "--force"]) == 0
+    assert _plan_lines(capsys.readouterr().out)[0] == (
+        "  instructions  to redo: finished with another configuration; estimate 0.0s "
+        "(measured rates)")
+    assert main(["generate", "--dry-run", "--output-dir", str(run)]) == 0
+    assert _plan_lines(capsys.readouterr().out)[0].startswith("  generate  to run; estimate ")
+    assert main(["plan", "train", "--output-dir", str(run)]) == 2  # pairs has not run
+    got = capsys.readouterr()
+    assert _plan_lines(got.out)[0] == "  train  refused: a stage before it has not finished"
+    assert got.err == (f"prefloop: error: the command would be refused: {run / 'pairs'}: stage "
+                       f"'pairs' has not finished; run `prefloop pairs` --output-dir {run} first "
+                       "(or `prefloop run`)\n")
+    assert sorted(p.stat().st_mtime_ns for p in run.rglob("*")) == before  # nothing written
+
+
+def test_plan_of_iterate_lists_each_rounds_steps(tmp_path, capsys):
+    run = tmp_path / "loop"
+    assert main(["plan", "iterate", "--recipe", "constraints-loop", "--set", "iterate.rounds=2",
+                 "--output-dir",
+                 str(run)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"plan: prefloop iterate --output-dir {run}\n")
+    assert out.split("\nrounds:\n")[1].splitlines()[:4] == [
+        "  0 (M1 on the held-out prompts): eval todo",
+        "  1: instructions todo, generate todo, rank todo, pairs todo, train todo, model todo, "
+        "eval todo",
+        "  2: instructions todo, generate todo, rank todo, pairs todo, train todo, model todo, "
+        "eval todo", ""]
+    assert not run.exists()

@@ -149,7 +149,8 @@ def test_compare_tables_and_verdict(run_dir, capsys):
            "(0 identical responses) and loses 1 against the original, 1 left out" in printed
     m = json.loads((out / "manifest.json").read_text())
     assert m["counts"] == {"heldout": 5, "identical": 0, "original_from_cache": 0, "wins": 2,
-                           "ties": 1, "losses": 1, "invalid": 1}
+                           "ties": 1, "losses": 1, "invalid": 1, "win_rate": 0.625,
+                           "win_rate_ci95": v["ci95"], "ranker": "fake:ranker"}
 
     # Run again: the original's greedy answers come from the answer cache, the same ones.
     compare.run(_recipe(run_dir), run_dir, ranker=FakeRanker([0.0] * 5), force=True)
@@ -333,3 +334,106 @@ def test_constrained_heldout_gets_the_objective_evaluation(run_dir, capsys):
     assert text.rstrip().splitlines()[-1].startswith("Verdict: ")
     m = json.loads((out / "manifest.json").read_text())
     assert m["counts"]["objective_strict"]["original"] == expected
+
+
+def test_the_result_is_kept_and_shown_again(run_dir, capsys):
+    """compare writes report.md, eval_results.json and per_kind.png; `prefloop show` and
+    `prefloop compare` on the finished run print exactly what compare printed."""
+    from prefloop import cli
+    from prefloop.artifacts import write_jsonl
+    from prefloop.config import dump_recipe
+
+    kinds = [[{"kind": "punctuation:no_comma", "args": {}}],
+             [{"kind": "punctuation:no_comma", "args": {}},
+              {"kind": "detectable_content:postscript", "args": {"postscript_marker": "P.S."}}]]
+    write_jsonl(run_dir / "instructions" / "heldout.jsonl",
+                [{"id": f"ho-{i}", "instruction": t, "constraints": kinds[i % 2]}
+                 for i, t in enumerate(HELDOUT)])
+    recipe = _recipe(run_dir, "compare.max_new_tokens=4", "compare.ranker=judge",
+                     "rank.ranker=constraints")
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    out = compare.run(recipe, run_dir, ranker=FakeRanker([1.0, 1.0, -1.0, 0.0, 1.0]))
+    printed = capsys.readouterr().out
+    o = json.loads((out / "objective.json").read_text())
+    e = json.loads((out / "eval_results.json").read_text())
+    assert e["heldout_instructions"] == 5
+    assert e["original_prompt_strict_accuracy"] == o["original"]["prompt_strict"]
+    assert e["dpo_constraint_loose_accuracy"] == o["dpo"]["constraint_loose"]
+    assert e["prompt_strict_accuracy_difference"] == o["difference"]["prompt_strict"]
+    assert e["prompt_strict_accuracy_difference_ci95"] == o["difference"]["ci95"]
+    lo, hi = o["difference"]["ci95"]
+    assert e["objective_winner"] == ("dpo" if lo > 0 else "original" if hi < 0 else "none")
+    assert set(e["per_kind_strict_accuracy"]) == {"detectable_content:postscript",
+                                                  "punctuation:no_comma"}
+    for kind, row in e["per_kind_strict_accuracy"].items():
+        n, acc = o["per_kind"][kind]["n"], o["per_kind"][kind]["original"]
+        assert row["n"] == n == {"punctuation:no_comma": 5,
+                                 "detectable_content:postscript": 2}[kind]
+        assert row["original_ci95"] == list(compare.wilson_interval(round(acc * n), n))
+    assert {k: e[k] for k in ("ranker", "ranker_wins", "ranker_ties", "ranker_losses",
+                              "ranker_win_rate", "ranker_winner")} == {
+        "ranker": "fake:ranker", "ranker_wins": 3, "ranker_ties": 1, "ranker_losses": 1,
+        "ranker_win_rate": 0.7, "ranker_winner": "none"}
+    assert e["ranker_win_rate_ci95"] == list(compare.wilson_interval(3.5, 5))
+    assert e["verdict"] == printed.rstrip().splitlines()[-1]
+    assert e["verdict"].startswith("Verdict: ")
+
+    report = (out / "report.md").read_text()
+    assert report.startswith(f"# Result: original vs DPO, {run_dir.parent / 'model'}\n")
+    assert f"## Verdict\n\n{e['verdict']}\n" in report
+    row = e["per_kind_strict_accuracy"]["punctuation:no_comma"]
+    assert (f"| punctuation:no_comma | 5 | {row['original_accuracy']:.3f} "
+            f"({row['original_ci95'][0]:.2f}–{row['original_ci95'][1]:.2f}) | "
+            f"{row['dpo_accuracy']:.3f} ({row['dpo_ci95'][0]:.2f}–{row['dpo_ci95'][1]:.2f}) |"
+            ) in report
+    assert "![per kind](per_kind.png)" in report
+    assert ("`fake:ranker`: DPO wins 3, ties 1, loses 1; win-rate 0.700 (95% Wilson "
+            f"{e['ranker_win_rate_ci95'][0]:.3f}–{e['ranker_win_rate_ci95'][1]:.3f}).") in report
+    assert report.endswith("## The responses\n\n" + (out / "comparison.md").read_text())
+    assert (out / "per_kind.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert cli.main(["show", "--output-dir", str(run_dir)]) == 0
+    assert capsys.readouterr().out == printed
+    assert cli.main(["compare", "--output-dir", str(run_dir)]) == 0  # finished: shown again
+    again = capsys.readouterr()
+    assert again.out.startswith(printed)
+    assert again.out[len(printed):].startswith("[prefloop] compare: 5 held-out instructions; "
+                                               "strict accuracy original ")
+    assert again.out.endswith("; finished earlier\n")
+    assert f"[prefloop] result: {out / 'report.md'} (`prefloop show --output-dir {run_dir}` " \
+           "prints it)" in again.err
+
+
+def test_show_without_a_result_names_the_command(tmp_path, capsys):
+    from prefloop import cli
+
+    assert cli.main(["show", "--output-dir", str(tmp_path / "none")]) == 2
+    run = tmp_path / "none"
+    assert capsys.readouterr().err == (
+        f"prefloop: error: {run}: no finished result (no {run / 'compare' / 'manifest.json'} and "
+        f"no {run / 'report.md'}); run `prefloop run --output-dir {run}` (or `prefloop iterate`) "
+        "first\n")
+    assert not run.exists()
+
+
+def test_compare_stage_line_leads_with_the_objective_accuracy_and_who_won():
+    from prefloop.summary import LINES
+
+    counts = {"heldout": 60, "objective_strict": {"original": 0.25, "dpo": 0.3167},
+              "objective_ci95": [-0.0333, 0.1667], "guards_fired": 1, "wins": 28, "ties": 3,
+              "losses": 29, "win_rate": 0.4917, "win_rate_ci95": [0.37, 0.615],
+              "ranker": "judge:smollm2"}
+    assert LINES["compare"](counts, {}) == (
+        "60 held-out instructions; strict accuracy original 0.250, DPO 0.317, difference +0.067 "
+        "(95% CI -0.033 to +0.167): no detectable difference; judge:smollm2 win-rate 0.492 "
+        "(95% CI 0.370-0.615; 28 wins, 3 ties, 29 losses)")
+    better = {**counts, "objective_ci95": [0.01, 0.12]}
+    assert ": DPO better but hollow (1 guard fired); judge" in LINES["compare"](better, {})
+    no_constraints = {k: counts[k] for k in ("heldout", "wins", "ties", "losses", "ranker")}
+    no_constraints.update(win_rate=0.2, win_rate_ci95=[0.05, 0.45])
+    assert LINES["compare"](no_constraints, {}) == (
+        "60 held-out instructions; judge:smollm2 win-rate 0.200 (95% CI 0.050-0.450; 28 wins, "
+        "3 ties, 29 losses): original better")
+    assert LINES["compare"]({"heldout": 3}, {}) == (
+        "3 held-out instructions; original vs DPO, not evaluated (no constraints on the held-out "
+        "instructions and no ranker verdict)")

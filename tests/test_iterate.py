@@ -4,7 +4,9 @@ on a tiny random Llama with real DPO, the round-2 reference check, and resume af
 from __future__ import annotations
 
 import json
+import math
 import random
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -572,3 +574,65 @@ def test_more_rounds_extend_a_loop_and_other_settings_are_refused_by_the_cli(tmp
                    f"iterate --output-dir {run_dir} --set train.beta=0.2 --force (or use a new "
                    "--output-dir)"]
     assert _sums(run_dir, ("rounds", "recipe.yaml")) == before
+
+
+def test_each_round_prints_its_rank_and_pairs_lines_before_an_empty_pairs_error(tmp_path,
+                                                                                   monkeypatch,
+                                                                                   capsys):
+    """A round prints the same stage lines as `prefloop run` (stdout), so the judge's parse
+    failures are in view when its pairs stage finds no pair; the error names iterate's keys."""
+    from prefloop.artifacts import write_manifest
+    from prefloop.stages import generate, pairs, rank, selfinstruct
+
+    run_dir = tmp_path / "run"
+    rdir = run_dir / "rounds" / "1"
+
+    def finished(stage, counts, **extra):
+        return lambda *a, **k: write_manifest(rdir / stage, stage, "h", started=0.0,
+                                              counts=counts, extra=extra)
+
+    monkeypatch.setattr(selfinstruct, "run_round", lambda *a, **k: None)
+    monkeypatch.setattr(generate, "run", finished("generate", {
+        "responses": 8, "instructions": 2, "length": 0, "response_tokens": 80}))
+    monkeypatch.setattr(rank, "run", finished("rank", {"responses": 8, "scored": 0}, summary=(
+        "0/8 responses scored from 8 judge samples: 0 parsed 'Score: X' from the judge's text, "
+        "8 without a score")))
+    counts = {"instructions": 2, "responses": 8, "dropped_too_few_scored": 2,
+              "removed_unscored": 8, "removed_not_eos": 0, "removed_duplicate": 0}
+
+    def empty(rr, rdir_, keys=None):
+        raise pairs.empty_error(rdir_ / "pairs", counts, rr,
+                                {"judge_samples": 8, "parse_failures": 8}, keys)
+
+    monkeypatch.setattr(pairs, "run", empty)
+    with pytest.raises(PrefloopError) as e:
+        iterate.run_round(Recipe(), run_dir, 1)
+    out = capsys.readouterr().out
+    assert re.sub(r"; took \d+\.\ds$", "; took T", out, flags=re.M).splitlines() == [
+        "[prefloop] round 1 generate: 8 responses to 2 instructions (0 cut at max_new_tokens, "
+        "80 tokens); took T",
+        "[prefloop] round 1 rank: 0/8 responses scored from 8 judge samples: 0 parsed 'Score: X' "
+        "from the judge's text, 8 without a score; took T"]
+    assert str(e.value).split("the largest cause: ")[1] == (
+        "8 of 8 responses got no score from the ranker; 0 of 8 judgments parsable; set "
+        "rank.judge_force_score=true (the score read from the self-judge's digit probabilities) "
+        f"or raise iterate.judge_samples; see {rdir / 'pairs' / 'dropped.jsonl'}")
+
+
+def test_win_rate_plot_has_the_wilson_intervals(tmp_path):
+    lo, hi = wilson_interval(7, 10)
+    trained = [{"round": 1, "model": "M2", "vs_prev": {"win_rate": 0.7, "ci95": [lo, hi]},
+                "vs_m1": None},
+               {"round": 2, "model": "M3", "vs_prev": {"win_rate": None, "ci95": None},
+                "vs_m1": {"win_rate": 0.25, "ci95": [0.1, 0.5]}}]
+    below, above = report.win_rate_errors(trained, "vs_prev")
+    assert below[0] == pytest.approx(0.7 - lo) and above[0] == pytest.approx(hi - 0.7)
+    assert math.isnan(below[1]) and math.isnan(above[1])
+    below, above = report.win_rate_errors(trained, "vs_m1")
+    assert math.isnan(below[0]) and below[1] == pytest.approx(0.15) and above[1] == 0.25
+    rows = [{"round": 0, "model": "M1", "eval_score": 2.0, "eval_tokens": 40.0},
+            *[{**r, "eval_score": 2.5, "eval_tokens": 41.0, "self_judge_score": 3.0, "pairs": 4,
+               "dropped": {}, "pair_stats": {}} for r in trained]]
+    paths = report.plot_rounds(rows, tmp_path)
+    assert [p.name for p in paths] == ["win_rate.png", "score.png", "length.png", "pairs.png"]
+    assert (tmp_path / "win_rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

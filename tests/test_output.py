@@ -32,8 +32,11 @@ SUMMARY = {  # stage -> the line's pattern, before its time
     "pairs": r"\d+ pairs? from 6 instructions(, \d+ dropped \([^)]*\))?",
     "train": r"2 steps on \d+ pairs?, last loss [\d.]+, reward accuracy [\d.]+ on the last "
              r"training batch" + FP32,
-    "compare": r"2 held-out instructions, original vs DPO: \d+ wins, \d+ ties, \d+ losses"
-               + FP32,
+    # the objective accuracy of both models and who won first, the judge's win-rate after it
+    "compare": r"2 held-out instructions; strict accuracy original [\d.]+, DPO [\d.]+, difference "
+               r"[+-][\d.]+ \(95% CI [+-][\d.]+ to [+-][\d.]+\): (DPO better|original better|"
+               r"no detectable difference)( but hollow \(\d guards? fired\))?; judge:\S+ win-rate "
+               r"[\d.]+ \(95% CI [\d.]+-[\d.]+; \d+ wins, \d+ ties, \d+ losses\)" + FP32,
 }
 
 
@@ -85,3 +88,8 @@ def test_stdout_is_one_summary_line_per_stage_and_what_compare_prints(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.splitlines() == [
         re.sub(TIME, "; finished earlier", line) for line in ours]
+    result = tmp_path / "run" / "compare" / "report.md"
+    assert f"[prefloop] result: {result} (`prefloop show --output-dir " in again.stderr
+    assert "## Verdict\n\nVerdict: " in result.read_text()
+    shown = prefloop("show", "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert shown.returncode == 0 and shown.stdout.splitlines() == lines[5:-1]

@@ -152,10 +152,11 @@ def test_judge_that_never_parses(judge_setup, monkeypatch):
     with pytest.raises(PrefloopError) as e:
         pairs.run(recipe, run_dir)
     assert str(e.value) == (
-        f"{run_dir / 'pairs'}: no preference pairs from 1 instructions (2 responses, 0 scored; "
-        "dropped: too_few_scored 1, all_tied 0, below_min_margin 0); generate more responses per "
-        "instruction (generate.k) or more instructions, sample more varied ones (higher "
-        "generate.temperature), or lower pairs.min_margin; see "
+        f"{run_dir / 'pairs'}: no preference pairs from 1 instructions (2 responses: 0 cut at "
+        "max_new_tokens and dropped by require_eos, 2 unscored, 0 duplicates; instructions "
+        "dropped: too few scored 1, all tied 0, below min margin 0); the largest cause: 2 of 2 "
+        "responses got no score from the ranker; 0 of 6 judgments parsable; set "
+        "rank.judge_force_score=true or use a stronger rank.judge_model; see "
         f"{run_dir / 'pairs' / 'dropped.jsonl'}")
     assert read_manifest(run_dir / "pairs") is None  # not done: a rerun recomputes
     assert len(read_jsonl_lines(run_dir / "pairs" / "dropped.jsonl")) == 1
@@ -187,9 +188,13 @@ def test_one_response_per_prompt_drops_everything(tmp_path):
     run_dir = tmp_path / "run"
     write_scores(run_dir, [gen("q0", 0, "a"), gen("q1", 0, "b"), gen("q2", 0, "c")],
                  [4.0, 3.0, 2.0])
-    with pytest.raises(PrefloopError, match=r"no preference pairs from 3 instructions \(3 "
-                       r"responses, 3 scored; dropped: too_few_scored 3, all_tied 0, "):
+    with pytest.raises(PrefloopError) as e:
         pairs.run(Recipe(), run_dir)
+    assert str(e.value).split("; see ")[0] == (
+        f"{run_dir / 'pairs'}: no preference pairs from 3 instructions (3 responses: 0 cut at "
+        "max_new_tokens and dropped by require_eos, 0 unscored, 0 duplicates; instructions "
+        "dropped: too few scored 3, all tied 0, below min margin 0); the largest cause: 3 "
+        "instructions had fewer than 2 responses; raise generate.k (now 5)")
 
 
 def test_all_ties_and_margin_are_dropped(tmp_path):
@@ -197,13 +202,50 @@ def test_all_ties_and_margin_are_dropped(tmp_path):
     write_scores(run_dir, [gen("q0", 0, "a"), gen("q0", 1, "b"), gen("q1", 0, "c"),
                            gen("q1", 1, "d"), gen("q2", 0, "e"), gen("q2", 1, "f")],
                  [4.0, 4.0, 3.0, 3.0, 1.0, 1.0])
-    with pytest.raises(PrefloopError, match="dropped: too_few_scored 0, all_tied 3, "):
+    with pytest.raises(PrefloopError, match=r"dropped: too few scored 0, all tied 3, below min "
+                       r"margin 0\); the largest cause: every response of 3 instructions got the "
+                       r"same score; raise generate.k \(now 5\) or generate.temperature \(now "
+                       r"0.8\) for more varied responses; see "):
         pairs.run(Recipe(), run_dir)
     write_scores(run_dir, [gen("q0", 0, "a"), gen("q0", 1, "b"), gen("q1", 0, "c"),
                            gen("q1", 1, "d")], [4.0, 4.0, 5.0, 4.5])
     r = replace(Recipe(), pairs=replace(Recipe().pairs, min_margin=1.0))
-    with pytest.raises(PrefloopError, match="too_few_scored 0, all_tied 1, below_min_margin 1"):
+    with pytest.raises(PrefloopError, match=r"too few scored 0, all tied 1, below min margin 1\); "
+                       r"the largest cause: every response of 1 instructions"):
         pairs.run(r, run_dir)
+
+
+def test_empty_pairs_name_the_cut_responses_and_the_running_commands_keys(tmp_path):
+    """Every response cut at max_new_tokens and dropped by require_eos: the error says so and
+    names generate.max_new_tokens for `run`, iterate.max_new_tokens for the iterate loop."""
+    from prefloop.stages.iterate import PAIR_KEYS
+
+    run_dir = tmp_path / "run"
+    recs = [gen(q, i, f"{q} answer {i}", finish="length") for q in ("q0", "q1") for i in range(3)]
+    recs.append(gen("q2", 0, "short", finish="eos"))
+    write_scores(run_dir, recs, [1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 4.0])
+    r = replace(Recipe(), pairs=replace(Recipe().pairs, require_eos=True))
+    expected = (f"{run_dir / 'pairs'}: no preference pairs from 3 instructions (7 responses: 6 "
+                "cut at max_new_tokens and dropped by require_eos, 0 unscored, 0 duplicates; "
+                "instructions dropped: too few scored 3, all tied 0, below min margin 0); the "
+                "largest cause: 6 of 7 responses were cut at max_new_tokens and "
+                "pairs.require_eos dropped them; raise {key} (now 256) or set "
+                f"pairs.require_eos=false; see {run_dir / 'pairs' / 'dropped.jsonl'}")
+    with pytest.raises(PrefloopError) as e:
+        pairs.run(r, run_dir)
+    assert str(e.value) == expected.format(key="generate.max_new_tokens")
+    with pytest.raises(PrefloopError) as e:
+        pairs.run(r, run_dir, keys=PAIR_KEYS)
+    assert str(e.value) == expected.format(key="iterate.max_new_tokens")
+
+
+def test_largest_cause_explains_too_few_scored_by_what_removed_the_responses():
+    c = {"too_few_scored": 4, "all_tied": 3, "below_min_margin": 0, "length_unmatched": 0,
+         "quality_gate": 0, "cut": 2, "unscored": 5, "duplicate": 1}
+    assert pairs.largest_cause(c) == "unscored"
+    assert pairs.largest_cause({**c, "all_tied": 5}) == "all_tied"
+    assert pairs.largest_cause({**c, "length_unmatched": 9}) == "length_unmatched"
+    assert pairs.largest_cause({**c, "cut": 0, "unscored": 0, "duplicate": 0}) == "too_few_scored"
 
 
 def test_duplicates_eos_and_tie_break(tmp_path):

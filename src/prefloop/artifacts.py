@@ -7,7 +7,6 @@ makes each stage resumable.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -15,7 +14,6 @@ import platform
 import shlex
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -433,28 +431,12 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-@functools.cache
 def prefloop_source() -> dict:
-    """prefloop's version and, when it runs from a git checkout, the commit (and whether files
-    differ from it): what reproduces a run besides the recipe."""
-    import prefloop
+    """prefloop's version and, from a git checkout, its commit: what reproduces a run besides
+    the recipe (`prefloop.version.source`)."""
+    from prefloop.version import source
 
-    out: dict = {"version": prefloop.__version__, "git_commit": None}
-    here = Path(prefloop.__file__).resolve().parent
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(here), *args], capture_output=True,
-                                  text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    if commit:
-        out["git_commit"] = commit.strip()
-        out["git_dirty"] = bool((git("status", "--porcelain", "--untracked-files=no") or "").strip())
-    return out
+    return source()
 
 
 def command_line() -> str:

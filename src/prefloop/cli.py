@@ -19,34 +19,104 @@ from prefloop.artifacts import (
     read_manifest,
     transaction,
 )
-from prefloop.config import Recipe, apply_overrides, dump_recipe, load_recipe
+from prefloop.config import (
+    SHIPPED_RECIPES,
+    Recipe,
+    apply_overrides,
+    dump_recipe,
+    load_recipe,
+)
 from prefloop.errors import PrefloopError
 from prefloop.summary import stage_line
 
+DESCRIPTION = """\
+prefloop makes preference data from a model's own answers and tunes the model on it with DPO
+and LoRA, then shows whether it got better:
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", help="a shipped recipe (default, seed, self-reward) or a YAML file; "
-                   "default: the run directory's recipe.yaml, else 'default'")
+  instructions -> generate (k answers each) -> rank (a program, a judge or PairRM scores them)
+  -> pairs (best vs worst: a Hugging Face dataset) -> train (DPO + LoRA: an adapter)
+  -> compare (the original vs the tuned model on held-out instructions)
+
+Each stage writes its files to the run directory (default runs/<recipe name>); a finished
+stage is kept and not redone, an interrupted one resumes. `iterate` repeats the loop with the
+tuned model (self-rewarding, Yuan et al. 2024)."""
+
+EPILOG = """\
+examples:
+  prefloop run                   the embedded default: offline, on a CPU (6-7.5 min on 2 idle
+                                 cores, BENCHMARKS.md), into runs/default
+  prefloop plan                  what `prefloop run` would do, and how long it would take
+  prefloop show                  print the result of runs/default again
+  prefloop run --recipe seed --set train.beta=0.05 --output-dir runs/seed-b005
+
+`prefloop COMMAND --help` lists a command's options."""
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help=f"a shipped recipe ({', '.join(SHIPPED_RECIPES)}) or a YAML "
+                   "file; default: the run directory's recipe.yaml, else 'default'")
     p.add_argument("--output-dir", type=Path, help="run directory (default: runs/<recipe name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one recipe value, e.g. --set train.beta=0.05 (repeatable)")
-    p.add_argument("--force", action="store_true", help="redo finished stages")
+
+
+def _common(p: argparse.ArgumentParser, dry_run: bool = True) -> None:
+    _recipe_args(p)
+    p.add_argument("--force", action="store_true",
+                   help="redo this command's stages even when they finished (with `run`: from "
+                        "the first whose configuration changed; the finished work is kept aside "
+                        "until the redo finishes)")
+    if dry_run:
+        p.add_argument("--dry-run", action="store_true",
+                       help="print the plan (the resolved recipe, each stage's state, an "
+                            "estimated time) and change nothing; the same as `prefloop plan`")
+
+
+class _Version(argparse.Action):
+    """--version, computed only when asked (it may run git)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version (and the git commit of a checkout) and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from prefloop.version import version_text
+
+        print(version_text())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prefloop", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="prefloop", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=_Version)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("run", help="run every stage: " + " -> ".join(STAGES))
     _common(p)
     p.add_argument("--until", choices=STAGES, help="stop after this stage")
     for stage in STAGES:
         _common(sub.add_parser(stage, help=f"run the {stage} stage on a run directory"))
     _common(sub.add_parser("iterate", help="self-rewarding iterative DPO (Yuan et al. 2024)"))
+    p = sub.add_parser("plan", help="what a command would do, changing nothing: the resolved "
+                       "recipe, each stage's state (done / to run / refused and why), the time")
+    p.add_argument("what", nargs="?", default="run", choices=["run", *STAGES, "iterate"],
+                   help="the command to plan (default: run)")
+    _common(p, dry_run=False)
+    p.add_argument("--until", choices=STAGES, help="with `run`: stop after this stage")
+    p = sub.add_parser("show", help="print a finished run's result again (the table and the "
+                       "evaluation compare printed; an iterate run's report)")
+    p.add_argument("--recipe", help="without --output-dir: show runs/<this recipe's name> "
+                   "(default: runs/default)")
+    p.add_argument("--output-dir", type=Path, help="run directory (default: runs/default)")
+    p.set_defaults(overrides=[])
     p = sub.add_parser("push", help="push the dataset or the adapter to the Hugging Face Hub")
-    p.add_argument("what", choices=["dataset", "adapter"])
+    p.add_argument("what", choices=["dataset", "adapter"],
+                   help="the pairs dataset (pairs/dataset) or the trained adapter (train/adapter)")
     p.add_argument("--repo-id", help="e.g. user/name (default: the recipe's push section)")
-    p.add_argument("--private", action="store_true")
-    _common(p)
+    p.add_argument("--private", action="store_true",
+                   help="create the Hub repository as private (default: push.private)")
+    _recipe_args(p)
+    p.set_defaults(force=False)
     return parser
 
 
@@ -223,30 +293,63 @@ def _quiet_libraries() -> None:
                             category=FutureWarning, module="transformers.modeling_utils")
 
 
+def planned_argv(args: argparse.Namespace, argv: list[str]) -> list[str]:
+    """The command line a plan describes: `plan [what] ...` and `--dry-run` taken out."""
+    argv = [a for a in argv if a != "--dry-run"]
+    if argv[:1] == ["plan"]:
+        argv = argv[1:]
+        if argv[:1] != [args.command]:
+            argv = [args.command, *argv]
+    return argv
+
+
 def dispatch(args: argparse.Namespace, argv: list[str] | None = None) -> None:
     from prefloop import distributed, preflight
     from prefloop.plan import plan
 
-    distributed.topology()  # under accelerate launch: one GPU per process, before any model loads
+    argv = argv if argv is not None else sys.argv[1:]
+    if args.command == "show":
+        from prefloop.stages.results import show
+
+        recipe, run_dir = resolve(args)
+        if (run_dir / "recipe.yaml").is_file():  # what the run used, whichever --recipe found it
+            recipe = load_recipe(run_dir / "recipe.yaml")
+        print(show(recipe, run_dir), flush=True)
+        return
+    if args.command == "plan":
+        args.command, args.dry_run = args.what, True
+    dry_run = getattr(args, "dry_run", False)
+    if dry_run:
+        argv = planned_argv(args, argv)
+    else:
+        distributed.topology()  # under accelerate launch: one GPU per process, before any load
     recipe, run_dir = resolve(args)
     preflight.check_output_dir(run_dir)
     stages = command_stages(args)
     steps = plan(recipe, run_dir, stages) if stages else []
-    preflight.check(recipe, stages, args.command, run_dir, repo_id=getattr(args, "repo_id", None),
-                    todo=[s.name for s in steps if s.work] if stages else None)
-    argv = argv if argv is not None else sys.argv[1:]
-    forced = forced_stages(args, steps, run_dir, recipe, argv)
-    if args.command == "iterate" and not args.force:
-        from prefloop.stages.iterate import check_resume
+    try:
+        preflight.check(recipe, stages, args.command, run_dir,
+                        repo_id=getattr(args, "repo_id", None),
+                        todo=[s.name for s in steps if s.work] if stages else None)
+        forced = forced_stages(args, steps, run_dir, recipe, argv)
+        if args.command == "iterate" and not args.force:
+            from prefloop.stages.iterate import check_resume
 
-        check_resume(recipe, run_dir, argv)
+            check_resume(recipe, run_dir, argv)
+        if dry_run:
+            from prefloop.plan import check_upstream
+
+            check_upstream(recipe, run_dir, steps)
+    except PrefloopError as e:
+        if not dry_run:
+            raise
+        print_plan(args, recipe, run_dir, steps, set())
+        raise PrefloopError(f"the command would be refused: {e}") from None
+    if dry_run:
+        print_plan(args, recipe, run_dir, steps, forced)
+        return
     if stages and not forced and not any(s.work for s in steps):  # nothing to do: read only
-        for stage in stages:  # stdout: the same one line per stage as a run that did the work
-            line = stage_line(stage, run_dir / stage, None)
-            print(line or f"[prefloop] {stage}: finished with this configuration, kept",
-                  flush=True)
-        if args.command == "run":
-            print(f"[prefloop] done: {run_dir}", file=sys.stderr)
+        finished(args, recipe, run_dir, stages)
         return
     _quiet_libraries()
     with writing(run_dir, recipe):
@@ -266,6 +369,34 @@ def dispatch(args: argparse.Namespace, argv: list[str] | None = None) -> None:
 
                 hub.push_if_configured(recipe, run_dir)
             print(f"[prefloop] done: {run_dir}", file=sys.stderr)
+
+
+def print_plan(args: argparse.Namespace, recipe: Recipe, run_dir: Path, steps: list,
+               forced: set[str]) -> None:
+    from prefloop.plan import describe, describe_iterate
+
+    if args.command == "iterate":
+        print(describe_iterate(recipe, run_dir), flush=True)
+    else:
+        print(describe(recipe, run_dir, args.command, steps, forced), flush=True)
+
+
+def finished(args: argparse.Namespace, recipe: Recipe, run_dir: Path, stages: list[str]) -> None:
+    """Every stage of the command finished with this configuration: stdout gets the same one
+    line per stage as a run that did the work; `compare` prints its result again first."""
+    from prefloop.stages.results import REPORT, show
+
+    if args.command == "compare":
+        print(show(recipe, run_dir), flush=True)
+    for stage in stages:
+        line = stage_line(stage, run_dir / stage, None)
+        print(line or f"[prefloop] {stage}: finished with this configuration, kept", flush=True)
+    report = run_dir / "compare" / REPORT
+    if "compare" in stages and report.exists():  # a run of an older prefloop has none
+        print(f"[prefloop] result: {report} (`prefloop show --output-dir {run_dir}` prints it)",
+              file=sys.stderr)
+    if args.command == "run":
+        print(f"[prefloop] done: {run_dir}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

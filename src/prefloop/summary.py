@@ -68,23 +68,50 @@ def _train(c: dict, m: dict) -> str:
     return line
 
 
+def _who(lo: float, hi: float, null: float) -> str:
+    return ("DPO better" if lo > null else "original better" if hi < null
+            else "no detectable difference")
+
+
 def _compare(c: dict, m: dict) -> str:
-    line = f"{c.get('heldout', 0)} held-out instructions, original vs DPO"
+    """The objective accuracy of both models and who won first; the ranker's win-rate after
+    it (the second opinion), or alone when the instructions carry no constraints."""
+    parts = [f"{c.get('heldout', 0)} held-out instructions"]
+    if "objective_strict" in c:
+        acc, (lo, hi) = c["objective_strict"], c["objective_ci95"]
+        who = _who(lo, hi, 0.0)
+        if lo > 0 and c.get("guards_fired"):
+            who += f" but hollow ({_plural(c['guards_fired'], 'guard')} fired)"
+        parts.append(f"strict accuracy original {acc['original']:.3f}, DPO {acc['dpo']:.3f}, "
+                     f"difference {acc['dpo'] - acc['original']:+.3f} (95% CI {lo:+.3f} to "
+                     f"{hi:+.3f}): {who}")
     if "wins" in c:
-        line += f": {c['wins']} wins, {c['ties']} ties, {c['losses']} losses"
-    return line
+        wtl = f"{c['wins']} wins, {c['ties']} ties, {c['losses']} losses"
+        if c.get("win_rate_ci95"):
+            lo, hi = c["win_rate_ci95"]
+            who = f": {_who(lo, hi, 0.5)}" if "objective_strict" not in c else ""
+            parts.append(f"{c.get('ranker', 'ranker')} win-rate {c['win_rate']:.3f} (95% CI "
+                         f"{lo:.3f}-{hi:.3f}; {wtl}){who}")
+        else:
+            parts.append(f"{c.get('ranker', 'ranker')}: {wtl}")
+    if len(parts) == 1:
+        parts.append("original vs DPO, not evaluated (no constraints on the held-out "
+                     "instructions and no ranker verdict)")
+    return "; ".join(parts)
 
 
 LINES = {"instructions": _instructions, "generate": _generate, "rank": _rank, "pairs": _pairs,
          "train": _train, "compare": _compare}
 
 
-def stage_line(stage: str, folder: Path, seconds: float | None) -> str | None:
-    """`[prefloop] <stage>: <what it produced>; took <time>`, or `; finished earlier` when
-    seconds is None (the stage was skipped). None when the stage left no manifest."""
+def stage_line(stage: str, folder: Path, seconds: float | None,
+               title: str | None = None) -> str | None:
+    """`[prefloop] <title or stage>: <what it produced>; took <time>`, or `; finished earlier`
+    when seconds is None (the stage was skipped). None when the stage left no manifest."""
     m = read_manifest(folder)
     if m is None or stage not in LINES:
         return None
     when = "finished earlier" if seconds is None else f"took {duration(seconds)}"
     precision = f"; {m['dtype']} ({m['dtype_why']})" if m.get("dtype") else ""
-    return f"[prefloop] {stage}: {LINES[stage](m.get('counts') or {}, m)}{precision}; {when}"
+    return (f"[prefloop] {title or stage}: {LINES[stage](m.get('counts') or {}, m)}{precision}; "
+            f"{when}")

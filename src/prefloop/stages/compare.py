@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import textwrap
 from dataclasses import replace
 from pathlib import Path
@@ -338,13 +339,15 @@ def stage_config(recipe: Recipe, upstream) -> dict:
 
 
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> Path:
-    """Generate both sides, write comparison.{csv,md}, print them and (optionally) the verdict.
+    """Generate both sides, write comparison.{csv,md}, print them and the evaluation, and keep
+    the result (report.md, eval_results.json, per_kind.png: stages/results.py).
 
     `ranker`: an object with `.name` and `.compare(instructions, a, b)`; default: the recipe's.
     """
     from prefloop.engine import Sampling
     from prefloop.engine.backend import LocalBackend
     from prefloop.engine.cache import answer_cache
+    from prefloop.stages import results
     from prefloop.stages.generate import generate_responses
 
     cfg = recipe.compare
@@ -372,21 +375,16 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
     df = comparison_frame(items, original, dpo)
     atomic_write_text(out / "comparison.csv", df.to_csv(index=False))
     atomic_write_text(out / "comparison.md", markdown_table(df))
-    shown = df.head(cfg.show_rows)
-    print(format_blocks(shown) if cfg.view == "blocks" else format_frame(shown))
-    if len(df) > len(shown):
-        print(f"({len(shown)} of {len(df)} rows; all of them in {out / 'comparison.csv'})")
+    print(results.table_text(df, cfg, out))
 
     counts = {"heldout": len(items), "identical": sum(a["response"] == b["response"]
                                                       for a, b in zip(original, dpo, strict=True)),
               "original_from_cache": getattr(cached, "hits", 0)}
-    texts = []
-    objective = None
+    objective = v = None
     if all(it.get("constraints") for it in items):
         objective = evaluate(items, [r["response"] for r in original],
                              [r["response"] for r in dpo], seed=cfg.seed)
         atomic_write_json(out / "objective.json", objective)
-        texts.append(objective_text(objective, recipe.rank.ranker))
         d = objective["difference"]
         counts.update(objective_strict={"original": objective["original"]["prompt_strict"],
                                         "dpo": objective["dpo"]["prompt_strict"]},
@@ -401,12 +399,13 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
         v = tally(items, original, dpo, margins, ranker.name)
         v["independent_of_training_ranker"] = name != recipe.rank.ranker
         atomic_write_json(out / "verdict.json", v)
-        texts.append(verdict_text(v) if objective is None
-                     else ranker_line(v, recipe.rank.ranker))
         counts.update({k: v[k] for k in ("wins", "ties", "losses", "invalid")})
-    if objective is not None:
-        texts.append(reading(objective))
-    print("\n".join(texts))
+        counts.update(win_rate=v["win_rate"], win_rate_ci95=v["ci95"], ranker=v["ranker"])
+    text = results.result_text(objective, v, recipe.rank.ranker)
+    print(text)
+    results.write_results(recipe, run_dir, df, objective, v, text)
+    print(f"[prefloop] compare: result -> {out / results.REPORT} (`prefloop show --output-dir "
+          f"{run_dir}` prints it again)", file=sys.stderr)
     from prefloop.models import dtype_record
 
     return stage.finish(counts, extra=dtype_record(recipe.model))

@@ -50,6 +50,7 @@ import shlex
 import shutil
 import statistics
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -71,6 +72,7 @@ from prefloop.rankers import make_ranker, ranker_class
 from prefloop.stages import generate, instructions, pairs, rank, selfinstruct, train
 from prefloop.stages.compare import win_rate
 from prefloop.stages.report import label, round_row, summary_table, write_report
+from prefloop.summary import stage_line
 
 
 def model_name(recipe: Recipe, run_dir: Path, t: int) -> str:
@@ -313,6 +315,14 @@ def evaluate(recipe: Recipe, run_dir: Path, t: int, *, force: bool = False) -> P
                                        "judge": judge.name})
 
 
+# The recipe keys that an empty pairs stage names: iterate's, which round_recipe maps onto each
+# round's generate section (pairs.RUN_KEYS names those of `prefloop run`).
+PAIR_KEYS = {"k": "iterate.n_candidates", "temperature": "iterate.temperature",
+             "max_new_tokens": "iterate.max_new_tokens",
+             "judge": "set rank.judge_force_score=true (the score read from the self-judge's digit "
+                      "probabilities) or raise iterate.judge_samples"}
+
+
 # -- one round -------------------------------------------------------------------------------------
 
 
@@ -339,15 +349,22 @@ def run_round(recipe: Recipe, run_dir: Path, t: int) -> Path:
     steps = [("prompts", lambda: selfinstruct.run_round(recipe, run_dir, t)),
              ("generate", lambda: generate.run(rr, rdir)),
              ("rank", lambda: rank.run(rr, rdir)),
-             ("pairs", lambda: pairs.run(rr, rdir)),
+             ("pairs", lambda: pairs.run(rr, rdir, keys=PAIR_KEYS)),
              ("train", lambda: train.run(rr, rdir)),
              ("model", lambda: merge(rr, rdir)),
              ("eval", lambda: evaluate(recipe, run_dir, t))]
     for step, fn in steps:
         print(f"[prefloop] iterate: round {t}/{recipe.iterate.rounds} {step}", file=sys.stderr,
               flush=True)
+        before, t0 = read_manifest(rdir / step), time.time()
         fn()
         _free()
+        # stdout: the same line per stage as `prefloop run`, so each round's counts are seen
+        skipped = before is not None and before == read_manifest(rdir / step)
+        line = stage_line(step, rdir / step, None if skipped else time.time() - t0,
+                          title=f"round {t} {step}")
+        if line:
+            print(line, flush=True)
     check = (read_manifest(rdir / "train") or {}).get("step0_check", {})
     if check and False in (check.get("reference_is_base_step0"), check.get("reference_is_base_end")):
         print(f"[prefloop] warning: round {t}: the DPO reference is not M{t}: {check}",

@@ -18,7 +18,14 @@ import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from prefloop.artifacts import RunDir, Stage, atomic_write_text, read_jsonl, write_jsonl
+from prefloop.artifacts import (
+    RunDir,
+    Stage,
+    atomic_write_text,
+    read_jsonl,
+    read_manifest,
+    write_jsonl,
+)
 from prefloop.cards import dataset_card
 from prefloop.config import Recipe, dump_recipe
 from prefloop.errors import PrefloopError
@@ -296,15 +303,81 @@ def dataset_sizes(folder: Path) -> dict:
 # -- the stage -----------------------------------------------------------------------------------
 
 
-def empty_error(out: Path, counts: dict) -> PrefloopError:
-    reasons = ", ".join(f"{k[len('dropped_'):]} {v}" for k, v in counts.items()
-                        if k.startswith("dropped_"))
+# The recipe keys behind each cause of an empty dataset, as the running command names them:
+# `prefloop run` reads the generate section; the iterate loop maps its own keys onto each
+# round's recipe (iterate.round_recipe), so it passes ITERATE's names (iterate.PAIR_KEYS).
+RUN_KEYS = {"k": "generate.k", "temperature": "generate.temperature",
+            "max_new_tokens": "generate.max_new_tokens",
+            "judge": "set rank.judge_force_score=true or use a stronger rank.judge_model"}
+
+
+def empty_causes(counts: dict) -> dict[str, int]:
+    """Why no pair was made, counted: instructions per drop reason, and for those with fewer
+    than two usable responses, the responses removed (cut, unscored, duplicate)."""
+    out = {r: counts.get(f"dropped_{r}", 0) for r in (*DROP_REASONS, *OPTIONAL_REASONS)}
+    out.update(cut=counts.get("removed_not_eos", 0), unscored=counts.get("removed_unscored", 0),
+               duplicate=counts.get("removed_duplicate", 0))
+    return out
+
+
+def largest_cause(causes: dict[str, int]) -> str:
+    """The drop reason of most instructions; `too_few_scored` is explained by the largest
+    removal of responses behind it (none: too few responses were generated)."""
+    reasons = (*DROP_REASONS, *OPTIONAL_REASONS)
+    top = max(reasons, key=lambda r: causes[r])  # first of equals: DROP_REASONS order
+    if top != "too_few_scored":
+        return top
+    removed = max(("cut", "unscored", "duplicate"), key=lambda r: causes[r])
+    return removed if causes[removed] else "too_few_scored"
+
+
+def _cause_text(cause: str, c: dict, counts: dict, rank_counts: dict, recipe: Recipe,
+                keys: dict) -> str:
+    g, p, n = recipe.generate, recipe.pairs, counts["responses"]
+    if cause == "cut":
+        return (f"{c['cut']} of {n} responses were cut at max_new_tokens and pairs.require_eos "
+                f"dropped them; raise {keys['max_new_tokens']} (now {g.max_new_tokens}) or set "
+                "pairs.require_eos=false")
+    if cause == "unscored":
+        samples = rank_counts.get("judge_samples")
+        parsed = (f"; {samples - rank_counts.get('parse_failures', 0)} of {samples} judgments "
+                  "parsable" if samples else "")
+        return (f"{c['unscored']} of {n} responses got no score from the ranker{parsed}; "
+                f"{keys['judge']}")
+    if cause == "duplicate":
+        return (f"{c['duplicate']} of {n} responses were identical to another of the same "
+                f"instruction; raise {keys['temperature']} (now {g.temperature})")
+    if cause == "too_few_scored":
+        return (f"{c['too_few_scored']} instructions had fewer than 2 responses; raise "
+                f"{keys['k']} (now {g.k})")
+    if cause == "all_tied":
+        return (f"every response of {c['all_tied']} instructions got the same score; raise "
+                f"{keys['k']} (now {g.k}) or {keys['temperature']} (now {g.temperature}) for "
+                "more varied responses")
+    if cause == "below_min_margin":
+        return (f"{c['below_min_margin']} instructions had a score margin below "
+                f"pairs.min_margin; lower pairs.min_margin (now {p.min_margin})")
+    if cause == "length_unmatched":
+        return (f"{c['length_unmatched']} instructions had no pair of comparable length; lower "
+                f"pairs.length_match (now {p.length_match}; 0 turns it off)")
+    return (f"{c['quality_gate']} instructions' best pair failed the quality gate; set "
+            "pairs.quality_gate=false")
+
+
+def empty_error(out: Path, counts: dict, recipe: Recipe, rank_counts: dict | None = None,
+                keys: dict | None = None) -> PrefloopError:
+    """No pair: every cause counted, the largest named with the fix in the running command's
+    keys (`keys`: RUN_KEYS unless the iterate loop passes its own)."""
+    c = empty_causes(counts)
+    cause = largest_cause(c)
+    dropped = ", ".join(f"{k.replace('_', ' ')} {c[k]}" for k in drop_reasons(recipe.pairs))
     return PrefloopError(
         f"{out}: no preference pairs from {counts['instructions']} instructions "
-        f"({counts['responses']} responses, {counts['scored']} scored; dropped: {reasons}); "
-        "generate more responses per instruction (generate.k) or more instructions, sample more "
-        "varied ones (higher generate.temperature), or lower pairs.min_margin; "
-        f"see {out / 'dropped.jsonl'}")
+        f"({counts['responses']} responses: {c['cut']} cut at max_new_tokens and dropped by "
+        f"require_eos, {c['unscored']} unscored, {c['duplicate']} duplicates; instructions "
+        f"dropped: {dropped}); the largest cause: "
+        f"{_cause_text(cause, c, counts, rank_counts or {}, recipe, keys or RUN_KEYS)}; see "
+        f"{out / 'dropped.jsonl'}")
 
 
 def stage_config(recipe: Recipe, upstream) -> dict:
@@ -312,7 +385,8 @@ def stage_config(recipe: Recipe, upstream) -> dict:
     return {"pairs": recipe.pairs, "name": recipe.name, "upstream": upstream("rank")}
 
 
-def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
+def run(recipe: Recipe, run_dir: Path, *, force: bool = False, keys: dict | None = None) -> Path:
+    """`keys`: the recipe keys an empty result's error names (default RUN_KEYS)."""
     run = RunDir(run_dir)
     stage = Stage(run.stage("pairs"), "pairs", stage_config(recipe, run.upstream))
     if stage.begin(force=force):
@@ -323,7 +397,8 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     write_jsonl(run.dropped, dropped)
     if not rows:  # not done, no manifest; dropped.jsonl stays. The fix changes the config, so
         stage.abandon()  # let the next run start afresh
-        raise empty_error(stage.folder, counts)
+        rank_counts = (read_manifest(run.stage("rank")) or {}).get("counts", {})
+        raise empty_error(stage.folder, counts, recipe, rank_counts, keys)
     tokens = {(c["id"], c["response"]): c["response_tokens"] for g in groups for c in g}
     stats = pair_stats(rows, tokens)
     write_dataset(rows, run.dataset)

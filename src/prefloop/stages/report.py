@@ -194,6 +194,21 @@ _FILTER_REASONS = ("too_short", "too_long", "banned_keyword", "write_a_program",
                    "starts_with_punctuation", "non_ascii", "rouge")
 
 
+def win_rate_errors(trained: list[dict], key: str) -> list[list[float]]:
+    """matplotlib's yerr: each win rate's distance to the ends of its Wilson 95% interval (NaN
+    where a model has no win rate)."""
+    below, above = [], []
+    for r in trained:
+        w = r[key] or {}
+        if w.get("win_rate") is None or not w.get("ci95"):
+            below.append(math.nan)
+            above.append(math.nan)
+        else:
+            below.append(w["win_rate"] - w["ci95"][0])
+            above.append(w["ci95"][1] - w["win_rate"])
+    return [below, above]
+
+
 def plot_rounds(rows: list[dict], folder: Path) -> list[Path]:
     """win_rate.png, score.png, length.png and pairs.png: one point or bar per model/round."""
     import matplotlib
@@ -210,10 +225,14 @@ def plot_rounds(rows: list[dict], folder: Path) -> list[Path]:
     paths = []
 
     fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
-    for key, text, style in (("vs_prev", "vs previous model", "-o"),
-                             ("vs_m1", "vs M1 (start)", "--s")):
-        ax.plot(names, [nan((r[key] or {}).get("win_rate")) for r in trained], style,
-                label=text, alpha=0.8)
+    for i, (key, text, style) in enumerate((("vs_prev", "vs previous model", "-o"),
+                                            ("vs_m1", "vs M1 (start)", "--s"))):
+        rates = [nan((r[key] or {}).get("win_rate")) for r in trained]
+        # side by side, so the two Wilson 95% intervals of one model do not hide each other
+        x = [j + (0.08 if i else -0.08) for j in range(len(trained))]
+        ax.errorbar(x, rates, yerr=win_rate_errors(trained, key), fmt=style, capsize=3,
+                    label=text + " (95% CI)", alpha=0.8)
+    ax.set_xticks(range(len(trained)), names)
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set(ylim=(0, 1), ylabel="win rate (ties = 1/2)", title="Held-out win rate, fixed judge")
     ax.legend()
