@@ -29,7 +29,8 @@ class ModelConfig:
     # an embedded model (smollm2-135m-instruct), a local model folder or a Hub id
     name: str = "smollm2-135m-instruct"
     revision: str | None = None  # the Hub revision (branch, tag or commit) of model.name
-    # weights' dtype; auto: bfloat16 on CUDA, float32 on CPU
+    # weights' dtype; auto: bfloat16 on CUDA and on CPUs with native bf16 units (AMX or
+    # AVX512-BF16, as torch reports them; PREFLOOP_CPU_BF16=0/1 overrides), float32 elsewhere
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str | None = None  # None: cuda when available, else cpu
     system_prompt: str | None = None  # None: the chat template's own default
