@@ -17,7 +17,8 @@ from prefloop.constraints import Constraint, check, instruction_text
 
 OUT = Path(__file__).resolve().parents[1] / "src/prefloop/data/verifiable_instructions.jsonl"
 SEED = 20240611
-HELDOUT_TOPICS = ("gardening", "music", "pets", "home", "school", "weather")
+HELDOUT_TOPICS = ("gardening", "music", "pets", "home", "school", "weather", "art", "holidays",
+                  "languages")
 
 TASKS = {
     "cooking": [
@@ -891,6 +892,91 @@ MORE_TASKS: dict[str, list[str]] = {
     ],
 }
 
+# The third block (2026-12-07): new topics, only the default recipe's 8 kinds, so that each of
+# them has 100+ training instructions (issue #23). Tasks are a template applied to a subject.
+FOCUS_KINDS = (
+    "detectable_content:postscript",
+    "startend:end_checker",
+    "punctuation:no_comma",
+    "keywords:existence",
+    "keywords:forbidden_words",
+    "keywords:frequency",
+    "length_constraints:number_words",
+    "length_constraints:number_sentences",
+)
+# Relative weights: roughly each kind's shortfall from 100 training instructions after the
+# first two blocks (keywords:frequency had 39, length_constraints:number_words 75).
+FOCUS_WEIGHTS = {
+    "keywords:frequency": 75,
+    "length_constraints:number_sentences": 65,
+    "keywords:existence": 60,
+    "startend:end_checker": 60,
+    "punctuation:no_comma": 55,
+    "keywords:forbidden_words": 55,
+    "detectable_content:postscript": 55,
+    "length_constraints:number_words": 40,
+}
+# Held-out templates share no run of 5 words with the training ones (nor with any other task).
+TRAIN_TEMPLATES = (
+    "Give a beginner some practical tips about {s}.",
+    "What do people often get wrong about {s}?",
+    "Explain what {s} can teach us about everyday life.",
+    "Describe how a newcomer can learn about {s}.",
+    "Write a note that helps a friend understand {s}.",
+)
+HELDOUT_TEMPLATES = (
+    "Share useful advice for anyone curious about {s}.",
+    "Which misunderstandings about {s} are the most widespread?",
+    "Tell me what makes {s} worth the effort.",
+    "How would you introduce {s} to a complete stranger?",
+    "Summarize the basics of {s} for a young reader.",
+)
+FOCUS_SUBJECTS: dict[str, list[str]] = {
+    "crafts": ["knitting a scarf", "pottery on a wheel", "sewing by hand", "paper folding",
+               "woodcarving", "making candles", "scrapbooking", "embroidery"],
+    "cars": ["changing a flat tire", "checking engine oil", "electric cars", "driving in fog",
+             "buying a used car", "parallel parking", "car insurance", "long highway drives"],
+    "reading": ["reading before bed", "joining a book club", "audiobooks", "reading poetry",
+                "keeping a reading journal", "borrowing from a library", "speed reading",
+                "classic novels"],
+    "shopping": ["comparing prices online", "buying second-hand clothes", "shopping with a list",
+                 "store loyalty cards", "returning a faulty product", "buying in bulk",
+                 "farmers markets", "impulse purchases"],
+    "family": ["planning a family dinner", "sharing chores with siblings", "visiting grandparents",
+               "family game nights", "keeping in touch with cousins", "raising twins",
+               "living with relatives", "family traditions"],
+    "ocean": ["coral reefs", "ocean tides", "sea turtles", "deep sea exploration",
+              "plastic in the ocean", "whale migration", "tide pools", "ocean currents"],
+    "space": ["the International Space Station", "the planet Mars", "meteor showers",
+              "space telescopes", "the life of a star", "astronaut training",
+              "the rings of Saturn", "solar eclipses"],
+    "games": ["playing chess", "board games for families", "retro video games", "card tricks",
+              "crossword puzzles", "building with toy blocks", "trivia nights",
+              "strategy games"],
+    "art": ["watercolor painting", "sketching portraits", "visiting art museums", "painting street murals",
+            "collage making", "photography in low light", "sculpting with clay", "studying color theory"],
+    "holidays": ["decorating for a festival", "gift wrapping", "holiday baking with kids",
+                 "sending greeting cards", "making new year resolutions", "hosting a holiday party",
+                 "traveling during the holidays", "spending quiet holidays at home"],
+    "languages": ["learning a second language", "learning sign language", "practicing pronunciation",
+                  "finding a language exchange partner", "memorizing vocabulary", "fixing grammar mistakes",
+                  "raising bilingual children", "reading in a foreign language"],
+}
+FOCUS_HELDOUT = ("art", "holidays", "languages")
+
+
+def focus_tasks() -> dict[str, list[str]]:
+    """The third block's tasks: every subject in every template of its split."""
+    return {
+        topic: [
+            t.format(s=s)
+            for t in (HELDOUT_TEMPLATES if topic in FOCUS_HELDOUT else TRAIN_TEMPLATES)
+            for s in subjects
+        ]
+        for topic, subjects in FOCUS_SUBJECTS.items()
+    }
+
+
 # Words that fit each topic; drawn for keywords:existence and keywords:frequency (at least).
 KEYWORDS = {
     "cooking": ["flavor", "kitchen", "simple", "fresh", "heat", "taste", "minutes"],
@@ -909,6 +995,17 @@ KEYWORDS = {
     "home": ["tools", "safe", "simple", "space", "weekend", "clean", "budget"],
     "school": ["teacher", "practice", "focus", "notes", "goal", "schedule", "calm"],
     "weather": ["temperature", "safe", "wind", "forecast", "air", "clouds", "season"],
+    "crafts": ["patience", "hands", "materials", "practice", "pattern", "gift", "careful"],
+    "cars": ["safety", "road", "check", "careful", "mechanic", "distance", "cost"],
+    "reading": ["story", "pages", "habit", "author", "quiet", "imagination", "pace"],
+    "shopping": ["price", "list", "quality", "store", "budget", "compare", "receipt"],
+    "family": ["together", "kindness", "respect", "share", "weekend", "listen", "memories"],
+    "ocean": ["waves", "species", "coast", "salt", "depth", "protect", "blue"],
+    "space": ["orbit", "planet", "gravity", "distance", "light", "telescope", "mission"],
+    "games": ["strategy", "rules", "fun", "players", "practice", "win", "turn"],
+    "art": ["color", "practice", "light", "shape", "patience", "style", "brush"],
+    "holidays": ["together", "tradition", "plan", "gift", "budget", "calm", "joy"],
+    "languages": ["practice", "words", "patience", "listen", "culture", "daily", "mistakes"],
 }
 # Words a natural answer on the topic is likely to use, so avoiding them takes effort.
 FORBIDDEN = {
@@ -928,6 +1025,17 @@ FORBIDDEN = {
     "home": ["home", "house", "room", "clean", "easy"],
     "school": ["school", "student", "study", "class", "teacher"],
     "weather": ["weather", "rain", "cold", "storm", "temperature"],
+    "crafts": ["craft", "make", "hobby", "simple", "create"],
+    "cars": ["car", "drive", "driver", "vehicle", "engine"],
+    "reading": ["book", "books", "read", "reading", "time"],
+    "shopping": ["buy", "money", "shop", "store", "price"],
+    "family": ["family", "parents", "children", "time", "home"],
+    "ocean": ["ocean", "sea", "water", "fish", "marine"],
+    "space": ["space", "earth", "stars", "planets", "sun"],
+    "games": ["game", "games", "play", "player", "board"],
+    "art": ["art", "paint", "artist", "create", "colors"],
+    "holidays": ["holiday", "family", "friends", "time", "celebrate"],
+    "languages": ["language", "learn", "speak", "words", "native"],
 }
 GENERIC_FORBIDDEN = ["very", "really", "also", "just", "important", "good", "many", "things"]
 END_PHRASES = [
@@ -942,6 +1050,11 @@ END_PHRASES = [
 FIRST_WORDS = ["also", "next", "finally", "however", "then", "remember", "another"]
 RARE_LETTERS = ["z", "q", "x", "j", "k", "v"]
 TASK_VERBS = {"describe", "explain", "suggest", "recommend", "someone", "should", "people"}
+# Template words are not the task's main word (keywords:frequency "less than" takes it from the
+# subject instead).
+FOCUS_SKIP = TASK_VERBS | {
+    w for t in TRAIN_TEMPLATES + HELDOUT_TEMPLATES for w in re.findall(r"[a-z]+", t.lower())
+}
 
 # How often each kind is drawn (relative weights); every kind lands at least 10 times.
 # Kinds a 135M chat model satisfies some of the time (bench: 20-80 % on the train split) weigh
@@ -1007,9 +1120,11 @@ def compatible(kinds: list[str], new: str) -> bool:
     )
 
 
-def draw_args(kind: str, topic: str, task: str, rng: random.Random, taken: set[str]) -> dict:
+def draw_args(
+    kind: str, topic: str, task: str, rng: random.Random, taken: set[str], skip: set[str]
+) -> dict:
     """Arguments for one kind; ``taken`` holds words already used so none are both required
-    and forbidden."""
+    and forbidden; ``skip``: words that are never the task's main word."""
     task_words = set(re.findall(r"\w+", task.lower()))
     if kind == "length_constraints:number_words":
         if rng.random() < 0.5:
@@ -1041,7 +1156,7 @@ def draw_args(kind: str, topic: str, task: str, rng: random.Random, taken: set[s
     if kind == "keywords:frequency":
         if rng.random() < 0.3:
             # The task's own main word, to be used sparingly: pulls against parroting the task.
-            words = [w for w in re.findall(r"[a-z]+", task.lower()) if w not in TASK_VERBS]
+            words = [w for w in re.findall(r"[a-z]+", task.lower()) if w not in skip]
             longest = max(words, key=len)
             taken.add(longest)
             return {"keyword": longest, "frequency": 2, "relation": "less than"}
@@ -1080,24 +1195,29 @@ def draw_args(kind: str, topic: str, task: str, rng: random.Random, taken: set[s
     return {}
 
 
-def draw_item(topic: str, task: str, rng: random.Random, deck: Counter) -> list[Constraint]:
-    """1-3 compatible constraints, preferring the kinds used least so far (relative to weight)."""
+def draw_item(
+    topic: str,
+    task: str,
+    rng: random.Random,
+    deck: Counter,
+    weights: dict[str, int] = WEIGHTS,
+    skip: set[str] = TASK_VERBS,
+) -> list[Constraint]:
+    """1-3 compatible constraints of ``weights``' kinds, preferring the kinds used least so far
+    (relative to weight)."""
     size = rng.choices([1, 2, 3], weights=[50, 35, 15])[0]
     kinds: list[str] = []
-    if YES_NO.match(task) and deck["detectable_format:constrained_response"] < 11:
-        kinds.append("detectable_format:constrained_response")
+    yes_no = "detectable_format:constrained_response"
+    if yes_no in weights and YES_NO.match(task) and deck[yes_no] < 11:
+        kinds.append(yes_no)
     while len(kinds) < size:
-        options = [
-            k
-            for k in WEIGHTS
-            if k != "detectable_format:constrained_response" and compatible(kinds, k)
-        ]
-        need = sorted(options, key=lambda k: (deck[k] / WEIGHTS[k], rng.random()))
+        options = [k for k in weights if k != yes_no and compatible(kinds, k)]
+        need = sorted(options, key=lambda k: (deck[k] / weights[k], rng.random()))
         kinds.append(need[0] if rng.random() < 0.7 else rng.choice(need[:5]))
     taken: set[str] = set()
     # Forbidden words are drawn last so they avoid every phrase the other kinds require.
     kinds.sort(key=lambda k: k == "keywords:forbidden_words")
-    return [Constraint(k, draw_args(k, topic, task, rng, taken)) for k in kinds]
+    return [Constraint(k, draw_args(k, topic, task, rng, taken, skip)) for k in kinds]
 
 
 def copy_passes(instruction: str, constraints: list[Constraint]) -> bool:
@@ -1105,20 +1225,26 @@ def copy_passes(instruction: str, constraints: list[Constraint]) -> bool:
 
 
 def build() -> list[dict]:
-    """The first block (TASKS), then the second (MORE_TASKS) from its own random stream, so the
-    first block's items and ids are the same as before the second was written."""
+    """The first block (TASKS), then the second (MORE_TASKS) and the third (focus_tasks), each from
+    its own random stream, so earlier blocks' items and ids are the same as before a later one was
+    written. The third draws only FOCUS_KINDS, balanced within the block (its own deck)."""
     deck: Counter = Counter()
     items: list[dict] = []
-    for seed, block in ((SEED, TASKS), (SEED + 1, MORE_TASKS)):
+    blocks = (
+        (SEED, TASKS, WEIGHTS, deck, TASK_VERBS),
+        (SEED + 1, MORE_TASKS, WEIGHTS, deck, TASK_VERBS),
+        (SEED + 2, focus_tasks(), FOCUS_WEIGHTS, Counter(), FOCUS_SKIP),
+    )
+    for seed, block, weights, block_deck, skip in blocks:
         rng = random.Random(seed)
         for topic, tasks in block.items():
             for task in tasks:
                 while True:
-                    constraints = draw_item(topic, task, rng, deck)
+                    constraints = draw_item(topic, task, rng, block_deck, weights, skip)
                     instruction = instruction_text(task, constraints)
                     if not copy_passes(instruction, constraints):
                         break
-                deck.update(c.kind for c in constraints)
+                block_deck.update(c.kind for c in constraints)
                 items.append(
                     {
                         "id": f"vi-{len(items):03d}",
