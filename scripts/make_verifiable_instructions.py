@@ -1,6 +1,7 @@
 """Write src/prefloop/data/verifiable_instructions.jsonl: hand-written tasks + drawn constraints.
 
 Deterministic (fixed seed). Run: PYTHONPATH=src python scripts/make_verifiable_instructions.py
+(an optional argument writes to another path; tests/test_verifiable_data.py compares the bytes).
 Each item gets 1-3 compatible constraints, drawn so that every kind is used often, length kinds
 pull both ways, and the instruction copied as an answer never satisfies all its constraints.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -1258,9 +1260,11 @@ def build() -> list[dict]:
     return items
 
 
-def main() -> None:
+def main(out: Path = OUT) -> None:
     items = build()
-    OUT.write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
+    out.write_text(
+        "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items), encoding="utf-8"
+    )
     counts = Counter(c["kind"] for i in items for c in i["constraints"])
     print(f"{len(items)} items, {sum(i['split'] == 'heldout' for i in items)} held out")
     for kind, n in sorted(counts.items()):
@@ -1268,4 +1272,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else OUT)

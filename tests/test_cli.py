@@ -30,8 +30,8 @@ def test_instructions_subcommand_writes_the_run_dir(tmp_path, capsys):
      "prefloop: error: instructions: 210 instructions requested (n_train 200 + n_heldout 10) but "
      "only 100 remain after de-duplication and filtering; lower n_train or n_heldout, or give a "
      "larger source\n"),
-    (["instructions", "--set", "instructions.n_train=300"],
-     "prefloop: error: instructions: instructions.n_train is 300 but the source has only 259 "
+    (["instructions", "--set", "instructions.n_train=600"],
+     "prefloop: error: instructions: instructions.n_train is 600 but the source has only 579 "
      "training instructions after de-duplication and filtering; lower instructions.n_train or "
      "widen instructions.kinds\n"),
     (["instructions", "--set", "instructions.source=missing.jsonl"],
