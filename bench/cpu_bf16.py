@@ -79,6 +79,7 @@ def floor_seconds(model) -> float:
 
 def dpo_trainer(model):
     """prefloop's FastDPOTrainer on 4 synthetic pairs, word-level tokenizer over the vocab."""
+    import pyarrow as pa
     from datasets import Dataset
     from peft import LoraConfig
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -107,8 +108,10 @@ def dpo_trainer(model):
                          gradient_checkpointing=False)  # as the recipes train (train.py)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
-    trainer = FastDPOTrainer(model, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=fast, peft_config=lora)
+    # a fixed fingerprint: hashing the Arrow table fails under some dill/pyarrow pairs (Py 3.12)
+    pairs = Dataset(pa.Table.from_pylist(rows), fingerprint="prefloop-bench-pairs")
+    trainer = FastDPOTrainer(model, args=args, train_dataset=pairs, processing_class=fast,
+                             peft_config=lora)
     trainer.create_optimizer()
     return trainer
 
@@ -130,6 +133,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-dpo", action="store_true", help="engine and floor only")
+    ap.add_argument("--dpo-only", action="store_true", help="the DPO step only")
     ap.add_argument("--quick", action="store_true",
                     help="2 prompts x 8 new tokens: checks the script, measures nothing")
     args = ap.parse_args()
@@ -148,15 +152,16 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}\n# command: python {' '.join(sys.argv)}",
           flush=True)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    models = {name: smollm2_shaped(dt) for name, dt in dtypes.items()}
-    work = {"engine": engine_seconds, "floor": floor_seconds}
+    models = {name: smollm2_shaped(dt) for name, dt in dtypes.items()} if not args.dpo_only else {}
+    work = {} if args.dpo_only else {"engine": engine_seconds, "floor": floor_seconds}
     trainers = {}
     if not args.skip_dpo:
         trainers = {name: dpo_trainer(smollm2_shaped(dt)) for name, dt in dtypes.items()}
         work["dpo step"] = None
     for name, model in models.items():  # first-call set-up, not timed
-        generate(model, prompts()[:1], 1, Sampling(max_new_tokens=2), eos_token_ids=[2],
-                 pad_token_id=2)
+        if "engine" in work:
+            generate(model, prompts()[:1], 1, Sampling(max_new_tokens=2), eos_token_ids=[2],
+                     pad_token_id=2)
         if trainers:
             dpo_step_seconds(trainers[name])
     times: dict[tuple[str, str], list[float]] = {}
@@ -178,7 +183,7 @@ def main() -> None:
                     else f"{1 / med:.3f} steps/s")
             print(f"| {what} | {name} | {min(t):.2f} / {med:.2f} / {max(t):.2f} | {rate} | "
                   f"{base / med:.2f}x |")
-    for name in dtypes:
+    for name in dtypes if "engine" in work else []:
         share = (statistics.median(times[("floor", name)])
                  / statistics.median(times[("engine", name)]))
         print(f"| engine at its floor | {name} | | {share:.0%} of the floor's speed | |")
