@@ -73,10 +73,12 @@ def test_win_rate(margins, expected):
      "instructions.n_train: 5 seed prompts cannot give 2 disjoint rounds of "
      "iterate.prompts_per_round 3; raise instructions.n_train to 6"),
     (["iterate.min_words=9", "iterate.max_words=8"],
-     "iterate.min_words (9) exceeds iterate.max_words (8); lower min_words or raise max_words"),
+     "--set: iterate.min_words: 9 is larger than max_words (8); lower min_words or raise "
+     "max_words"),
     (["iterate.n_candidates=1"],
      "iterate.n_candidates: a pair needs at least 2 candidates (the paper uses 4)"),
-    (["iterate.rouge_threshold=1.5"], "iterate.rouge_threshold: must be in (0, 1], got 1.5"),
+    (["iterate.rouge_threshold=1.5"],
+     "--set: iterate.rouge_threshold: must be in (0, 1], got 1.5"),
     (["rank.ranker=constraints"],
      "rank.ranker constraints: Self-Instruct prompts carry no constraints; set "
      "iterate.prompt_source=seed (and an instructions source with constraints, e.g. "
