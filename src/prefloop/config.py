@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from prefloop.errors import PrefloopError
+from prefloop.errors import PrefloopError, redact_url
 
 SHIPPED_RECIPES = ("default", "seed", "self-reward", "constraints-loop")
 
@@ -495,14 +495,6 @@ def check_name(where: str, name: str) -> str:
                             "'.', '_', '-', no '/' or '..'); rename it, or choose the folder "
                             "with --output-dir")
     return name
-
-
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s]*@")
-
-
-def redact_url(text: str) -> str:
-    """`text` with the credentials of every URL in it (http://user:key@host) replaced by ***."""
-    return _USERINFO.sub(r"\1***@", text)
 
 
 def redacted(r: Recipe) -> Recipe:

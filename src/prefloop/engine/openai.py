@@ -371,11 +371,12 @@ def _model_facts(cfg, tokenizer) -> tuple[frozenset[int], int]:
 
     path = resolve_model(cfg.name)
     try:
-        gen = GenerationConfig.from_pretrained(path, revision=cfg.revision)
+        gen = GenerationConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=False)
     except OSError:  # no generation_config.json: the tokenizer's EOS alone
         gen = None
     holder = type("Model", (), {"generation_config": gen,
-                                "config": AutoConfig.from_pretrained(path, revision=cfg.revision)})
+                                "config": AutoConfig.from_pretrained(path, revision=cfg.revision,
+                                                                        trust_remote_code=False)})
     return eos_ids(holder, tokenizer), context_length(holder)
 
 

@@ -83,12 +83,12 @@ def adapter_dir(run_dir: Path) -> Path:
 
 def load_with_adapter(recipe: Recipe, adapter: Path):
     """(base model with the DPO adapter attached, tokenizer); one copy of the base weights."""
-    from peft import PeftModel
-
-    from prefloop.models import load_model
+    from prefloop.models import load_adapter, load_model
 
     base, tok = load_model(recipe.model)
-    model = PeftModel.from_pretrained(base, str(adapter))
+    run_dir = Path(adapter).parent.parent
+    model = load_adapter(base, adapter, f"redo training: prefloop train --output-dir {run_dir} "
+                         "--force")
     return model.eval(), tok
 
 

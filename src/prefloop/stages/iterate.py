@@ -138,9 +138,7 @@ def check_recipe(recipe: Recipe) -> None:
 
 def merge(recipe_t: Recipe, rdir: Path, *, force: bool = False) -> Path:
     """rounds/<t>/model = M_t's weights W + (α/r)·B·A, saved as safetensors + tokenizer."""
-    from peft import PeftModel
-
-    from prefloop.models import load_model
+    from prefloop.models import load_adapter, load_model
 
     rnd = RunDir(rdir)
     out = rnd.merged_model
@@ -148,7 +146,8 @@ def merge(recipe_t: Recipe, rdir: Path, *, force: bool = False) -> Path:
     if stage.begin(force=force):
         return out
     base, tok = load_model(recipe_t.model)
-    merged = PeftModel.from_pretrained(base, str(rnd.adapter)).merge_and_unload()
+    fix = f"redo the loop: prefloop iterate --output-dir {rdir.parent.parent} --force"
+    merged = load_adapter(base, rnd.adapter, fix).merge_and_unload()
     merged.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     return stage.finish({"parameters": sum(p.numel() for p in merged.parameters())},
