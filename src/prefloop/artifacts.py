@@ -455,6 +455,9 @@ def iter_jsonl(path: Path, *, allow_partial_tail: bool = False) -> Iterator[tupl
             continue
         try:
             obj = json.loads(line)
+        except RecursionError:
+            raise PrefloopError(f"{path}:{i + 1}: JSON nested too deeply to read; give one "
+                                "flat record per line") from None
         except json.JSONDecodeError as e:
             if allow_partial_tail and i == last:
                 return
@@ -516,7 +519,7 @@ def read_manifest(stage_dir: Path) -> dict | None:
         return None
     try:
         m = json.loads(read_text(path))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         m = e
     if not isinstance(m, dict):
         why = f" ({m.msg})" if isinstance(m, json.JSONDecodeError) else ""

@@ -295,6 +295,9 @@ def dispatch(args: argparse.Namespace, argv: list[str] | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from prefloop.hub import configure_network
+
+        configure_network()  # before anything asks the Hub: no request waits forever
         dispatch(args, argv)
     except PrefloopError as e:  # no credentials of a URL in what is printed
         print(f"prefloop: error: {redact_url(str(e))}", file=sys.stderr)

@@ -331,9 +331,13 @@ def resolve_model(name: str) -> str:
 
 
 def _offline_error(name: str, err: Exception) -> PrefloopError:
+    from prefloop.hub import TIMEOUT_ENV, endpoint, hub_timeout
+
     return PrefloopError(
-        f"model '{name}': cannot be loaded from the Hugging Face Hub ({type(err).__name__}); "
-        "check the id, your network and `hf auth login` for gated models. Works offline: the "
+        f"model '{name}': cannot be loaded from the Hugging Face Hub at {endpoint()} "
+        f"({type(err).__name__}; each request waits at most {TIMEOUT_ENV}={hub_timeout():g} s); "
+        "check the id, your network or HF_ENDPOINT, and `hf auth login` for gated models. Works "
+        "offline: the "
         f"embedded {', '.join(EMBEDDED_GGUF)}, a local folder, or a model already in the HF cache"
     )
 
