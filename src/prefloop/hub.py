@@ -7,8 +7,8 @@ card's dataset link and base model are patched in memory (no staged copy on disk
 push leaves nothing behind).
 
 Every Hub request (model, dataset and PairRM downloads, push) waits at most
-PREFLOOP_HUB_TIMEOUT seconds (default 60) for an answer; a push is tried PREFLOOP_HUB_RETRIES
-more times (default 2) after a timeout or a connection error.
+PREFLOOP_HUB_TIMEOUT seconds (default 60) for an answer, and is tried PREFLOOP_HUB_RETRIES more
+times (default 2) after a timeout or a connection error.
 """
 
 from __future__ import annotations
@@ -67,14 +67,32 @@ def configure_network() -> None:
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", whole)
     import httpx2
     from huggingface_hub import set_client_factory
-    from huggingface_hub.utils._http import default_client_factory
+    from huggingface_hub.utils._http import hf_request_event_hook
 
-    def bounded() -> httpx2.Client:
-        client = default_client_factory()
-        client.timeout = httpx2.Timeout(seconds)
-        return client
+    class Bounded(httpx2.HTTPTransport):
+        """Some huggingface_hub calls pass timeout=None (which overrides a client's default)
+        or retry with a longer one: ours caps every part of every request's timeout."""
+
+        def handle_request(self, request):
+            limits = dict(request.extensions.get("timeout") or {})
+            for part in ("connect", "read", "write", "pool"):
+                given = limits.get(part)
+                limits[part] = seconds if given is None else min(given, seconds)
+            request.extensions["timeout"] = limits
+            return super().handle_request(request)
+
+    def bounded() -> httpx2.Client:  # huggingface_hub's default client, bounded
+        return httpx2.Client(event_hooks={"request": [hf_request_event_hook]},
+                             follow_redirects=True, timeout=seconds, transport=Bounded())
 
     set_client_factory(bounded)
+    # huggingface_hub retries a failed download 5 times (sleeping up to 8 s between tries) and
+    # has no setting for it: its two retrying helpers take ours as their default
+    from huggingface_hub.utils import _http
+
+    for helper in (_http.http_backoff, _http.http_stream_backoff):
+        if "max_retries" in (helper.__kwdefaults__ or {}):
+            helper.__kwdefaults__["max_retries"] = hub_retries()
 
 
 def is_timeout(err: BaseException) -> bool:

@@ -348,14 +348,19 @@ def _checked_path(name: str, revision: str | None) -> str:
     if Path(path).is_dir():
         check_model_folder(Path(path))
         return path
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+    try:
         config = Path(hf_hub_download(path, "config.json", revision=revision))
-    except Exception as e:  # network, auth, missing file: the load below says it in one line
+    except EntryNotFoundError as e:  # no config.json in the repo: the load below says so
+        if isinstance(e, LocalEntryNotFoundError):  # offline and not cached, or no answer
+            raise _offline_error(name, e) from None
+        return path
+    except Exception as e:  # network, timeout, auth: one line now, not again at each load
         if not _is_hub_error(e):
             raise
-        return path
+        raise _offline_error(name, e) from None
     check_config(_read_json(config, "model.name"), f"{name} (config.json)")
     return path
 
@@ -363,8 +368,8 @@ def _checked_path(name: str, revision: str | None) -> str:
 def _is_hub_error(e: Exception) -> bool:
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    return isinstance(e, (HfHubHTTPError, OfflineModeIsEnabled, OSError, ValueError)) or \
-        type(e).__module__.startswith(("httpx", "httpcore"))
+    return isinstance(e, (HfHubHTTPError, OfflineModeIsEnabled, OSError, ValueError,
+                          TimeoutError)) or type(e).__module__.startswith(("httpx", "httpcore"))
 
 
 def load_error(name: str, path: str, e: Exception) -> PrefloopError:
