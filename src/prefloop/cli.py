@@ -137,6 +137,8 @@ def writing(run_dir: Path, recipe: Recipe):
     except Exception:
         if main:
             _restore_recipe(run_dir, before)
+            if claimed and existed:  # a failed command leaves a folder it found as it was
+                (run_dir / RUN_MARKER).unlink(missing_ok=True)
         raise
     finally:
         if main:
