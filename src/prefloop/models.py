@@ -418,6 +418,10 @@ def load_model(cfg: ModelConfig | str):
     except OSError as e:
         if Path(path).is_dir():
             raise load_error(cfg.name, path, e) from None
+        if ".safetensors" in str(e) and ".bin" in str(e):
+            raise PrefloopError(f"model.name: '{cfg.name}' has only pickle weights (.bin) on the "
+                                "Hub, which can run code when loaded; prefloop loads safetensors "
+                                "only: use a repository or revision with .safetensors") from None
         raise _offline_error(cfg.name, e) from None
     except Exception as e:  # safetensors, torch and transformers raise many types for bad files
         if isinstance(e, PrefloopError) or is_out_of_memory(e):
