@@ -427,9 +427,12 @@ def test_eval_stats_report_objective_accuracy_of_constrained_prompts():
             for i, text in enumerate(["Tea is a warm drink.", "Tea, hot, is nice.",
                                       "Green tea is calm.", "I'm sorry."])]
     scores = {g["id"]: {"score": None, "scores": []} for g in gens}
-    assert iterate.eval_stats(gens, scores)["objective_strict"] == 0.75
+    objective = iterate.objective_reports(gens, list(reversed(gens)))
+    assert [r["strict"] for r in objective] == [True, False, True, True]
+    assert iterate.eval_stats(gens, scores, objective)["objective_strict"] == 0.75
     plain = [{k: v for k, v in g.items() if k != "constraints"} for g in gens]
-    assert iterate.eval_stats(plain, scores)["objective_strict"] is None
+    assert iterate.objective_reports(plain, plain) is None
+    assert iterate.eval_stats(plain, scores, None)["objective_strict"] is None
 
 
 def test_objective_vs_start_reads_m_t_against_m1_as_compare_does():
@@ -444,7 +447,7 @@ def test_objective_vs_start_reads_m_t_against_m1_as_compare_does():
           "I'm sorry but I cannot help with that.", "Green tea is calm and gentle."]
     start = [{"id": str(i), "response": r} for i, r in enumerate(m1)]
     gens = [{"id": str(i), "response": r} for i, r in reversed(list(enumerate(mt)))]
-    vs = iterate.objective_vs_start(items, start, gens)
+    vs = iterate.objective_vs_start(items, start, iterate.objective_reports(items, gens))
     s = vs["summary"]
     assert (s["difference"], s["only_new_right"], s["only_m1_right"], s["mcnemar_p"]) == \
         (0.5, 2, 0, 0.5)
@@ -452,8 +455,7 @@ def test_objective_vs_start_reads_m_t_against_m1_as_compare_does():
     assert s["guards_fired"] == ["more refusals (1 vs 0)"]
     assert vs["report"]["original"]["prompt_strict"] == 0.5
     assert vs["report"]["dpo"]["prompt_strict"] == 1.0
-    assert iterate.objective_vs_start([{k: v for k, v in it.items() if k != "constraints"}
-                                       for it in items], start, gens) is None
+    assert iterate.objective_vs_start(items, start, None) is None
     row = {"model": "M2", "objective_vs_m1": s}
     assert report._vs_m1(s) == "+50.0% ({:+.1f}%, {:+.1f}%), p 0.5".format(
         *(100 * x for x in s["ci95"]))
