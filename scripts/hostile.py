@@ -465,8 +465,8 @@ def _one_line_ok(cmd: Cmd) -> bool:
 
 
 class Ctx:
-    """What a case function gets: its fresh folder, the sweep's fixtures, and recording
-    helpers. `cli` checks every command: its exit code against `expect`, no traceback, the fake
+    """What each action of a case gets: its fresh folder (dir, $CASE), its run directory (run,
+    $RUN), the sweep's fixtures, and recording helpers. `cli` checks every command: its exit code against `expect`, no traceback, the fake
     token never printed, and for a failing command exactly one error line (its last) that holds
     every part of `says`."""
 
