@@ -1394,6 +1394,10 @@ def main(argv: list[str] | None = None) -> int:
     if not chosen:
         print(f"no case matches {args.only!r}", file=sys.stderr)
         return 2
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # started in the background of a non-interactive shell: SIGINT is ignored and every
+        # command would inherit that, so the Ctrl-C cases would wait out their 600 s hook
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     root = Path(tempfile.mkdtemp(prefix="prefloop-hostile."))
     logfile = root / "commands.log"
 
