@@ -67,15 +67,22 @@ def _inputs(recipe: Recipe | None, recipe_file: Path | None) -> list[tuple[str, 
 
 
 def check_models(recipe: Recipe, stages: list[str], command: str) -> None:
+    """Every model name the command will load is a known name, a folder or a valid Hub id; the
+    ranker says which of its rank.* keys name models."""
     from prefloop.models import check_model_name
+    from prefloop.rankers import ranker_class
 
     check_model_name(recipe.model.name, "model.name")
-    rank = recipe.rank
-    ranks = bool({"rank", "compare"} & set(stages)) or command == "iterate"
-    if ranks and rank.ranker == "judge" and rank.judge_model:
-        check_model_name(rank.judge_model, "rank.judge_model")
-    if ranks and rank.ranker == "pairrm":
-        check_model_name(rank.pairrm_model, "rank.pairrm_model")
+    rank, used = recipe.rank, []
+    if {"rank", "compare"} & set(stages) or command == "iterate":
+        used.append(rank.ranker)
+    if ("rank" in stages or command == "iterate") and rank.quality != "none":
+        used.append(rank.quality)
+    if "compare" in stages and recipe.compare.verdict and recipe.compare.ranker:
+        used.append(recipe.compare.ranker)
+    for name in dict.fromkeys(used):
+        for key, model in ranker_class(name).models(rank).items():
+            check_model_name(model, key)
     if command == "iterate" and recipe.iterate.prompt_model:
         check_model_name(recipe.iterate.prompt_model, "iterate.prompt_model")
 

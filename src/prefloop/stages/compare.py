@@ -181,7 +181,11 @@ def _content_tokens(record: dict) -> int:
 def win_rate(margins: list) -> dict:
     """W/T/L = #margins > 0 / = 0 / < 0 (None or NaN: invalid, left out of n = W + T + L),
     the win-rate w = (W + T/2) / n and its Wilson 95% interval."""
-    outcomes = [outcome(m) for m in margins]
+    return outcome_rate([outcome(m) for m in margins])
+
+
+def outcome_rate(outcomes: list[str]) -> dict:
+    """`win_rate` of margins already read by `outcome`."""
     wins, ties, losses = (outcomes.count(k) for k in ("win", "tie", "loss"))
     n = wins + ties + losses
     lo, hi = wilson_interval(wins + 0.5 * ties, n)
@@ -194,7 +198,8 @@ def win_rate(margins: list) -> dict:
 def tally(items: list[dict], original: list[dict], dpo: list[dict], margins: list,
           ranker_name: str) -> dict:
     """wins/ties/losses of DPO over the original, win-rate, Wilson 95% CI, mean lengths."""
-    w = win_rate(margins)
+    outcomes = [outcome(m) for m in margins]
+    w = outcome_rate(outcomes)
 
     def mean(values):
         return sum(values) / len(values) if values else None
@@ -209,8 +214,7 @@ def tally(items: list[dict], original: list[dict], dpo: list[dict], margins: lis
         "mean_words": {"original": mean([len(r["response"].split()) for r in original]),
                        "dpo": mean([len(r["response"].split()) for r in dpo])},
         "items": [{"id": it["id"], "margin": None if o == "invalid" else float(m), "outcome": o}
-                  for it, m, o in zip(items, margins, [outcome(m) for m in margins],
-                                      strict=True)],
+                  for it, m, o in zip(items, margins, outcomes, strict=True)],
     }
 
 
@@ -252,12 +256,13 @@ def verdict_text(v: dict) -> str:
             "bias as much as quality.")
 
 
-def objective_text(o: dict, training_ranker: str) -> str:
-    """The objective result: both models' accuracies, the paired difference, the guards."""
+def objective_text(o: dict, training_ranker: str, same_checks: bool) -> str:
+    """The objective result: both models' accuracies, the paired difference, the guards;
+    `same_checks`: the training ranker scored by these very checks (its `checks_constraints`)."""
     so, sd, d, ds = o["original"], o["dpo"], o["difference"], o["difference_sound"]
     lo, hi = d["ci95"]
     same = ("the same checks ranked the training pairs (on other instructions): the model was "
-            "trained toward exactly this metric" if training_ranker == "constraints"
+            "trained toward exactly this metric" if same_checks
             else f"independent of the training ranker ({training_ranker})")
     kinds = "; ".join(f"{k.split(':')[-1]} {v['original']:.2f}→{v['dpo']:.2f} (n {v['n']})"
                       for k, v in o["per_kind"].items())
@@ -286,15 +291,15 @@ def objective_text(o: dict, training_ranker: str) -> str:
     return "\n".join(lines)
 
 
-def ranker_line(v: dict, training_ranker: str) -> str:
-    """The ranker's win-rate, labelled by whether it also made the training pairs."""
+def ranker_line(v: dict, caveat: str = "") -> str:
+    """The ranker's win-rate, labelled by whether it also made the training pairs, then the
+    ranker's own `caveat` sentence."""
     if not v["n"]:
         return f"Ranker ({v['ranker']}): no valid comparison."
     lo, hi = v["ci95"]
     label = ("independent of the training ranker" if v["independent_of_training_ranker"]
              else "the ranker that made the training pairs: optimistic")
-    weak = " A small model judging is a weak evaluator." if v["ranker"].startswith(
-        "judge:") else ""
+    weak = f" {caveat}" if caveat else ""
     return (f"Ranker ({v['ranker']}; {label}): DPO wins {v['wins']}, ties {v['ties']}, loses "
             f"{v['losses']}; win-rate {v['win_rate']:.3f} (95% Wilson {lo:.3f}–{hi:.3f}).{weak}")
 
@@ -383,7 +388,8 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
         objective = evaluate(items, [r["response"] for r in original],
                              [r["response"] for r in dpo], seed=cfg.seed)
         atomic_write_json(out / "objective.json", objective)
-        texts.append(objective_text(objective, recipe.rank.ranker))
+        texts.append(objective_text(objective, recipe.rank.ranker,
+                                    ranker_class(recipe.rank.ranker).checks_constraints))
         d = objective["difference"]
         counts.update(objective_strict={"original": objective["original"]["prompt_strict"],
                                         "dpo": objective["dpo"]["prompt_strict"]},
@@ -399,7 +405,7 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
         v["independent_of_training_ranker"] = name != recipe.rank.ranker
         atomic_write_json(out / "verdict.json", v)
         texts.append(verdict_text(v) if objective is None
-                     else ranker_line(v, recipe.rank.ranker))
+                     else ranker_line(v, getattr(ranker, "caveat", "")))
         counts.update({k: v[k] for k in ("wins", "ties", "losses", "invalid")})
     if objective is not None:
         texts.append(reading(objective))
