@@ -126,6 +126,27 @@ CATEGORIES = {
             "with a fake HF_TOKEN: one line, the token never printed, nothing local changed "
             "(for run: every stage kept); bad repository ids and a push before its stage "
             "finished are refused the same way.",
+    "ownership": "a run directory is prefloop's alone (issue #26): a folder holding the user's "
+                 "files (a commented recipe.yaml, notes, report.md, plots/) is refused and left "
+                 "as it was; --force never deletes a stage folder prefloop did not write; an "
+                 "input inside the run directory is refused; a recipe name with '..' or '/' is "
+                 "refused; '~' in --output-dir is the home folder.",
+    "foreign": "no foreign code (issue #26): a model folder whose config or tokenizer asks for "
+               "its own code (auto_map), an unknown model_type, or pickle weights is refused "
+               "before anything loads (its Python file never runs, no [y/N] question); a key in "
+               "model.base_url is never printed or written.",
+    "ranges": "no training on nonsense (issue #26): out-of-range and non-finite settings "
+              "(learning rate, beta, epochs, top_p, temperature) refused with the run directory "
+              "byte for byte as it was; a recipe section given twice names both lines; "
+              "instructions of invisible characters only refused.",
+    "hang": "no hangs (issue #26): a Hub endpoint (push, a model download via HF_ENDPOINT) or an "
+            "OpenAI server that accepts and never answers fails in one line within seconds "
+            "(PREFLOOP_HUB_TIMEOUT=1, model.request_timeout=1) naming the endpoint and the "
+            "setting; a push killed -9 while it waits leaves nothing in TMPDIR.",
+    "traceback": "the last tracebacks as one line (issue #26): --set values YAML cannot read "
+                 "(taken as text, or named), a YAML alias bomb (a short line), truncated "
+                 "weights, deleted adapter weights, deeply nested JSON, an unwritable "
+                 "PREFLOOP_CACHE_DIR; with --embedded, a damaged converted cache is rebuilt.",
     "embedded": "the embedded SmolLM2-135M at tiny sizes: kill -9 during the GGUF conversion "
                 "(the temporary folder is removed by the next run), kill -9 in generate, rank, "
                 "train and compare resumed to the uninterrupted result, special-token prompts, "
@@ -1309,6 +1330,239 @@ case("embedded-push-offline", "embedded", "one line, token never printed",
      refused("push adapter --repo-id me/smol-dpo --output-dir $RUN", "offline mode is on",
              env=PUSH_ENV), unchanged,
      prepare=lambda ctx: shutil.copytree(ctx.sweep.eref, ctx.run), embedded=True)
+
+
+# --- issue #26: what is not prefloop's, foreign code, nonsense settings, hangs, tracebacks -------
+# Written against prefloop's own mechanisms, not case by case: the run directory's marker
+# (.prefloop-run), the model-folder check before any load, the range of every numeric setting,
+# PREFLOOP_HUB_TIMEOUT / PREFLOOP_HUB_RETRIES, and the one-line errors of the last tracebacks.
+
+HUB_SILENT = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:$PORT", "HF_TOKEN": SECRET,
+              "PREFLOOP_HUB_TIMEOUT": "1", "PREFLOOP_HUB_RETRIES": "1"}
+_SILENT: list = []  # one server for the whole sweep, started by the first case that needs it
+
+
+def silent_server(ctx: Ctx) -> None:
+    """A `prepare`: $PORT is a TCP port on 127.0.0.1 that accepts connections and never
+    answers (a thread of the sweep process)."""
+    import threading
+
+    if not _SILENT:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(256)
+        state = {"sock": sock, "accepted": 0, "conns": []}
+
+        def serve() -> None:
+            while True:
+                conn, _ = sock.accept()
+                state["conns"].append(conn)
+                state["accepted"] += 1
+        threading.Thread(target=serve, daemon=True).start()
+        _SILENT.append(state)
+    ctx.vars["PORT"] = str(_SILENT[0]["sock"].getsockname()[1])
+
+
+def _model_copy(name: str, edit: Callable[[Path], None]) -> Callable:
+    """A `prepare` copying the sweep's tiny model to $CASE/<name>, then `edit(folder)`; the
+    folder also gets a Python file that would write $CASE/PWNED if anything ran it."""
+    def prepare(ctx: Ctx) -> None:
+        folder = ctx.dir / name
+        shutil.copytree(ctx.sweep.model, folder)
+        (folder / "evil.py").write_text(f"open({str(ctx.dir / 'PWNED')!r}, 'w').write('ran')\n")
+        edit(folder)
+    return prepare
+
+
+def _json_edit(file: str, **changes) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        data = json.loads((folder / file).read_text())
+        data.update(changes)
+        (folder / file).write_text(json.dumps(data))
+    return edit
+
+
+def _no_file_holds(text: str) -> Callable:
+    return holds(lambda ctx: not [p for p in ctx.run.rglob("*")
+                                  if p.is_file() and text.encode() in p.read_bytes()],
+                 f"no file of the run holds {text!r}")
+
+
+NOT_RUN = holds(lambda ctx: not (ctx.dir / "PWNED").exists(), "the folder's Python never ran")
+BOMB = "model:\n  system_prompt:\n" + "".join(
+    f"    - &{n} [{','.join([f'*{p}'] * 9)}]\n" for n, p in zip("bcdefgh", "abcdefg", strict=True)
+).replace("    - &b", '    - &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n    - &b', 1)
+DEEP = '{"instruction": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
+
+# ownership: prefloop writes only into a new or empty folder or one it marked as its run directory
+case("own-project-folder", "ownership", "a folder with the user's files refused, untouched",
+     refused("run --recipe $RECIPE --output-dir $CASE/proj",
+             "$CASE/proj: holds files prefloop did not write", "give another --output-dir"),
+     unchanged, run="$CASE/proj",
+     prepare=lambda ctx: (write("proj/recipe.yaml", "# my own recipe\nname: mine\n")(ctx),
+                          write("proj/notes.txt", "my notes")(ctx)))
+case("own-force-user-subfolder", "ownership", "--force never deletes a train/ it did not write",
+     refused("run --force --output-dir $RUN",
+             "$RUN/train: holds files prefloop did not write"),
+     unchanged, start=STAGES[:2], prepare=write("run/train/notes.txt", "mine"))
+case("own-source-inside-run", "ownership", "an input inside the run directory refused",
+     refused("instructions --force --output-dir $RUN "
+             "--set instructions.source=$RUN/instructions/train.jsonl",
+             "instructions.source: $RUN/instructions/train.jsonl lies inside the run directory"),
+     unchanged, start=STAGES[:1])
+case("own-iterate-home-folder", "ownership", "iterate into a folder with report.md/plots refused",
+     refused("iterate --recipe $RECIPE --output-dir $CASE/home --force",
+             "$CASE/home: holds files prefloop did not write"),
+     unchanged, run="$CASE/home",
+     prepare=lambda ctx: (write("home/report.md", "my report")(ctx),
+                          write("home/plots/mine.png", b"\x89PNG")(ctx)))
+case("own-recipe-name-escapes", "ownership", "a recipe name with .. or / refused",
+     refused("run --recipe $CASE/esc.yaml", "name: '../../escape' is not a plain name"),
+     refused("run --recipe $RECIPE --set name=/tmp/abs", "--set name: '/tmp/abs' is not a plain"),
+     holds(lambda ctx: not (ctx.dir.parent / "escape").exists()
+           and not (Path.cwd().parent / "escape").exists(), "nothing written outside"),
+     prepare=_recipe_file("esc.yaml", lambda b: b.replace(b"name: tiny", b"name: ../../escape")))
+case("own-tilde-output-dir", "ownership", "~ in --output-dir is the home folder",
+     ok("instructions --recipe $RECIPE --output-dir ~/r", env={"HOME": "$CASE/home"}),
+     holds(lambda ctx: (ctx.dir / "home" / "r" / ".prefloop-run").is_file()
+           and not Path("~").exists(), "$CASE/home/r marked, no folder named ~"))
+
+# foreign: nothing from a model folder runs; credentials of a URL are never printed or written
+case("foreign-auto-map", "foreign", "a config asking for custom code refused before loading",
+     refused(f"generate {R} --set model.name=$CASE/evil",
+             "$CASE/evil/config.json asks for custom code (auto_map"), not_created, NOT_RUN,
+     prepare=_model_copy("evil", _json_edit("config.json",
+                                            auto_map={"AutoModelForCausalLM": "evil.Evil"})))
+case("foreign-tokenizer-auto-map", "foreign", "a tokenizer asking for custom code refused",
+     refused(f"generate {R} --set model.name=$CASE/evil", "tokenizer_config.json asks for custom"),
+     not_created, NOT_RUN,
+     prepare=_model_copy("evil", _json_edit("tokenizer_config.json",
+                                            auto_map={"AutoTokenizer": ["evil.T", None]})))
+case("foreign-unknown-model-type", "foreign", "an unknown model_type refused",
+     refused(f"generate {R} --set model.name=$CASE/evil", "model_type 'evil_llama'"),
+     not_created, NOT_RUN,
+     prepare=_model_copy("evil", _json_edit("config.json", model_type="evil_llama")))
+case("foreign-pickle-weights", "foreign", "pickle weights refused in one line",
+     refused(f"generate {R} --set model.name=$CASE/evil", "holds pickle weights (pytorch_model"),
+     not_created, NOT_RUN,
+     prepare=_model_copy("evil", lambda d: (d / "model.safetensors").rename(
+         d / "pytorch_model.bin")))
+case("foreign-url-credentials", "foreign", "a key in model.base_url never printed or written",
+     refused(f"run {R} --until generate --set model.backend=openai --set "
+             f"model.base_url=http://bob:{SECRET}@127.0.0.1:9/v1 --set model.max_retries=0",
+             "http://***@127.0.0.1:9/v1"), _no_file_holds(SECRET))
+
+# ranges: every numeric setting checked before anything runs; the run directory as it was
+for _name, _set, _says in [
+        ("range-lr-negative", "train.learning_rate=-1", "must be in (0, 1], got -1.0"),
+        ("range-beta-zero", "train.beta=0", "train.beta: must be > 0"),
+        ("range-beta-nan", "train.beta=nan", "train.beta: must be a finite number"),
+        ("range-epochs-zero", "train.epochs=0", "train.epochs: must be > 0"),
+        ("range-top-p-zero", "generate.top_p=0", "generate.top_p: must be in (0, 1]"),
+        ("range-temperature-inf", "generate.temperature=.inf", "must be a finite number")]:
+    case(_name, "ranges", f"{_set} refused, run directory as it was",
+         refused(f"run --output-dir $RUN --set {_set}", _says), unchanged, start=STAGES)
+case("range-duplicate-section", "ranges", "a second train: section names both lines",
+     refused("run --recipe $CASE/dup.yaml --output-dir $RUN", "key 'train' is given twice, on "
+             "lines"), not_created,
+     prepare=_recipe_file("dup.yaml", lambda b: b + b"train: {beta: 0.5}\n"))
+case("range-invisible-instructions", "ranges", "zero-width-only instructions refused",
+     refused(f"run {R} --set instructions.source=$CASE/inv.jsonl",
+             "$CASE/inv.jsonl:2: field 'instruction' is missing or empty"), not_created,
+     prepare=write("inv.jsonl", '{"instruction": "ok"}\n{"instruction": "\\u200b\\ufeff \\u200d"}\n'))
+
+
+# hang: every network call bounded, one line naming the endpoint and the setting
+def _killed_push(ctx: Ctx) -> None:
+    """A push killed -9 while it waits for the Hub leaves nothing in the temporary folder."""
+    tmp = ctx.dir / "tmp"
+    tmp.mkdir()
+    state = _SILENT[0]
+    before = state["accepted"]
+    proc = ctx.start("push", "adapter", "--repo-id", "me/adapter", "--output-dir", ctx.run,
+                     env={k: ctx.sub(v) for k, v in HUB_SILENT.items()}
+                     | {"TMPDIR": str(tmp), "PREFLOOP_HUB_TIMEOUT": "600"})
+    ctx.wait_for(lambda: state["accepted"] > before, proc, timeout=300)
+    os.killpg(proc.pid, signal.SIGKILL)
+    ctx.wait(proc, expect=KILLED)
+    ctx.check(list(tmp.iterdir()) == [], "nothing left in TMPDIR")
+
+
+case("hang-push-silent-endpoint", "hang", "a Hub that never answers: one line in seconds",
+     refused("push dataset --repo-id me/data --output-dir $RUN",
+             "no answer from http://127.0.0.1:$PORT within PREFLOOP_HUB_TIMEOUT=1 s, 2 tries",
+             env=HUB_SILENT), unchanged, start=STAGES, prepare=silent_server)
+case("hang-model-download", "hang", "a model download from a silent HF_ENDPOINT: one line",
+     refused(f"run {R} --until generate --set model.name=someone/model",
+             "cannot be loaded from the Hugging Face Hub at http://127.0.0.1:$PORT",
+             "PREFLOOP_HUB_TIMEOUT=1 s", env=HUB_SILENT), prepare=silent_server)
+case("hang-openai-server", "hang", "an OpenAI server that never answers: one line",
+     refused(f"run {R} --until generate --set model.backend=openai --set "
+             "model.base_url=http://127.0.0.1:$PORT/v1 --set model.request_timeout=1 "
+             "--set model.max_retries=0", "no answer within model.request_timeout=1s"),
+     prepare=silent_server)
+case("hang-killed-push", "hang", "push killed -9 while waiting: no staged copy left",
+     _killed_push, unchanged, start=STAGES, prepare=silent_server)
+
+
+# traceback: the last ones, each one line
+def _last_error_short(ctx: Ctx) -> None:
+    line = (error_lines(ctx.cmds[-1].err) or [""])[-1]
+    ctx.check(0 < len(line) < 300, f"error line {len(line)} characters")
+
+
+def _cut_model(ctx: Ctx) -> None:
+    shutil.copytree(ctx.sweep.model, ctx.dir / "cut")
+    os.truncate(ctx.dir / "cut" / "model.safetensors", 100)
+
+
+case("tb-set-not-yaml", "traceback", "--set values YAML cannot read taken as text",
+     ok(f"instructions {R} --set 'model.system_prompt=[INST] be brief' "
+        "--set model.server_model=@bot"),
+     holds(lambda ctx: "system_prompt: '[INST] be brief'" in (ctx.run / "recipe.yaml").read_text(),
+           "recorded as the text given"))
+case("tb-set-percent-for-int", "traceback", "--set generate.k=%x: one line",
+     refused(f"instructions {R} --set generate.k=%x", "generate.k: expected an integer, got '%x'"),
+     not_created)
+case("tb-alias-bomb", "traceback", "a YAML alias bomb: one short line",
+     refused("run --recipe $CASE/bomb.yaml --output-dir $RUN",
+             "model.system_prompt: expected a string"), _last_error_short, not_created,
+     prepare=write("bomb.yaml", BOMB))
+case("tb-truncated-weights", "traceback", "truncated model.safetensors: one line naming it",
+     refused("generate --output-dir $RUN --set model.name=$CASE/cut",
+             "$CASE/cut cannot be loaded (SafetensorError"), unchanged, start=STAGES[:1],
+     prepare=_cut_model)
+case("tb-deleted-adapter-weights", "traceback", "adapter weights deleted: one line, the fix",
+     refused("compare --output-dir $RUN", "adapter_model.safetensors: the adapter's weights are "
+             "missing", "prefloop train --output-dir"), unchanged, start=STAGES[:5],
+     prepare=lambda ctx: (ctx.run / "train" / "adapter" / "adapter_model.safetensors").unlink())
+case("tb-deep-json-source", "traceback", "deeply nested JSON in a source: one line",
+     refused(f"run {R} --set instructions.source=$CASE/deep.jsonl",
+             "$CASE/deep.jsonl:1: JSON nested too deeply"), not_created,
+     prepare=write("deep.jsonl", DEEP))
+case("tb-cache-not-writable", "traceback", "an unwritable cache names PREFLOOP_CACHE_DIR",
+     refused(f"run --output-dir $RUN --until generate {E}", "set PREFLOOP_CACHE_DIR to a writable",
+             env={"PREFLOOP_CACHE_DIR": "$CASE/file/cache"}),
+     prepare=write("file", "not a folder"))
+
+
+def _damage_cache(ctx: Ctx) -> None:
+    assert ctx.sweep.eref.is_dir()  # the embedded reference run made the converted cache
+    with open(ctx.sweep.cache / "models" / EMBEDDED / "model.safetensors", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\0" * 64)
+
+
+def _cache_matches_its_checksum(ctx: Ctx) -> bool:
+    folder = ctx.sweep.cache / "models" / EMBEDDED
+    want = json.loads((folder / "checksums.json").read_text())["model.safetensors"]["sha256"]
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() == want
+
+
+case("embedded-damaged-cache", "traceback", "a damaged converted cache is rebuilt",
+     ok(f"run --output-dir $RUN --until generate {E}"),
+     holds(_cache_matches_its_checksum, "cache rebuilt, its checksum matches"),
+     prepare=_damage_cache, embedded=True)
 
 
 # === report ====================================================================================
