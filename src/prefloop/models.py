@@ -394,7 +394,9 @@ def load_tokenizer(name: str, revision: str | None = None):
         if Path(path).is_dir():
             raise load_error(name, path, e) from None
         raise _offline_error(name, e) from None
-    except (ValueError, RuntimeError, KeyError) as e:
+    except Exception as e:  # tokenizers raises a bare Exception for a damaged tokenizer.json
+        if isinstance(e, PrefloopError):
+            raise
         raise load_error(name, path, e) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
