@@ -231,7 +231,7 @@ def is_run_part(name: str) -> bool:
 def ownership_problem(root: Path) -> str | None:
     """Why prefloop may not write into `root` (None when it may): it is new, empty, marked as
     prefloop's, or a run directory of a prefloop older than the marker (only prefloop's names,
-    its recipe.yaml and a stage's manifest or partial marker)."""
+    and a stage's manifest or partial marker among them)."""
     root = Path(root)
     if not root.is_dir():
         return None
@@ -239,7 +239,7 @@ def ownership_problem(root: Path) -> str | None:
     if not names or RUN_MARKER in names:
         return None
     foreign = [n for n in names if not is_run_part(n)]
-    if not foreign and "recipe.yaml" in names and _has_stage_record(root):
+    if not foreign and _has_stage_record(root):
         return None
     shown = ", ".join(repr(n) for n in (foreign or names)[:3])
     more = f" and {len(foreign or names) - 3} more" if len(foreign or names) > 3 else ""
