@@ -28,6 +28,9 @@ recipe) and every PairRM pair is at its token budget: a worst case for generate,
     python bench/seed_e2e.py --assets bench_assets --prepare-assets
     # GPU machine
     python3 bench/seed_e2e.py --assets bench_assets --lima lima_prompts.jsonl --work /tmp/seed
+    # one engine only: --engines fast (it makes the first four stages itself when no trl run
+    # in --work finished them) or --engines trl; --stages, --iterate, --no-seed --iterate
+    # (flag combinations that mean nothing are refused in one line before anything is built)
     # CPU smoke test (tiny Mistral, full-size PairRM, 2 prompts x 2 x 8 tokens)
     python bench/seed_e2e.py --assets bench_assets --lima ../shared/data/lima_prompts.jsonl --tiny
 """
@@ -47,6 +50,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("instructions", "generate", "rank", "pairs", "train", "compare")
+ENGINES = ("trl", "fast")  # train.engine values, run in this order
 PEAK_TAG = "SEED_E2E_PEAK "
 
 
@@ -226,22 +230,32 @@ def seed_overrides(args, mistral: Path, pairrm: Path) -> list[str]:
     return sets + args.set
 
 
+def finished(stage_dir: Path) -> bool:
+    return manifest(stage_dir).get("status") == "done"
+
+
+def fast_stages(trl_dir: Path, fast_dir: Path) -> tuple[str, ...]:
+    """The fast engine's run: the first four stages (the engine changes only train) copied from
+    the trl run where it finished them, then train and compare; what the trl run has not
+    finished, the fast run makes itself."""
+    for stage in STAGES[:4]:
+        if finished(trl_dir / stage) and not finished(fast_dir / stage):
+            shutil.rmtree(fast_dir / stage, ignore_errors=True)
+            shutil.copytree(trl_dir / stage, fast_dir / stage)
+    return STAGES[4:] if all(finished(fast_dir / s) for s in STAGES[:4]) else STAGES
+
+
 def run_seed(args, mistral: Path, pairrm: Path, log) -> list[dict]:
     """Every stage with train.engine=trl, then train + compare again with the fast engine on a
-    copy of the run directory that holds the first four stages."""
+    copy of the run directory that holds the first four stages (`fast_stages`)."""
     rows = []
     base = seed_overrides(args, mistral, pairrm)
     trl_dir = args.work / "runs" / "seed-trl"
-    plans = [("trl", trl_dir, STAGES)]
-    if "fast" in args.engines:
-        plans.append(("fast", args.work / "runs" / "seed-fast", ("train", "compare")))
-    plans = [p for p in plans if p[0] in args.engines]
-    for engine, run_dir, stages in plans:
+    for engine in [e for e in ENGINES if e in args.engines]:
+        run_dir, stages = trl_dir, STAGES
         if engine == "fast":
-            for stage in STAGES[:4]:
-                if not (run_dir / stage / "manifest.json").exists():
-                    shutil.rmtree(run_dir / stage, ignore_errors=True)
-                    shutil.copytree(trl_dir / stage, run_dir / stage)
+            run_dir = args.work / "runs" / "seed-fast"
+            stages = fast_stages(trl_dir, run_dir)
         for stage in stages:
             if args.stages and stage not in args.stages:
                 continue
@@ -301,32 +315,69 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        return child(sys.argv[2:])
+def _names(p: argparse.ArgumentParser, flag: str, value: str, known: tuple[str, ...]) -> list[str]:
+    names = [s for s in value.split(",") if s]
+    wrong = [s for s in names if s not in known]
+    if wrong:
+        p.error(f"{flag}: unknown '{wrong[0]}'; give a comma-separated subset of {','.join(known)}")
+    return names
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, each combination either meaningful or refused in one line (argparse's exit 2)
+    before anything is built."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--assets", type=Path, required=True, help="tokenizer folder from --prepare-assets")
     p.add_argument("--prepare-assets", action="store_true", help="build the tokenizers and exit")
     p.add_argument("--lima", type=Path, default=ROOT.parent / "shared/data/lima_prompts.jsonl")
     p.add_argument("--work", type=Path, default=Path("/tmp/seed-e2e"))
     p.add_argument("--tiny", action="store_true", help="tiny Mistral, few tokens (CPU smoke test)")
-    p.add_argument("--engines", default="trl,fast")
+    p.add_argument("--engines", default="trl,fast", help="train engines of the seed run: trl, "
+                   "fast or both (fast alone makes the first four stages itself)")
     p.add_argument("--stages", default="", help="comma-separated subset of the seed stages")
     p.add_argument("--iterate", action="store_true", help="also one self-reward round")
     p.add_argument("--no-seed", action="store_true", help="skip the seed recipe")
     p.add_argument("--set", action="append", default=[], help="extra seed-recipe override")
     p.add_argument("--iterate-set", action="append", default=[])
     p.add_argument("--json", type=Path, help="write the rows here")
-    args = p.parse_args()
-    args.engines = args.engines.split(",")
-    args.stages = [s for s in args.stages.split(",") if s]
+    args = p.parse_args(argv)
+    args.engines = _names(p, "--engines", args.engines, ENGINES)
+    args.stages = _names(p, "--stages", args.stages, STAGES)
+    if args.prepare_assets:
+        return args
+    if not args.engines and not args.no_seed:
+        p.error("--engines: empty; give trl, fast or trl,fast (or --no-seed --iterate)")
+    if args.no_seed and not args.iterate:
+        p.error("--no-seed without --iterate runs nothing; add --iterate or drop --no-seed")
+    if args.no_seed and (args.set or args.stages):
+        p.error("--set and --stages apply to the seed run, which --no-seed skips; use "
+                "--iterate-set for the self-reward round")
+    if args.iterate_set and not args.iterate:
+        p.error("--iterate-set without --iterate: add --iterate")
+    for need in ("mistral-tokenizer/tokenizer.json", "mistral-tokenizer/tokenizer_config.json",
+                 "pairrm-tokenizer.json"):
+        if not (args.assets / need).is_file():
+            p.error(f"--assets {args.assets}: no {need}; build the folder with --assets "
+                    f"{args.assets} --prepare-assets (on a machine with mistral-common)")
+    args.lima = args.lima.resolve()
+    if not args.lima.is_file():
+        p.error(f"--lima {args.lima}: LIMA prompts not found (../shared/data/lima_prompts.jsonl)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        return child(argv[1:])
+    args = parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
     if args.prepare_assets:
-        prepare_assets(args.assets)
+        try:
+            prepare_assets(args.assets)
+        except ModuleNotFoundError as e:
+            sys.exit(f"--prepare-assets: needs the module {e.name}, not installed here (pip "
+                     "install mistral-common sentencepiece)")
         return 0
-    args.lima = args.lima.resolve()
-    if not args.lima.exists():
-        sys.exit(f"{args.lima}: LIMA prompts not found (../shared/data/lima_prompts.jsonl)")
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

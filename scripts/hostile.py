@@ -23,6 +23,24 @@ chmod does not stop), and RLIMIT_FSIZE with SIGXFSZ ignored.
 included, in a temporary PREFLOOP_CACHE_DIR (the user's cache is never touched). The markdown
 table is printed last, then one summary line; the exit code is 1 when any case fails.
 Everything runs one process at a time (one model in memory at a time).
+
+The cases are a table (section "the cases"): one `case(...)` call each, in report order.
+To add one, call `case(name, category, expected, *actions, start=..., prepare=...)` in the
+section of its category (a new category also needs its line in CATEGORIES):
+
+    case("changed-beta", "refused", "a changed beta refused naming train",
+         refused("run --set train.beta=0.05 --output-dir $RUN", "stage 'train' finished"),
+         unchanged, start=STAGES)
+
+`start` fills the run directory $RUN first (None: absent; a tuple of stages: a copy of the
+reference run's; "loop": the finished iterate loop), `prepare(ctx)` writes what else the case
+needs (`write(rel, data)` makes a file under $CASE; it may add names to ctx.vars), then the
+actions run in order: `ok(line)`, `refused(line, *says)` and `killed(line, point)` run one
+command (a shell-like line with $RUN, $CASE, $RECIPE, $SWEEP replaced; `env`, `prefix`,
+`preexec` as keywords) and check it; `unchanged`, `not_created`, `same(*parts)`,
+`holds(test, text)` and `snapshot` check the data; any function of `ctx` is an action too (for
+background processes and signals, see `interrupt` and the lock cases). Helpers such as
+`refusal`, `source` and `push` make the rows of a family in one line each.
 """
 
 from __future__ import annotations
@@ -108,6 +126,27 @@ CATEGORIES = {
             "with a fake HF_TOKEN: one line, the token never printed, nothing local changed "
             "(for run: every stage kept); bad repository ids and a push before its stage "
             "finished are refused the same way.",
+    "ownership": "a run directory is prefloop's alone (issue #26): a folder holding the user's "
+                 "files (a commented recipe.yaml, notes, report.md, plots/) is refused and left "
+                 "as it was; --force never deletes a stage folder prefloop did not write; an "
+                 "input inside the run directory is refused; a recipe name with '..' or '/' is "
+                 "refused; '~' in --output-dir is the home folder.",
+    "foreign": "no foreign code (issue #26): a model folder whose config or tokenizer asks for "
+               "its own code (auto_map), an unknown model_type, or pickle weights is refused "
+               "before anything loads (its Python file never runs, no [y/N] question); a key in "
+               "model.base_url is never printed or written.",
+    "ranges": "no training on nonsense (issue #26): out-of-range and non-finite settings "
+              "(learning rate, beta, epochs, top_p, temperature) refused with the run directory "
+              "byte for byte as it was; a recipe section given twice names both lines; "
+              "instructions of invisible characters only refused.",
+    "hang": "no hangs (issue #26): a Hub endpoint (push, a model download via HF_ENDPOINT) or an "
+            "OpenAI server that accepts and never answers fails in one line within seconds "
+            "(PREFLOOP_HUB_TIMEOUT=1, model.request_timeout=1) naming the endpoint and the "
+            "setting; a push killed -9 while it waits leaves nothing in TMPDIR.",
+    "traceback": "the last tracebacks as one line (issue #26): --set values YAML cannot read "
+                 "(taken as text, or named), a YAML alias bomb (a short line), truncated "
+                 "weights, deleted adapter weights, deeply nested JSON, an unwritable "
+                 "PREFLOOP_CACHE_DIR; with --embedded, a damaged converted cache is rebuilt.",
     "embedded": "the embedded SmolLM2-135M at tiny sizes: kill -9 during the GGUF conversion "
                 "(the temporary folder is removed by the next run), kill -9 in generate, rank, "
                 "train and compare resumed to the uninterrupted result, special-token prompts, "
@@ -333,12 +372,14 @@ class Sweep:
             self._ref = path
         return self._ref
 
-    def copy_ref(self, dest: Path, stages=STAGES) -> Path:
-        """A run directory holding the reference's finished `stages` (and its recipe.yaml)."""
+    def copy_ref(self, dest: Path, stages=STAGES, ref: Path | None = None) -> Path:
+        """A run directory holding a reference run's finished `stages` (and its recipe.yaml):
+        `ref`, by default the tiny model's."""
+        ref = ref or self.ref
         dest.mkdir(parents=True)
-        shutil.copy2(self.ref / "recipe.yaml", dest / "recipe.yaml")
+        shutil.copy2(ref / "recipe.yaml", dest / "recipe.yaml")
         for stage in stages:
-            shutil.copytree(self.ref / stage, dest / stage)
+            shutil.copytree(ref / stage, dest / stage)
         return dest
 
     @property
@@ -389,10 +430,21 @@ def sets(values) -> list[str]:
 
 @dataclass
 class Case:
+    """One row of the table. The runner gives the case a fresh folder $CASE and a run
+    directory $RUN (`run`, by default $CASE/run), which it first fills from `start`: None leaves
+    it absent, a tuple of stages copies those stages (and recipe.yaml) of the reference run
+    `ref` ("ref": the tiny model's, "eref": the embedded model's), "loop" makes $RUN the sweep's
+    finished iterate loop (put back after the case). Then `prepare(ctx)` if given, then the
+    checksums that `unchanged` compares with, then each action of `do` in order: a Step (one
+    command, checked) or any callable(ctx) (a data check, or free-form steps)."""
     name: str
     category: str
     expected: str
-    fn: Callable
+    do: tuple
+    start: tuple | str | None = None
+    ref: str = "ref"
+    run: str = "$CASE/run"
+    prepare: Callable | None = None
     embedded: bool = False
 
 
@@ -434,8 +486,8 @@ def _one_line_ok(cmd: Cmd) -> bool:
 
 
 class Ctx:
-    """What a case function gets: its fresh folder, the sweep's fixtures, and recording
-    helpers. `cli` checks every command: its exit code against `expect`, no traceback, the fake
+    """What each action of a case gets: its fresh folder (dir, $CASE), its run directory (run,
+    $RUN), the sweep's fixtures, and recording helpers. `cli` checks every command: its exit code against `expect`, no traceback, the fake
     token never printed, and for a failing command exactly one error line (its last) that holds
     every part of `says`."""
 
@@ -445,6 +497,28 @@ class Ctx:
         self.problems: list[str] = []
         self.data: list[str] = []
         self._procs: list[subprocess.Popen] = []
+        self.vars: dict[str, str] = {}  # more $NAMES for the steps, set by a case's prepare
+        self.run = Path(self.sub(case.run))
+        self.before: dict[str, str] = {}
+
+    def var(self, name: str) -> str:
+        fixed = {"CASE": lambda: self.dir, "RUN": lambda: self.run,
+                 "SWEEP": lambda: self.sweep.root, "RECIPE": lambda: self.sweep.recipe}
+        return str(fixed[name]() if name in fixed else self.vars[name])
+
+    def sub(self, text: str) -> str:
+        """`text` with $RUN, $CASE, $RECIPE, $SWEEP and self.vars's names replaced."""
+        return re.sub(r"\$([A-Z]+)", lambda m: self.var(m.group(1)), text)
+
+    def setup(self) -> None:
+        c = self.case
+        if c.start == "loop":
+            self.run = self.sweep.loop
+        elif c.start is not None:
+            self.sweep.copy_ref(self.run, c.start, getattr(self.sweep, c.ref))
+        if c.prepare:
+            c.prepare(self)
+        self.before = checksums(self.run)
 
     @property
     def recipe(self) -> Path:
@@ -567,14 +641,76 @@ def shorten(text: str, ctx: Ctx | None = None) -> str:
     return text
 
 
-CASES: list[Case] = []
+CASES: list[Case] = []  # the table, filled below in the order of the report
 
 
-def case(name: str, category: str, expected: str, embedded: bool = False):
-    def deco(fn):
-        CASES.append(Case(name, category, expected, fn, embedded))
-        return fn
-    return deco
+def case(name: str, category: str, expected: str, *do: Callable, start=None, ref: str = "ref",
+         run: str = "$CASE/run", prepare: Callable | None = None, embedded: bool = False) -> Case:
+    """A row of the table (see `Case`), appended to CASES."""
+    c = Case(name, category, expected, do, start, ref, run, prepare, embedded)
+    CASES.append(c)
+    return c
+
+
+@dataclass
+class Step:
+    """One `prefloop` command of a case: `line` is split like a shell line (quote a value with
+    spaces), then $RUN, $CASE, $RECIPE, $SWEEP (and what `prepare` put in ctx.vars) are
+    replaced in it, in `says`, in `env`'s values and in `prefix`."""
+    line: str
+    expect: int = 0
+    says: tuple = ()
+    env: dict | None = None
+    prefix: tuple = ()
+    preexec: Callable | None = None
+
+    def __call__(self, ctx: Ctx) -> None:
+        ctx.cli(*[ctx.sub(a) for a in shlex.split(self.line)], expect=self.expect,
+                says=[ctx.sub(s) for s in self.says],
+                env={k: ctx.sub(v) for k, v in self.env.items()} if self.env else None,
+                prefix=[ctx.sub(a) for a in self.prefix] or None, preexec=self.preexec)
+
+
+def ok(line: str, **kw) -> Step:
+    """A command that must succeed."""
+    return Step(line, 0, **kw)
+
+
+def refused(line: str, *says: str, **kw) -> Step:
+    """A command refused in one error line holding every part of `says`."""
+    return Step(line, 2, says, **kw)
+
+
+def killed(line: str, point: str, **kw) -> Step:
+    """A command killed with -9 by the CLI's test hook at `point` (<stage>:<point>[:<n>])."""
+    return Step(line, KILLED, env={"PREFLOOP_TEST_KILL_AT": point}, **kw)
+
+
+# the checks (actions that record a data check); any callable(ctx) can be one
+
+
+def unchanged(ctx: Ctx) -> None:
+    """Every file of $RUN as it was before the first action (or the last `snapshot`)."""
+    ctx.unchanged(ctx.run, ctx.before)
+
+
+def not_created(ctx: Ctx) -> None:
+    ctx.not_created(ctx.run)
+
+
+def snapshot(ctx: Ctx) -> None:
+    """Takes the checksums that `unchanged` compares with again, now."""
+    ctx.before = checksums(ctx.run)
+
+
+def same(*parts: str, what: str = "= uninterrupted run", ref: str = "ref") -> Callable:
+    """$RUN's `parts` equal the reference run's (`ref`: "ref", "loop" or "eref")."""
+    return lambda ctx: ctx.same_as(getattr(ctx.sweep, ref), ctx.run, parts, what)
+
+
+def holds(test: Callable[[Ctx], bool], what: str) -> Callable:
+    """A data check with a fixed text: `test(ctx)` must be true."""
+    return lambda ctx: ctx.check(test(ctx), what)
 
 
 def run_case(sweep: Sweep, c: Case) -> Row:
@@ -582,7 +718,9 @@ def run_case(sweep: Sweep, c: Case) -> Row:
     ctx = Ctx(sweep, c, folder)
     t0 = time.time()
     try:
-        c.fn(ctx)
+        ctx.setup()
+        for action in c.do:
+            action(ctx)
     except CaseFailed as e:
         ctx.problems.append(str(e))
     except Exception as e:  # a bug of the sweep or a fixture: the case fails, the sweep goes on
@@ -590,18 +728,33 @@ def run_case(sweep: Sweep, c: Case) -> Row:
         sweep.log_text(traceback.format_exc())
     finally:
         ctx.cleanup()
+        if c.start == "loop":  # the loop is shared: whatever the case did, it is put back
+            sweep.restore_loop()
     if not ctx.cmds and not ctx.problems:
         ctx.problems.append("the case ran no command")
     return Row(c, ctx.cmds, ctx.problems, ctx.data, time.time() - t0)
 
 
 # === the cases =================================================================================
+# Shorthands for the command lines: R is `--recipe $RECIPE --output-dir $RUN`.
+R = "--recipe $RECIPE --output-dir $RUN"
+UPTO = {s: ("recipe.yaml", *STAGES[:i + 1]) for i, s in enumerate(STAGES)}  # `same` parts
+
+
+def write(rel: str, data: bytes | str) -> Callable:
+    """A `prepare` writing $CASE/rel."""
+    def prepare(ctx: Ctx) -> None:
+        path = ctx.dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return prepare
+
+
 # --- lock ------------------------------------------------------------------------------------
 
 
-@case("concurrent-run", "lock", "2nd refused (pid+host), 1st completes")
-def _(ctx: Ctx):
-    run, go = ctx.dir / "run", ctx.dir / "go"
+def _concurrent_run(ctx: Ctx) -> None:
+    run, go = ctx.run, ctx.dir / "go"
     first = ctx.start("run", "--recipe", ctx.recipe, "--output-dir", run, "--until", "generate",
                       env={"PREFLOOP_TEST_WAIT_AT": f"generate:append={go}"})
     ctx.wait_for(lambda: (run / "generate" / "generations.jsonl").exists(), first)
@@ -612,12 +765,10 @@ def _(ctx: Ctx):
     ctx.unchanged(run, before)
     go.touch()
     ctx.wait(first)
-    ctx.same_as(ctx.ref, run, ["recipe.yaml", "instructions", "generate"])
 
 
-@case("concurrent-force-vs-others", "lock", "run, push, compare refused while generate --force")
-def _(ctx: Ctx):
-    run, go = ctx.sweep.copy_ref(ctx.dir / "run"), ctx.dir / "go"
+def _concurrent_force(ctx: Ctx) -> None:
+    run, go = ctx.run, ctx.dir / "go"
     first = ctx.start("generate", "--output-dir", run, "--force",
                       env={"PREFLOOP_TEST_WAIT_AT": f"generate:append={go}"})
     ctx.wait_for(lambda: (run / ".generate.previous").exists()  # the redo's first group
@@ -632,114 +783,77 @@ def _(ctx: Ctx):
     ctx.unchanged(run, before)
     go.touch()
     ctx.wait(first)
-    ctx.same_as(ctx.ref, run, ["recipe.yaml", *STAGES])
 
 
-@case("stale-lock-dead-pid", "lock", "lock of a dead pid taken over")
-def _(ctx: Ctx):
-    run = ctx.dir / "run"
-    run.mkdir()
-    (run / ".prefloop.lock").write_text(json.dumps({"pid": 2**22 + 7, "host": "gone"}))
-    ctx.cli("run", "--recipe", ctx.recipe, "--output-dir", run, "--until", "generate")
-    ctx.same_as(ctx.ref, run, ["recipe.yaml", "instructions", "generate"])
+def _lock_of(owner: bytes) -> Callable:
+    return write("run/.prefloop.lock", owner)
 
 
-@case("stale-lock-garbage", "lock", "a lock file of garbage taken over")
-def _(ctx: Ctx):
-    run = ctx.sweep.copy_ref(ctx.dir / "run", ("instructions",))
-    (run / ".prefloop.lock").write_bytes(b"\x00\xffnot json at all")
-    ctx.cli("generate", "--output-dir", run)
-    ctx.same_as(ctx.ref, run, ["recipe.yaml", "instructions", "generate"])
-
+case("concurrent-run", "lock", "2nd refused (pid+host), 1st completes",
+     _concurrent_run, same(*UPTO["generate"]))
+case("concurrent-force-vs-others", "lock", "run, push, compare refused while generate --force",
+     _concurrent_force, same("recipe.yaml", *STAGES), start=STAGES)
+case("stale-lock-dead-pid", "lock", "lock of a dead pid taken over",
+     ok(f"run {R} --until generate"), same(*UPTO["generate"]),
+     prepare=_lock_of(json.dumps({"pid": 2**22 + 7, "host": "gone"}).encode()))
+case("stale-lock-garbage", "lock", "a lock file of garbage taken over",
+     ok("generate --output-dir $RUN"), same(*UPTO["generate"]),
+     start=("instructions",), prepare=_lock_of(b"\x00\xffnot json at all"))
 
 # --- kill -9 at a point of each stage, then the same command -----------------------------------
 
-
-def kill_case(point: str, upstream: tuple[str, ...] = ()):
-    stage = point.split(":")[0]
-
-    def fn(ctx: Ctx):
-        run = ctx.dir / "run"
-        if upstream:
-            ctx.sweep.copy_ref(run, upstream)
-        args = ["run", "--recipe", ctx.recipe, "--output-dir", run, "--until", stage]
-        ctx.cli(*args, env={"PREFLOOP_TEST_KILL_AT": point}, expect=KILLED)
-        lock = (run / ".prefloop.lock").exists()
-        ctx.cli(*args)
-        ctx.check(lock, "lock of the killed run taken over")
-        ctx.same_as(ctx.ref, run, ["recipe.yaml", *STAGES[:STAGES.index(stage) + 1]])
-    return Case(f"kill9-{point.replace(':', '-')}", "kill",
-                f"killed in {stage}, resumes to the uninterrupted result", fn)
-
-
+lock_taken_over = holds(lambda ctx: (ctx.run / ".prefloop.lock").exists(),
+                        "lock of the killed run taken over")  # the killed run's lock is left
 for _point, _up in [("instructions:finish", ()), ("generate:append:4", ()),
-                    ("generate:finish", ("instructions",)),
-                    ("rank:append:1", ("instructions", "generate")),
-                    ("rank:finish", ("instructions", "generate")),
-                    ("pairs:finish", ("instructions", "generate", "rank")),
-                    ("train:append:1", ("instructions", "generate", "rank", "pairs")),
-                    ("train:finish", ("instructions", "generate", "rank", "pairs")),
+                    ("generate:finish", STAGES[:1]), ("rank:append:1", STAGES[:2]),
+                    ("rank:finish", STAGES[:2]), ("pairs:finish", STAGES[:3]),
+                    ("train:append:1", STAGES[:4]), ("train:finish", STAGES[:4]),
                     ("compare:append:1", STAGES[:5]), ("compare:finish", STAGES[:5])]:
-    CASES.append(kill_case(_point, _up))
+    _stage = _point.split(":")[0]
+    case(f"kill9-{_point.replace(':', '-')}", "kill",
+         f"killed in {_stage}, resumes to the uninterrupted result",
+         killed(f"run {R} --until {_stage}", _point), lock_taken_over,
+         ok(f"run {R} --until {_stage}"), same(*UPTO[_stage]), start=_up or None)
 
 
-@case("kill9-twice", "kill", "killed twice in generate, resumes")
-def _(ctx: Ctx):
-    run = ctx.sweep.copy_ref(ctx.dir / "run", ("instructions",))
-    for n in (1, 2):
-        ctx.cli("generate", "--output-dir", run, env={"PREFLOOP_TEST_KILL_AT": f"generate:append:{n}"},
-                expect=KILLED)
-    lines = len(jsonl(run / "generate" / "generations.jsonl"))
-    ctx.cli("generate", "--output-dir", run)
+def _groups_kept(ctx: Ctx) -> None:
+    lines = len(jsonl(ctx.run / "generate" / "generations.jsonl"))
     ctx.check(lines == 3 * 2, f"{lines // 2} groups kept after two kills", f"{lines} lines")
-    ctx.same_as(ctx.ref, run, ["recipe.yaml", "instructions", "generate"])
 
 
-@case("kill9-force-redo-resumes", "kill", "killed --force redo resumes, old stage dropped")
-def _(ctx: Ctx):
-    run = ctx.sweep.copy_ref(ctx.dir / "run", ("instructions", "generate"))
-    ctx.cli("generate", "--output-dir", run, "--force", "--set", "generate.k=3",
-            env={"PREFLOOP_TEST_KILL_AT": "generate:append:2"}, expect=KILLED)
-    aside = (run / ".generate.previous" / "manifest.json").exists()
-    ctx.cli("generate", "--output-dir", run, "--set", "generate.k=3")
-    rows = jsonl(run / "generate" / "generations.jsonl")
+def _redo_resumed(ctx: Ctx) -> None:
+    rows = jsonl(ctx.run / "generate" / "generations.jsonl")
     keys = {(r["id"], r["sample"]) for r in rows}
-    ctx.check(aside, "finished stage kept aside while killed")
-    ctx.check(len(rows) == 18 and len(keys) == 18 and not (run / ".generate.previous").exists(),
+    ctx.check(len(rows) == 18 and len(keys) == 18 and not (ctx.run / ".generate.previous").exists(),
               "18 unique responses, aside dropped", f"{len(rows)} rows, {len(keys)} unique")
 
 
-@case("kill9-force-redo-old-config", "kill", "killed --force redo; old config gets it back")
-def _(ctx: Ctx):
-    run = ctx.sweep.copy_ref(ctx.dir / "run", ("instructions", "generate"))
-    before = checksums(run)
-    ctx.cli("generate", "--output-dir", run, "--force", "--set", "generate.k=3",
-            env={"PREFLOOP_TEST_KILL_AT": "generate:append:2"}, expect=KILLED)
-    ctx.cli("run", "--recipe", ctx.recipe, "--output-dir", run, "--until", "generate")
-    ctx.check(checksums(run) == before, "old stage back byte for byte",
-              diff_keys(before, checksums(run)))
+case("kill9-twice", "kill", "killed twice in generate, resumes",
+     killed("generate --output-dir $RUN", "generate:append:1"),
+     killed("generate --output-dir $RUN", "generate:append:2"), _groups_kept,
+     ok("generate --output-dir $RUN"), same(*UPTO["generate"]), start=STAGES[:1])
+case("kill9-force-redo-resumes", "kill", "killed --force redo resumes, old stage dropped",
+     killed("generate --output-dir $RUN --force --set generate.k=3", "generate:append:2"),
+     holds(lambda ctx: (ctx.run / ".generate.previous" / "manifest.json").exists(),
+           "finished stage kept aside while killed"),
+     ok("generate --output-dir $RUN --set generate.k=3"), _redo_resumed, start=STAGES[:2])
+case("kill9-force-redo-old-config", "kill", "killed --force redo; old config gets it back",
+     killed("generate --output-dir $RUN --force --set generate.k=3", "generate:append:2"),
+     ok(f"run {R} --until generate"),
+     lambda ctx: ctx.check(checksums(ctx.run) == ctx.before, "old stage back byte for byte",
+                           diff_keys(ctx.before, checksums(ctx.run))), start=STAGES[:2])
+case("kill9-then-changed-setting", "kill", "partial stage: other config refused, then resumes",
+     killed("generate --output-dir $RUN", "generate:append:2"), snapshot,
+     refused("generate --output-dir $RUN --set generate.temperature=0.5",
+             "holds a partial 'generate' stage from a different configuration",
+             "--set generate.temperature=0.5 --force"), unchanged,
+     ok("generate --output-dir $RUN"), same(*UPTO["generate"]), start=STAGES[:1])
 
 
-@case("kill9-then-changed-setting", "kill", "partial stage: other config refused, then resumes")
-def _(ctx: Ctx):
-    run = ctx.sweep.copy_ref(ctx.dir / "run", ("instructions",))
-    ctx.cli("generate", "--output-dir", run, env={"PREFLOOP_TEST_KILL_AT": "generate:append:2"},
-            expect=KILLED)
-    before = checksums(run)
-    ctx.cli("generate", "--output-dir", run, "--set", "generate.temperature=0.5", expect=2,
-            says=["holds a partial 'generate' stage from a different configuration",
-                  "--set generate.temperature=0.5 --force"])
-    ctx.unchanged(run, before)
-    ctx.cli("generate", "--output-dir", run)
-    ctx.same_as(ctx.ref, run, ["recipe.yaml", "instructions", "generate"])
-
-
-def signal_case(name: str, sig: int, point: str, upstream: tuple[str, ...], expect: int):
-    def fn(ctx: Ctx):
-        run, never = ctx.dir / "run", ctx.dir / "never"
-        if upstream:
-            ctx.sweep.copy_ref(run, upstream)
-        stage = point.split(":")[0]
+def interrupt(sig: int, point: str, expect: int) -> Callable:
+    """An action: the command of `point`'s stage waits there; `sig` is sent; then resumed."""
+    def action(ctx: Ctx) -> None:
+        run, never, stage = ctx.run, ctx.dir / "never", point.split(":")[0]
         log = {"generate": "generations.jsonl", "rank": "judgments.jsonl", "train": "log.jsonl"}
         args = ["run", "--recipe", ctx.recipe, "--output-dir", run, "--until", stage]
         proc = ctx.start(*args, env={"PREFLOOP_TEST_WAIT_AT": f"{point}={never}"})
@@ -748,242 +862,176 @@ def signal_case(name: str, sig: int, point: str, upstream: tuple[str, ...], expe
         proc.send_signal(sig)
         ctx.wait(proc, expect=expect)
         ctx.cli(*args)
-        ctx.same_as(ctx.ref, run, ["recipe.yaml", *STAGES[:STAGES.index(stage) + 1]])
-    what = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}[sig]
-    return Case(name, "kill", f"{what} in {point.split(':')[0]}: "
-                f"{'one line, exit 130' if expect == 130 else 'dies'}, resumes", fn)
+    return action
 
 
-CASES += [signal_case("sigint-generate", signal.SIGINT, "generate:append", (), 130),
-          signal_case("sigint-rank", signal.SIGINT, "rank:append", STAGES[:2], 130),
-          signal_case("sigint-train", signal.SIGINT, "train:append", STAGES[:4], 130),
-          signal_case("sigterm-rank", signal.SIGTERM, "rank:append", STAGES[:2],
-                      -signal.SIGTERM)]
-
+for _name, _sig, _point, _up, _rc in [
+        ("sigint-generate", signal.SIGINT, "generate:append", (), 130),
+        ("sigint-rank", signal.SIGINT, "rank:append", STAGES[:2], 130),
+        ("sigint-train", signal.SIGINT, "train:append", STAGES[:4], 130),
+        ("sigterm-rank", signal.SIGTERM, "rank:append", STAGES[:2], -signal.SIGTERM)]:
+    _stage = _point.split(":")[0]
+    case(_name, "kill", f"{'Ctrl-C' if _sig == signal.SIGINT else 'SIGTERM'} in {_stage}: "
+         f"{'one line, exit 130' if _rc == 130 else 'dies'}, resumes",
+         interrupt(_sig, _point, _rc), same(*UPTO[_stage]), start=_up or None)
 
 # --- refused: one line, nothing changed -------------------------------------------------------
 
 
-def refused_case(name: str, expected: str, args: list, says: list, *, fresh: bool = False,
-                 stages=STAGES, prepare: Callable | None = None, recipe: bool = True):
-    """A command on a finished copy of the reference (or, `fresh`, on a new folder) that must be
-    refused with one line holding every part of `says` and change nothing."""
-    def fn(ctx: Ctx):
-        run = ctx.dir / "run"
-        if not fresh:
-            ctx.sweep.copy_ref(run, stages)
-        extra = prepare(ctx, run) if prepare else None
-        argv = [a(ctx) if callable(a) else a for a in args]
-        if extra:
-            argv += extra
-        if recipe and "--recipe" not in argv:
-            argv += ["--recipe", ctx.recipe]
-        before = checksums(run)
-        ctx.cli(*argv, "--output-dir", run, expect=2,
-                says=[s(ctx) if callable(s) else s for s in says])
-        ctx.not_created(run) if fresh else ctx.unchanged(run, before)
-    return Case(name, "refused", expected, fn)
+def refusal(name: str, expected: str, line: str, *says: str, fresh: bool = False,
+            prepare: Callable | None = None) -> Case:
+    """`line` on a finished copy of the reference (or, `fresh`, on a new folder) is refused with
+    one line holding every part of `says` and changes nothing."""
+    return case(name, "refused", expected, refused(line, *says),
+                not_created if fresh else unchanged, start=None if fresh else STAGES,
+                prepare=prepare)
 
 
-def _broken_source(ctx: Ctx, run=None) -> Path:
-    path = ctx.dir / "broken.jsonl"
-    path.write_text('{"instruction": "one"}\n{"instruction": "two",\n{"instruction": "three"}\n',
-                    encoding="utf-8")
-    return path
+def _corrupt_recorded_recipe(ctx: Ctx) -> None:
+    text = (ctx.run / "recipe.yaml").read_text()
+    (ctx.run / "recipe.yaml").write_text(text.replace("generate:", "generate: [oops", 1))
 
 
-def _corrupt_recorded_recipe(ctx: Ctx, run: Path):
-    text = (run / "recipe.yaml").read_text()
-    (run / "recipe.yaml").write_text(text.replace("generate:", "generate: [oops", 1))
-
-
-def _truncate_manifest(ctx: Ctx, run: Path):
-    m = run / "generate" / "manifest.json"
+def _truncate_manifest(ctx: Ctx) -> None:
+    m = ctx.run / "generate" / "manifest.json"
     m.write_bytes(m.read_bytes()[:40])
 
 
-def _corrupt_generations(ctx: Ctx, run: Path):
-    g = run / "generate" / "generations.jsonl"
+def _corrupt_generations(ctx: Ctx) -> None:
+    g = ctx.run / "generate" / "generations.jsonl"
     lines = g.read_text().splitlines(keepends=True)
     lines[3] = lines[3][:30] + "\n"
     g.write_text("".join(lines))
 
 
-def _empty_model_folder(ctx: Ctx, run=None) -> Path:
-    (ctx.dir / "empty-model").mkdir(exist_ok=True)
-    return ctx.dir / "empty-model"
+def _recipe_file(rel: str, edit: Callable[[bytes], bytes]) -> Callable:
+    """A `prepare` writing $CASE/rel: the sweep's recipe, edited."""
+    return lambda ctx: write(rel, edit(ctx.recipe.read_bytes()))(ctx)
 
 
-CASES += [
-    refused_case("changed-set-run", "changed --set refused naming the command",
-                 ["run", "--set", "generate.k=3"],
-                 ["stage 'generate' finished with a different configuration (generate.k: 2 -> 3)",
-                  "prefloop run --set generate.k=3 --recipe", "--force (or use a new --output-dir)"]),
-    refused_case("changed-set-train-beta", "changed train.beta refused naming train",
-                 ["run", "--set", "train.beta=0.05"],
-                 ["stage 'train' finished with a different configuration",
-                  "to redo train and the stages after it run: prefloop run"], recipe=False),
-    refused_case("model-name-typo", "embedded-name typo refused with a suggestion",
-                 ["run", "--set", "model.name=smollm2-135m-instruc"],
-                 ["did you mean the embedded 'smollm2-135m-instruct'?"]),
-    refused_case("model-folder-missing", "missing model folder refused",
-                 ["generate", "--set", "model.name=./no/such/model"],
-                 ["model.name: unknown model './no/such/model' (no such folder)"]),
-    refused_case("model-folder-empty", "a folder without config.json refused",
-                 ["generate", "--set", lambda c: f"model.name={_empty_model_folder(c)}"],
-                 ["is a folder without config.json"]),
-    refused_case("model-hub-id-space", "a Hub id with a space refused", ["run", "--set",
-                 "model.name=some user/model"], ["is not a valid Hub id"], fresh=True),
-    refused_case("n-heldout-0-fresh", "n_heldout=0 with compare refused up front",
-                 ["run", "--set", "instructions.n_heldout=0"],
-                 ["instructions.n_heldout: is 0, but compare runs on held-out"], fresh=True),
-    refused_case("n-heldout-0-finished", "n_heldout=0 --force on a finished run refused",
-                 ["run", "--force", "--set", "instructions.n_heldout=0"],
-                 ["instructions.n_heldout: is 0", "--until train"]),
-    refused_case("sizes-larger-than-source", "n_train beyond the source refused",
-                 ["run", "--set", "instructions.n_train=20"],
-                 ["22 instructions requested (n_train 20 + n_heldout 2) but only 10"], fresh=True),
-    refused_case("unknown-set-key", "unknown key refused with a suggestion",
-                 ["run", "--set", "instructions.n_trian=3"],
-                 ["unknown key 'n_trian' (did you mean 'n_train'?)"]),
-    refused_case("unknown-set-section", "unknown section refused",
-                 ["run", "--set", "trian.beta=0.2"], ["trian"]),
-    refused_case("wrong-type-int", "a word for an int refused",
-                 ["run", "--set", "generate.k=three"], ["generate.k"]),
-    refused_case("wrong-type-float", "a word for a float refused",
-                 ["train", "--set", "train.beta=high"], ["train.beta"]),
-    refused_case("wrong-type-bool", "not a bool refused",
-                 ["train", "--set", "train.qlora=maybe"], ["train.qlora"]),
-    refused_case("out-of-range-k", "generate.k=0 refused", ["run", "--set", "generate.k=0"],
-                 ["generate.k"], fresh=True),
-    refused_case("set-without-equals", "--set without = refused",
-                 ["run", "--set", "generate.k"], ["generate.k"]),
-    refused_case("unknown-recipe-name", "a misspelt shipped recipe refused",
-                 ["run", "--recipe", "defualt"], ["defualt"], fresh=True),
-    refused_case("recipe-file-missing", "a missing recipe file refused",
-                 ["run", "--recipe", "no-such-recipe.yaml"], ["no-such-recipe.yaml"], fresh=True),
-    refused_case("until-typo", "an unknown --until refused by argparse",
-                 ["run", "--until", "trian"], ["invalid choice: 'trian'"], fresh=True),
-    refused_case("recorded-recipe-corrupted", "hand-broken recipe.yaml named",
-                 ["run"], ["recipe.yaml"], prepare=_corrupt_recorded_recipe, recipe=False),
-    refused_case("manifest-truncated", "a truncated manifest named, nothing changed",
-                 ["run"], ["generate/manifest.json"], prepare=_truncate_manifest, recipe=False),
-    refused_case("generations-line-corrupted", "rank --force on a broken line names file:line",
-                 ["rank", "--force"], ["generations.jsonl:4: malformed JSON"],
-                 prepare=_corrupt_generations, recipe=False),
-    refused_case("compare-before-train", "a stage before its upstream: one line",
-                 ["compare"], ["no trained adapter found; run `prefloop train"], fresh=True),
-]
-
-
-@case("recipe-yaml-malformed", "refused", "a broken recipe file named with its line")
-def _(ctx: Ctx):
-    bad = ctx.dir / "bad.yaml"
-    bad.write_text(ctx.recipe.read_text().replace("generate: {", "generate: {{", 1))
-    ctx.cli("run", "--recipe", bad, "--output-dir", ctx.dir / "run", expect=2, says=[str(bad)])
-    ctx.not_created(ctx.dir / "run")
-
-
-@case("recipe-yaml-unknown-key", "refused", "an unknown key in the recipe file named")
-def _(ctx: Ctx):
-    bad = ctx.dir / "bad.yaml"
-    bad.write_text(ctx.recipe.read_text() + "train_beta: 0.2\n")
-    ctx.cli("run", "--recipe", bad, "--output-dir", ctx.dir / "run", expect=2,
-            says=["train_beta"])
-    ctx.not_created(ctx.dir / "run")
-
-
-@case("recipe-not-utf8", "refused", "a Latin-1 recipe file named")
-def _(ctx: Ctx):
-    bad = ctx.dir / "latin1.yaml"
-    bad.write_bytes(ctx.recipe.read_bytes().replace(b"name: tiny", b"name: caf\xe9"))
-    ctx.cli("run", "--recipe", bad, "--output-dir", ctx.dir / "run", expect=2,
-            says=[str(bad), "UTF-8"])
-    ctx.not_created(ctx.dir / "run")
-
+refusal("changed-set-run", "changed --set refused naming the command",
+        f"run --set generate.k=3 {R}",
+        "stage 'generate' finished with a different configuration (generate.k: 2 -> 3)",
+        "prefloop run --set generate.k=3 --recipe", "--force (or use a new --output-dir)")
+refusal("changed-set-train-beta", "changed train.beta refused naming train",
+        "run --set train.beta=0.05 --output-dir $RUN",
+        "stage 'train' finished with a different configuration",
+        "to redo train and the stages after it run: prefloop run")
+refusal("model-name-typo", "embedded-name typo refused with a suggestion",
+        f"run --set model.name=smollm2-135m-instruc {R}",
+        "did you mean the embedded 'smollm2-135m-instruct'?")
+refusal("model-folder-missing", "missing model folder refused",
+        f"generate --set model.name=./no/such/model {R}",
+        "model.name: unknown model './no/such/model' (no such folder)")
+refusal("model-folder-empty", "a folder without config.json refused",
+        f"generate --set model.name=$CASE/empty-model {R}", "is a folder without config.json",
+        prepare=lambda ctx: (ctx.dir / "empty-model").mkdir())
+refusal("model-hub-id-space", "a Hub id with a space refused",
+        f"run --set 'model.name=some user/model' {R}", "is not a valid Hub id", fresh=True)
+refusal("n-heldout-0-fresh", "n_heldout=0 with compare refused up front",
+        f"run --set instructions.n_heldout=0 {R}",
+        "instructions.n_heldout: is 0, but compare runs on held-out", fresh=True)
+refusal("n-heldout-0-finished", "n_heldout=0 --force on a finished run refused",
+        f"run --force --set instructions.n_heldout=0 {R}",
+        "instructions.n_heldout: is 0", "--until train")
+refusal("sizes-larger-than-source", "n_train beyond the source refused",
+        f"run --set instructions.n_train=20 {R}",
+        "22 instructions requested (n_train 20 + n_heldout 2) but only 10", fresh=True)
+refusal("unknown-set-key", "unknown key refused with a suggestion",
+        f"run --set instructions.n_trian=3 {R}", "unknown key 'n_trian' (did you mean 'n_train'?)")
+refusal("unknown-set-section", "unknown section refused", f"run --set trian.beta=0.2 {R}",
+        "trian")
+refusal("wrong-type-int", "a word for an int refused", f"run --set generate.k=three {R}",
+        "generate.k")
+refusal("wrong-type-float", "a word for a float refused", f"train --set train.beta=high {R}",
+        "train.beta")
+refusal("wrong-type-bool", "not a bool refused", f"train --set train.qlora=maybe {R}",
+        "train.qlora")
+refusal("out-of-range-k", "generate.k=0 refused", f"run --set generate.k=0 {R}", "generate.k",
+        fresh=True)
+refusal("set-without-equals", "--set without = refused", f"run --set generate.k {R}",
+        "generate.k")
+refusal("unknown-recipe-name", "a misspelt shipped recipe refused",
+        "run --recipe defualt --output-dir $RUN", "defualt", fresh=True)
+refusal("recipe-file-missing", "a missing recipe file refused",
+        "run --recipe no-such-recipe.yaml --output-dir $RUN", "no-such-recipe.yaml", fresh=True)
+refusal("until-typo", "an unknown --until refused by argparse", f"run --until trian {R}",
+        "invalid choice: 'trian'", fresh=True)
+refusal("recorded-recipe-corrupted", "hand-broken recipe.yaml named",
+        "run --output-dir $RUN", "recipe.yaml", prepare=_corrupt_recorded_recipe)
+refusal("manifest-truncated", "a truncated manifest named, nothing changed",
+        "run --output-dir $RUN", "generate/manifest.json", prepare=_truncate_manifest)
+refusal("generations-line-corrupted", "rank --force on a broken line names file:line",
+        "rank --force --output-dir $RUN", "generations.jsonl:4: malformed JSON",
+        prepare=_corrupt_generations)
+refusal("compare-before-train", "a stage before its upstream: one line", f"compare {R}",
+        "no trained adapter found; run `prefloop train", fresh=True)
+refusal("recipe-yaml-malformed", "a broken recipe file named with its line",
+        "run --recipe $CASE/bad.yaml --output-dir $RUN", "$CASE/bad.yaml", fresh=True,
+        prepare=_recipe_file("bad.yaml", lambda b: b.replace(b"generate: {", b"generate: {{", 1)))
+refusal("recipe-yaml-unknown-key", "an unknown key in the recipe file named",
+        "run --recipe $CASE/bad.yaml --output-dir $RUN", "train_beta", fresh=True,
+        prepare=_recipe_file("bad.yaml", lambda b: b + b"train_beta: 0.2\n"))
+refusal("recipe-not-utf8", "a Latin-1 recipe file named",
+        "run --recipe $CASE/latin1.yaml --output-dir $RUN", "$CASE/latin1.yaml", "UTF-8",
+        fresh=True, prepare=_recipe_file("latin1.yaml",
+                                         lambda b: b.replace(b"name: tiny", b"name: caf\xe9")))
 
 # --- --force: transactional --------------------------------------------------------------------
 
-
-@case("force-model-typo", "force", "refused before the finished stage is touched")
-def _(ctx: Ctx):
-    run = ctx.sweep.copy_ref(ctx.dir / "run")
-    before = checksums(run)
-    ctx.cli("generate", "--output-dir", run, "--force", "--set", "model.name=smollm2-135m-instruc",
-            expect=2, says=["did you mean the embedded 'smollm2-135m-instruct'?"])
-    ctx.unchanged(run, before)
+BROKEN = '{"instruction": "one"}\n{"instruction": "two",\n{"instruction": "three"}\n'
 
 
-@case("force-malformed-source", "force", "broken source refused before instructions is touched")
-def _(ctx: Ctx):
-    run = ctx.sweep.copy_ref(ctx.dir / "run")
-    before = checksums(run)
-    src = _broken_source(ctx)
-    ctx.cli("instructions", "--output-dir", run, "--force", "--set", f"instructions.source={src}",
-            expect=2, says=[f"{src}:2: malformed JSON"])
-    ctx.unchanged(run, before)
-
-
-@case("force-fails-in-generate", "force", "failed redo restores; corrected one runs")
-def _(ctx: Ctx):
-    run = ctx.sweep.copy_ref(ctx.dir / "run")
-    before = checksums(run)
-    ctx.cli("generate", "--output-dir", run, "--force", "--set", "generate.max_new_tokens=600",
-            expect=2, says=["exceeds the model's context of 512"])
-    ctx.unchanged(run, before)
-    ctx.cli("generate", "--output-dir", run, "--force", "--set", "generate.max_new_tokens=4")
-    rows = jsonl(run / "generate" / "generations.jsonl")
-    ctx.check(len(rows) == 12 and all(r["response_tokens"] <= 4 for r in rows),
-              "corrected redo: 12 responses of <= 4 tokens")
-
-
-@case("force-fails-in-rank", "force", "PairRM offline: one line, rank restored")
-def _(ctx: Ctx):
-    run = ctx.sweep.copy_ref(ctx.dir / "run")
-    before = checksums(run)
-    ctx.cli("rank", "--output-dir", run, "--force", "--set", "rank.ranker=pairrm",
-            expect=2, says=["PairRM weights llm-blender/PairRM", "are unavailable here"])
-    ctx.unchanged(run, before)
-
-
-@case("force-fails-in-train", "force", "a wrong target module: one line, train restored")
-def _(ctx: Ctx):
-    run = ctx.sweep.copy_ref(ctx.dir / "run")
-    before = checksums(run)
-    ctx.cli("train", "--output-dir", run, "--force", "--set", "train.target_modules=qkv_proj",
-            expect=2, says=["train.target_modules"])
-    ctx.unchanged(run, before)
-
-
-@case("run-force-beta-only", "force", "only train and compare redone")
-def _(ctx: Ctx):
-    run = ctx.sweep.copy_ref(ctx.dir / "run")
+def _only_train_compare_redone(ctx: Ctx) -> None:
     early = ["instructions", "generate", "rank", "pairs"]
-    sums, times = checksums(run), mtimes(run, early)
-    ctx.cli("run", "--output-dir", run, "--force", "--set", "train.beta=0.05")
-    after = checksums(run)
-    ctx.check(mtimes(run, early) == times and all(after.get(k) == v for k, v in sums.items()
-                                                  if k.split("/")[0] in early),
+    sums, times = checksums(ctx.run), mtimes(ctx.run, early)
+    ctx.cli("run", "--output-dir", ctx.run, "--force", "--set", "train.beta=0.05")
+    after = checksums(ctx.run)
+    ctx.check(mtimes(ctx.run, early) == times and all(after.get(k) == v for k, v in sums.items()
+                                                      if k.split("/")[0] in early),
               "generate..pairs untouched (checksums, mtimes)")
     redone = all(after[f"{s}/manifest.json"] != sums[f"{s}/manifest.json"]
                  for s in ("train", "compare"))
-    ctx.check(redone and "beta: 0.05" in (run / "recipe.yaml").read_text(),
+    ctx.check(redone and "beta: 0.05" in (ctx.run / "recipe.yaml").read_text(),
               "train, compare redone; recipe.yaml records beta")
 
 
-@case("noop-rerun", "force", "a finished run re-run: no-op, nothing written")
-def _(ctx: Ctx):
-    run = ctx.sweep.copy_ref(ctx.dir / "run")
-    before, times = checksums(run), mtimes(run, ["recipe.yaml", *STAGES])
-    ctx.cli("run", "--output-dir", run)
-    ctx.check(checksums(run) == before and mtimes(run, ["recipe.yaml", *STAGES]) == times,
-              "checksums and mtimes unchanged")
+def _noop_rerun(ctx: Ctx) -> None:
+    times = mtimes(ctx.run, ["recipe.yaml", *STAGES])
+    ctx.cli("run", "--output-dir", ctx.run)
+    ctx.check(checksums(ctx.run) == ctx.before and mtimes(ctx.run, ["recipe.yaml", *STAGES])
+              == times, "checksums and mtimes unchanged")
 
+
+case("force-model-typo", "force", "refused before the finished stage is touched",
+     refused("generate --output-dir $RUN --force --set model.name=smollm2-135m-instruc",
+             "did you mean the embedded 'smollm2-135m-instruct'?"), unchanged, start=STAGES)
+case("force-malformed-source", "force", "broken source refused before instructions is touched",
+     refused("instructions --output-dir $RUN --force --set instructions.source=$CASE/broken.jsonl",
+             "$CASE/broken.jsonl:2: malformed JSON"), unchanged,
+     start=STAGES, prepare=write("broken.jsonl", BROKEN))
+case("force-fails-in-generate", "force", "failed redo restores; corrected one runs",
+     refused("generate --output-dir $RUN --force --set generate.max_new_tokens=600",
+             "exceeds the model's context of 512"), unchanged,
+     ok("generate --output-dir $RUN --force --set generate.max_new_tokens=4"),
+     holds(lambda ctx: [r["response_tokens"] <= 4 for r in jsonl(
+         ctx.run / "generate" / "generations.jsonl")] == [True] * 12,
+         "corrected redo: 12 responses of <= 4 tokens"), start=STAGES)
+case("force-fails-in-rank", "force", "PairRM offline: one line, rank restored",
+     refused("rank --output-dir $RUN --force --set rank.ranker=pairrm",
+             "PairRM weights llm-blender/PairRM", "are unavailable here"), unchanged, start=STAGES)
+case("force-fails-in-train", "force", "a wrong target module: one line, train restored",
+     refused("train --output-dir $RUN --force --set train.target_modules=qkv_proj",
+             "train.target_modules"), unchanged, start=STAGES)
+case("run-force-beta-only", "force", "only train and compare redone",
+     _only_train_compare_redone, start=STAGES)
+case("noop-rerun", "force", "a finished run re-run: no-op, nothing written", _noop_rerun,
+     start=STAGES)
 
 # --- OS-level failures -------------------------------------------------------------------------
 
 
-def read_only(path: Path) -> list[str]:
+def read_only(path) -> list[str]:
     """A command prefix running in a private mount namespace where `path` is read-only."""
     return ["unshare", "-rm", "sh", "-c",
             'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"', str(path)]
@@ -997,72 +1045,6 @@ def need_unshare(ctx: Ctx) -> None:
         raise CaseFailed(f"no read-only bind mount here: {probe.stderr.strip()}")
 
 
-@case("read-only-run-dir", "os", "no-op runs; --force and a changed run: one line")
-def _(ctx: Ctx):
-    need_unshare(ctx)
-    run = ctx.sweep.copy_ref(ctx.dir / "run")
-    before, ro = checksums(run), read_only(run)
-    ctx.cli("run", "--output-dir", run, prefix=ro)
-    ctx.cli("generate", "--output-dir", run, "--force", prefix=ro, expect=2,
-            says=[f"--output-dir {run}: cannot write the run directory", "Read-only file system"])
-    ctx.cli("run", "--output-dir", run, "--force", "--set", "train.beta=0.2", prefix=ro,
-            expect=2, says=["Read-only file system"])
-    ctx.unchanged(run, before)
-
-
-@case("read-only-partial-run", "os", "work to do on a read-only dir: one line")
-def _(ctx: Ctx):
-    need_unshare(ctx)
-    run = ctx.sweep.copy_ref(ctx.dir / "run", ("instructions",))
-    before = checksums(run)
-    ctx.cli("run", "--output-dir", run, "--until", "generate", prefix=read_only(run), expect=2,
-            says=["Read-only file system"])
-    ctx.unchanged(run, before)
-
-
-@case("read-only-parent", "os", "new run dir under a read-only folder: one line")
-def _(ctx: Ctx):
-    need_unshare(ctx)
-    parent = ctx.dir / "parent"
-    parent.mkdir()
-    ctx.cli("run", "--recipe", ctx.recipe, "--output-dir", parent / "run", "--until", "generate",
-            prefix=read_only(parent), expect=2, says=[str(parent / "run"), "Read-only file system"])
-    ctx.check(not any(parent.iterdir()), "nothing created")
-
-
-@case("output-dir-is-file", "os", "one line naming the file")
-def _(ctx: Ctx):
-    f = ctx.dir / "file"
-    f.write_text("x")
-    ctx.cli("run", "--recipe", ctx.recipe, "--output-dir", f, expect=2,
-            says=[f"--output-dir {f}: is a file, not a folder"])
-    ctx.check(f.read_text() == "x", "the file untouched")
-
-
-@case("output-dir-under-file", "os", "one line naming the file in the way")
-def _(ctx: Ctx):
-    f = ctx.dir / "file"
-    f.write_text("x")
-    ctx.cli("instructions", "--recipe", ctx.recipe, "--output-dir", f / "sub" / "run", expect=2,
-            says=[f"lies under {f}, which is a file"])
-    ctx.check(f.read_text() == "x", "the file untouched")
-
-
-@case("output-dir-name-too-long", "os", "a 300-character folder name: one line")
-def _(ctx: Ctx):
-    run = ctx.dir / ("r" * 300)
-    ctx.cli("instructions", "--recipe", ctx.recipe, "--output-dir", run, expect=2,
-            says=["File name too long"])
-    ctx.check(sorted(p.name for p in ctx.dir.iterdir()) == [], "nothing created")
-
-
-@case("output-dir-spaces-unicode", "os", "a path with spaces and accents works")
-def _(ctx: Ctx):
-    run = ctx.dir / "my runs" / "essai d'été №1"
-    ctx.cli("run", "--recipe", ctx.recipe, "--output-dir", run, "--until", "generate")
-    ctx.same_as(ctx.ref, run, ["recipe.yaml", "instructions", "generate"])
-
-
 def _file_size_limit(limit: int):
     def preexec():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a killing signal
@@ -1070,37 +1052,32 @@ def _file_size_limit(limit: int):
     return preexec
 
 
-@case("fsize-limit-generate", "os", "File too large: whole records kept, resumes")
-def _(ctx: Ctx):
-    run = ctx.sweep.copy_ref(ctx.dir / "run", ("instructions",))
-    gens = run / "generate" / "generations.jsonl"
-    size = (ctx.ref / "generate" / "generations.jsonl").stat().st_size
-    ctx.cli("generate", "--output-dir", run, preexec=_file_size_limit(size // 2), expect=2,
-            says=[f"{gens}: File too large", "run the same command again"])
+def _whole_records_kept(ctx: Ctx, even: bool = False) -> None:
+    """Only whole records of the reference's responses are in generate/, some but not all."""
+    gens = ctx.run / "generate" / "generations.jsonl"
     kept = jsonl(gens) if gens.exists() else []
     whole = jsonl(ctx.ref / "generate" / "generations.jsonl")
-    ctx.check(0 < len(kept) < 12 and len(kept) % 2 == 0 and all(r in whole for r in kept),
-              f"{len(kept)} whole records kept", f"{len(kept)} kept")
-    ctx.cli("generate", "--output-dir", run)
-    ctx.same_as(ctx.ref, run, ["recipe.yaml", "instructions", "generate"])
+    ctx.check(0 < len(kept) < 12 and (len(kept) % 2 == 0 or not even)
+              and all(r in whole for r in kept), f"{len(kept)} whole records kept",
+              f"{len(kept)} kept")
 
 
-@case("fsize-limit-tiny", "os", "a 100-byte limit: one line, nothing half-written")
-def _(ctx: Ctx):
-    run = ctx.dir / "run"
-    ctx.cli("run", "--recipe", ctx.recipe, "--output-dir", run, preexec=_file_size_limit(100),
-            expect=2, says=["File too large"])
+def _generate_over_half_the_size(ctx: Ctx) -> None:
+    size = (ctx.ref / "generate" / "generations.jsonl").stat().st_size
+    Step("generate --output-dir $RUN", 2, ("$RUN/generate/generations.jsonl: File too large",
+                                           "run the same command again"),
+         preexec=_file_size_limit(size // 2))(ctx)
+    _whole_records_kept(ctx, even=True)
+
+
+def _no_file_left(ctx: Ctx) -> None:
     left = sorted(str(p.relative_to(ctx.dir)) for p in ctx.dir.rglob("*")
                   if p.is_file() and p.name != ".prefloop.lock")
     ctx.check(not left, "no file left", ", ".join(left))
-    ctx.cli("run", "--recipe", ctx.recipe, "--output-dir", run, "--until", "instructions")
-    ctx.same_as(ctx.ref, run, ["recipe.yaml", "instructions"])
 
 
-@case("disk-full-generate", "os", "No space left (tmpfs): whole records kept, resumes")
-def _(ctx: Ctx):
-    need_unshare(ctx)
-    run = ctx.sweep.copy_ref(ctx.dir / "run", ("instructions",))
+def _generate_on_full_disk(ctx: Ctx) -> None:
+    run = ctx.run
     gen, saved = run / "generate", ctx.dir / "saved"
     gen.mkdir()
     saved.mkdir()
@@ -1113,225 +1090,190 @@ def _(ctx: Ctx):
             says=["No space left on device", "run the same command again"])
     gen.rmdir()
     saved.rename(gen)
-    kept = jsonl(gen / "generations.jsonl") if (gen / "generations.jsonl").exists() else []
-    whole = jsonl(ctx.ref / "generate" / "generations.jsonl")
-    ctx.check(0 < len(kept) < 12 and all(r in whole for r in kept),
-              f"{len(kept)} whole records kept", f"{len(kept)} kept")
-    ctx.cli("generate", "--output-dir", run)
-    ctx.same_as(ctx.ref, run, ["recipe.yaml", "instructions", "generate"])
+    _whole_records_kept(ctx)
 
+
+RO = read_only("$RUN")
+case("read-only-run-dir", "os", "no-op runs; --force and a changed run: one line",
+     need_unshare, ok("run --output-dir $RUN", prefix=RO),
+     refused("generate --output-dir $RUN --force", "--output-dir $RUN: cannot write the run "
+             "directory", "Read-only file system", prefix=RO),
+     refused("run --output-dir $RUN --force --set train.beta=0.2", "Read-only file system",
+             prefix=RO), unchanged, start=STAGES)
+case("read-only-partial-run", "os", "work to do on a read-only dir: one line",
+     need_unshare, refused("run --output-dir $RUN --until generate", "Read-only file system",
+                           prefix=RO), unchanged, start=STAGES[:1])
+case("read-only-parent", "os", "new run dir under a read-only folder: one line",
+     need_unshare, refused(f"run {R} --until generate", "$RUN", "Read-only file system",
+                           prefix=read_only("$CASE/parent")),
+     holds(lambda ctx: not any(ctx.run.parent.iterdir()), "nothing created"),
+     run="$CASE/parent/run", prepare=lambda ctx: ctx.run.parent.mkdir())
+file_untouched = holds(lambda ctx: (ctx.dir / "file").read_text() == "x", "the file untouched")
+case("output-dir-is-file", "os", "one line naming the file",
+     refused("run --recipe $RECIPE --output-dir $CASE/file",
+             "--output-dir $CASE/file: is a file, not a folder"), file_untouched,
+     prepare=write("file", "x"))
+case("output-dir-under-file", "os", "one line naming the file in the way",
+     refused("instructions --recipe $RECIPE --output-dir $CASE/file/sub/run",
+             "lies under $CASE/file, which is a file"), file_untouched, prepare=write("file", "x"))
+case("output-dir-name-too-long", "os", "a 300-character folder name: one line",
+     refused(f"instructions {R}", "File name too long"),
+     holds(lambda ctx: sorted(p.name for p in ctx.dir.iterdir()) == [], "nothing created"),
+     run="$CASE/" + "r" * 300)
+case("output-dir-spaces-unicode", "os", "a path with spaces and accents works",
+     ok(f"run {R} --until generate"), same(*UPTO["generate"]),
+     run="$CASE/my runs/essai d'été №1")
+case("fsize-limit-generate", "os", "File too large: whole records kept, resumes",
+     _generate_over_half_the_size, ok("generate --output-dir $RUN"), same(*UPTO["generate"]),
+     start=STAGES[:1])
+case("fsize-limit-tiny", "os", "a 100-byte limit: one line, nothing half-written",
+     refused(f"run {R}", "File too large", preexec=_file_size_limit(100)),
+     _no_file_left,
+     ok(f"run {R} --until instructions"), same(*UPTO["instructions"]))
+case("disk-full-generate", "os", "No space left (tmpfs): whole records kept, resumes",
+     need_unshare, _generate_on_full_disk, ok("generate --output-dir $RUN"),
+     same(*UPTO["generate"]), start=STAGES[:1])
 
 # --- instruction sources -------------------------------------------------------------------------
 
 
-def source_case(name: str, expected: str, write: Callable[[Path], Path], *, says=(),
-                sets_=(), ok: bool = False):
-    """`prefloop instructions` on a source `write` makes: refused in one line leaving no run
-    directory, or (`ok`) accepted with every instruction read."""
-    def fn(ctx: Ctx):
-        src = write(ctx.dir)
-        run = ctx.dir / "run"
-        ctx.cli("instructions", "--recipe", ctx.recipe, "--output-dir", run,
-                *sets([f"instructions.source={src}", *sets_]), expect=0 if ok else 2,
-                says=[s.replace("{src}", str(src)) for s in says])
-        if ok:
-            rows = jsonl(run / "instructions" / "train.jsonl") + \
-                jsonl(run / "instructions" / "heldout.jsonl")
-            texts = {r["instruction"] for r in rows}
-            ctx.check(len(rows) == 8 and texts <= set(INSTRUCTIONS),
-                      "8 instructions read, text intact", str(sorted(texts))[:200])
-        else:
-            ctx.not_created(run)
-    return Case(name, "source", expected, fn)
+def _all_read(ctx: Ctx) -> None:
+    rows = jsonl(ctx.run / "instructions" / "train.jsonl") + \
+        jsonl(ctx.run / "instructions" / "heldout.jsonl")
+    texts = {r["instruction"] for r in rows}
+    ctx.check(len(rows) == 8 and texts <= set(INSTRUCTIONS), "8 instructions read, text intact",
+              str(sorted(texts))[:200])
 
 
-def _w(name: str, data: bytes | str):
-    def write(folder: Path) -> Path:
-        path = folder / name
-        path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-        return path
-    return write
-
-
-def _dir(name: str):
-    def write(folder: Path) -> Path:
-        (folder / name).mkdir()
-        return folder / name
-    return write
+def source(name: str, expected: str, file: str, data: bytes | str | None, *says: str,
+           sets_: str = "") -> Case:
+    """`prefloop instructions` on $SRC, the file $CASE/file holding `data` (None: no file; a
+    name ending in / : a folder): refused in one line leaving no run directory, or, with no
+    `says`, accepted with every instruction read."""
+    def prepare(ctx: Ctx) -> None:
+        ctx.vars["SRC"] = str(ctx.dir / file.rstrip("/"))
+        if file.endswith("/"):
+            (ctx.dir / file).mkdir()
+        elif data is not None:
+            write(file, data)(ctx)
+    line = f"instructions {R} --set instructions.source=$SRC {sets_}"
+    return case(name, "source", expected, refused(line, *says) if says else ok(line),
+                not_created if says else _all_read, prepare=prepare)
 
 
 JSONL = "".join(json.dumps({"instruction": t}) + "\n" for t in INSTRUCTIONS)
-CASES += [
-    source_case("source-not-utf8-jsonl", "Latin-1 JSONL: file:line and the fix",
-                _w("latin1.jsonl", JSONL.encode() + b'{"instruction": "caf\xe9 au lait"}\n'),
-                says=["{src}:11: not UTF-8 text (byte 0xe9", "re-save the file as UTF-8"]),
-    source_case("source-not-utf8-csv", "Latin-1 CSV: file:line",
-                _w("latin1.csv", b"instruction\n" + "\n".join(INSTRUCTIONS).encode()
-                   + b"\ncaf\xe9\n"), says=["{src}:12: not UTF-8 text"]),
-    source_case("source-utf16", "UTF-16 (Windows 'Unicode'): one line",
-                _w("utf16.jsonl", JSONL.encode("utf-16")), says=["{src}", "UTF-8"]),
-    source_case("source-folder-named-jsonl", "a folder called x.jsonl: one line",
-                _dir("x.jsonl"), says=["{src}: is a folder, not a file"]),
-    source_case("source-bom-jsonl", "UTF-8 BOM JSONL accepted",
-                _w("bom.jsonl", b"\xef\xbb\xbf" + JSONL.encode()), ok=True),
-    source_case("source-bom-csv", "UTF-8 BOM CSV (Excel) accepted",
-                _w("bom.csv", b"\xef\xbb\xbf" + ("Instruction,Topic\n" + "".join(
-                    f"{t},x\n" for t in INSTRUCTIONS)).encode()), ok=True),
-    source_case("source-column-case", "column 'PROMPT' with field=prompt accepted",
-                _w("upper.jsonl", "".join(json.dumps({"PROMPT": t}) + "\n"
-                                          for t in INSTRUCTIONS)),
-                sets_=["instructions.field=prompt"], ok=True),
-    source_case("source-ambiguous-columns", "two columns differing in case: both named",
-                _w("two.csv", "Instruction,INSTRUCTION\n" + "".join(f"{t},{t}\n"
-                                                                   for t in INSTRUCTIONS)),
-                says=["columns 'Instruction', 'INSTRUCTION' all match 'instruction' ignoring "
-                      "case"]),
-    source_case("source-missing", "a missing file: one line",
-                lambda d: d / "nope.jsonl", says=["{src}: instructions file not found"]),
-    source_case("source-empty", "an empty file: one line", _w("empty.jsonl", ""),
-                says=["{src}: file is empty"]),
-    source_case("source-blank-lines", "only blank lines: one line", _w("blank.jsonl", "\n\n  \n"),
-                says=["{src}"]),
-    source_case("source-broken-line", "a broken JSONL line: file:line",
-                _w("broken.jsonl", JSONL.replace('"}\n', '"\n', 1)),
-                says=["{src}:1: malformed JSON"]),
-    source_case("source-json-object", "a JSON object instead of a list: one line",
-                _w("obj.json", json.dumps({"instruction": "x"})),
-                says=["{src}: expected a JSON list"]),
-    source_case("source-jsonl-array-line", "a JSONL line that is a list: file:line",
-                _w("arr.jsonl", JSONL + '["not", "an", "object"]\n'), says=["{src}:11"]),
-    source_case("source-csv-no-column", "a CSV without an instruction column: columns named",
-                _w("cols.csv", "title,body\n" + "".join(f"a,{t}\n" for t in INSTRUCTIONS)),
-                says=["no instruction field among title, body"]),
-    source_case("source-unknown-suffix", "a .txt source: one line naming the types",
-                _w("prompts.txt", "\n".join(INSTRUCTIONS)), says=["{src}"]),
-    source_case("source-null-instruction", "a null instruction: file:line",
-                _w("null.jsonl", JSONL + '{"instruction": null}\n'), says=["{src}:11"]),
-    source_case("source-duplicates", "duplicates leave too few: one line",
-                _w("dups.jsonl", "".join(json.dumps({"instruction": INSTRUCTIONS[0]}) + "\n"
-                                         for _ in range(20))), says=["only 1"]),
-]
+source("source-not-utf8-jsonl", "Latin-1 JSONL: file:line and the fix", "latin1.jsonl",
+       JSONL.encode() + b'{"instruction": "caf\xe9 au lait"}\n',
+       "$SRC:11: not UTF-8 text (byte 0xe9", "re-save the file as UTF-8")
+source("source-not-utf8-csv", "Latin-1 CSV: file:line", "latin1.csv",
+       b"instruction\n" + "\n".join(INSTRUCTIONS).encode() + b"\ncaf\xe9\n",
+       "$SRC:12: not UTF-8 text")
+source("source-utf16", "UTF-16 (Windows 'Unicode'): one line", "utf16.jsonl",
+       JSONL.encode("utf-16"), "$SRC", "UTF-8")
+source("source-folder-named-jsonl", "a folder called x.jsonl: one line", "x.jsonl/", None,
+       "$SRC: is a folder, not a file")
+source("source-bom-jsonl", "UTF-8 BOM JSONL accepted", "bom.jsonl",
+       b"\xef\xbb\xbf" + JSONL.encode())
+source("source-bom-csv", "UTF-8 BOM CSV (Excel) accepted", "bom.csv", b"\xef\xbb\xbf" + (
+    "Instruction,Topic\n" + "".join(f"{t},x\n" for t in INSTRUCTIONS)).encode())
+source("source-column-case", "column 'PROMPT' with field=prompt accepted", "upper.jsonl",
+       "".join(json.dumps({"PROMPT": t}) + "\n" for t in INSTRUCTIONS),
+       sets_="--set instructions.field=prompt")
+source("source-ambiguous-columns", "two columns differing in case: both named", "two.csv",
+       "Instruction,INSTRUCTION\n" + "".join(f"{t},{t}\n" for t in INSTRUCTIONS),
+       "columns 'Instruction', 'INSTRUCTION' all match 'instruction' ignoring case")
+source("source-missing", "a missing file: one line", "nope.jsonl", None,
+       "$SRC: instructions file not found")
+source("source-empty", "an empty file: one line", "empty.jsonl", "", "$SRC: file is empty")
+source("source-blank-lines", "only blank lines: one line", "blank.jsonl", "\n\n  \n", "$SRC")
+source("source-broken-line", "a broken JSONL line: file:line", "broken.jsonl",
+       JSONL.replace('"}\n', '"\n', 1), "$SRC:1: malformed JSON")
+source("source-json-object", "a JSON object instead of a list: one line", "obj.json",
+       json.dumps({"instruction": "x"}), "$SRC: expected a JSON list")
+source("source-jsonl-array-line", "a JSONL line that is a list: file:line", "arr.jsonl",
+       JSONL + '["not", "an", "object"]\n', "$SRC:11")
+source("source-csv-no-column", "a CSV without an instruction column: columns named", "cols.csv",
+       "title,body\n" + "".join(f"a,{t}\n" for t in INSTRUCTIONS),
+       "no instruction field among title, body")
+source("source-unknown-suffix", "a .txt source: one line naming the types", "prompts.txt",
+       "\n".join(INSTRUCTIONS), "$SRC")
+source("source-null-instruction", "a null instruction: file:line", "null.jsonl",
+       JSONL + '{"instruction": null}\n', "$SRC:11")
+source("source-duplicates", "duplicates leave too few: one line", "dups.jsonl",
+       (json.dumps({"instruction": INSTRUCTIONS[0]}) + "\n") * 20, "only 1")
+
+SPECIAL_JSONL = "".join(json.dumps({"id": f"s{i}", "instruction": t}) + "\n"
+                        for i, t in enumerate(SPECIAL))
 
 
-@case("special-token-prompts", "source", "<s>, </s>, [INST] as text go through generate")
-def _(ctx: Ctx):
-    src = ctx.dir / "special.jsonl"
-    src.write_text("".join(json.dumps({"id": f"s{i}", "instruction": t}) + "\n"
-                           for i, t in enumerate(SPECIAL)), encoding="utf-8")
-    run = ctx.dir / "run"
-    ctx.cli("run", "--recipe", ctx.recipe, "--output-dir", run, "--until", "generate",
-            *sets([f"instructions.source={src}", "instructions.n_heldout=1",
-                   "instructions.n_train=7"]))
-    rows = jsonl(run / "generate" / "generations.jsonl")
-    texts = {r["instruction"] for r in rows}
-    ctx.check(len(rows) == 14 and texts <= set(SPECIAL) and len(texts) == 7,
+def _verbatim(ctx: Ctx) -> None:
+    texts = [r["instruction"] for r in jsonl(ctx.run / "generate" / "generations.jsonl")]
+    ctx.check(len(texts) == 14 and set(texts) <= set(SPECIAL) and len(set(texts)) == 7,
               "14 responses, prompts verbatim")
 
 
-# --- iterate -----------------------------------------------------------------------------------
+case("special-token-prompts", "source", "<s>, </s>, [INST] as text go through generate",
+     ok(f"run {R} --until generate --set instructions.source=$CASE/special.jsonl "
+        "--set instructions.n_heldout=1 --set instructions.n_train=7"), _verbatim,
+     prepare=write("special.jsonl", SPECIAL_JSONL))
 
-
-def loop_sums(loop: Path) -> dict:
-    return {k: v for k, v in checksums(loop).items()}
-
-
-@case("iterate-changed-setting", "iterate", "refused naming the command")
-def _(ctx: Ctx):
-    loop = ctx.sweep.loop
-    before = loop_sums(loop)
-    ctx.cli("iterate", "--output-dir", loop, "--set", "train.beta=0.2", expect=2,
-            says=["the iterative loop ran with a different configuration (train.beta: 0.1 -> 0.2)",
-                  "--set train.beta=0.2 --force"])
-    ctx.unchanged(loop, before)
-
-
-@case("iterate-noop", "iterate", "a finished loop re-run changes nothing")
-def _(ctx: Ctx):
-    loop = ctx.sweep.loop
-    before = loop_sums(loop)
-    ctx.cli("iterate", "--output-dir", loop)
-    ctx.unchanged(loop, before)
-
-
-@case("iterate-force-fails", "iterate", "failed --force restores the previous loop")
-def _(ctx: Ctx):
-    loop = ctx.sweep.loop
-    before = loop_sums(loop)
-    try:
-        ctx.cli("iterate", "--output-dir", loop, "--force", "--set", "iterate.max_new_tokens=600",
-                expect=2, says=["exceeds the model's context of 512"])
-        ctx.unchanged(loop, before)
-        ctx.check(not (loop.parent / ".iterate.previous").exists()
-                  and not (loop / ".iterate.previous").exists(), "no .iterate.previous left")
-    finally:
-        ctx.sweep.restore_loop()
-
-
-@case("iterate-too-few-prompts", "iterate", "rounds x prompts beyond n_train refused up front")
-def _(ctx: Ctx):
-    run = ctx.dir / "run"
-    ctx.cli("iterate", "--recipe", ctx.recipe, "--output-dir", run, "--set", "iterate.rounds=5",
-            expect=2, says=["instructions.n_train: 6 seed prompts cannot give 5 disjoint rounds"])
-    ctx.not_created(run)
-
+# --- iterate (start="loop": $RUN is the sweep's finished loop, put back after the case) ----------
 
 LOOP_DATA = ["instructions", "rounds/1/instructions", "rounds/1/generate", "rounds/1/rank",
              "rounds/1/pairs", "rounds/1/train/log.jsonl", "rounds/1/train/curves.png",
              "rounds/1/train/adapter/adapter_model.safetensors", "rounds/loop.json"]
 
-
-@case("iterate-kill9-resume", "iterate", "killed in round 1 rank, resumes to the same data")
-def _(ctx: Ctx):
-    ref = ctx.sweep.loop
-    run = ctx.dir / "run"
-    args = ["iterate", "--recipe", ctx.recipe, "--output-dir", run]
-    ctx.cli(*args, env={"PREFLOOP_TEST_KILL_AT": "rank:append:2"}, expect=KILLED)
-    ctx.cli(*args)
-    ctx.same_as(ref, run, LOOP_DATA, "round data = uninterrupted loop")
-    ctx.check((run / "report.md").is_file() and "Stopped" not in (run / "report.md").read_text(),
-              "report complete")
-
+case("iterate-changed-setting", "iterate", "refused naming the command",
+     refused("iterate --output-dir $RUN --set train.beta=0.2",
+             "the iterative loop ran with a different configuration (train.beta: 0.1 -> 0.2)",
+             "--set train.beta=0.2 --force"), unchanged, start="loop")
+case("iterate-noop", "iterate", "a finished loop re-run changes nothing",
+     ok("iterate --output-dir $RUN"), unchanged, start="loop")
+case("iterate-force-fails", "iterate", "failed --force restores the previous loop",
+     refused("iterate --output-dir $RUN --force --set iterate.max_new_tokens=600",
+             "exceeds the model's context of 512"), unchanged,
+     holds(lambda ctx: not (ctx.run.parent / ".iterate.previous").exists()
+           and not (ctx.run / ".iterate.previous").exists(), "no .iterate.previous left"),
+     start="loop")
+case("iterate-too-few-prompts", "iterate", "rounds x prompts beyond n_train refused up front",
+     refused(f"iterate {R} --set iterate.rounds=5",
+             "instructions.n_train: 6 seed prompts cannot give 5 disjoint rounds"), not_created)
+case("iterate-kill9-resume", "iterate", "killed in round 1 rank, resumes to the same data",
+     lambda ctx: ctx.sweep.loop,  # the reference loop is built before this case's commands
+     killed(f"iterate {R}", "rank:append:2"), ok(f"iterate {R}"),
+     same(*LOOP_DATA, what="round data = uninterrupted loop", ref="loop"),
+     holds(lambda ctx: (ctx.run / "report.md").is_file()
+           and "Stopped" not in (ctx.run / "report.md").read_text(), "report complete"))
 
 # --- push, offline, with a fake token ----------------------------------------------------------
 
 PUSH_ENV = {"HF_TOKEN": SECRET}
 
 
-def push_case(name: str, expected: str, args: list, says: list, stages=STAGES):
-    def fn(ctx: Ctx):
-        run = ctx.sweep.copy_ref(ctx.dir / "run", stages) if stages else ctx.dir / "run"
-        before = checksums(run)
-        ctx.cli("push", *args, "--output-dir", run, env=PUSH_ENV, expect=2, says=says)
-        ctx.not_created(run) if not stages else ctx.unchanged(run, before)
-    return Case(name, "push", expected, fn)
+def push(name: str, expected: str, args: str, *says: str, stages=STAGES) -> Case:
+    return case(name, "push", expected,
+                refused(f"push {args} --output-dir $RUN", *says, env=PUSH_ENV), unchanged,
+                start=stages)
 
 
-CASES += [
-    push_case("push-dataset-offline", "one line, token never printed",
-              ["dataset", "--repo-id", "me/prefs"], ["offline mode is on"]),
-    push_case("push-adapter-offline", "one line, token never printed",
-              ["adapter", "--repo-id", "me/adapter"], ["offline mode is on"]),
-    push_case("push-repo-id-space", "a repo id with a space refused",
-              ["dataset", "--repo-id", "me/my data"], ["'me/my data' is not a valid Hub"]),
-    push_case("push-repo-id-no-slash", "a repo id without user/ refused",
-              ["dataset", "--repo-id", "mydata"], ["mydata"]),
-    push_case("push-no-repo-id", "no repo id anywhere: one line", ["adapter"], ["--repo-id"]),
-    push_case("push-before-pairs", "push before pairs finished: one line",
-              ["dataset", "--repo-id", "me/prefs"], ["no finished dataset to push"],
-              stages=("instructions", "generate")),
-]
+push("push-dataset-offline", "one line, token never printed", "dataset --repo-id me/prefs",
+     "offline mode is on")
+push("push-adapter-offline", "one line, token never printed", "adapter --repo-id me/adapter",
+     "offline mode is on")
+push("push-repo-id-space", "a repo id with a space refused", "dataset --repo-id 'me/my data'",
+     "'me/my data' is not a valid Hub")
+push("push-repo-id-no-slash", "a repo id without user/ refused", "dataset --repo-id mydata",
+     "mydata")
+push("push-no-repo-id", "no repo id anywhere: one line", "adapter", "--repo-id")
+push("push-before-pairs", "push before pairs finished: one line", "dataset --repo-id me/prefs",
+     "no finished dataset to push", stages=STAGES[:2])
+case("run-with-push-offline", "push", "every stage kept, the push fails in one line",
+     refused(f"run {R} --set push.dataset_repo_id=me/prefs", "offline mode is on", env=PUSH_ENV),
+     same(*STAGES, what="all stages = uninterrupted run"), start=STAGES[:5])
 
+# --- embedded SmolLM2 (ref="eref": the sweep's uninterrupted run on it) ---------------------------
 
-@case("run-with-push-offline", "push", "every stage kept, the push fails in one line")
-def _(ctx: Ctx):
-    run = ctx.sweep.copy_ref(ctx.dir / "run", STAGES[:5])
-    ctx.cli("run", "--recipe", ctx.recipe, "--output-dir", run, "--set",
-            "push.dataset_repo_id=me/prefs", env=PUSH_ENV, expect=2, says=["offline mode is on"])
-    parts = [*STAGES]
-    ctx.same_as(ctx.ref, run, parts, "all stages = uninterrupted run")
-
-
-# --- embedded SmolLM2 ----------------------------------------------------------------------------
+E = " ".join(sets(EMBEDDED_SETS))
 
 
 def conversion_temps(cache: Path) -> list[Path]:
@@ -1339,13 +1281,10 @@ def conversion_temps(cache: Path) -> list[Path]:
     return sorted(models.glob(f".{EMBEDDED}.*")) if models.is_dir() else []
 
 
-@case("embedded-kill9-conversion", "embedded", "killed mid-conversion; next run cleans and works",
-      embedded=True)
-def _(ctx: Ctx):
+def _kill_conversion(ctx: Ctx) -> None:
     cache = ctx.sweep.cache
     shutil.rmtree(cache / "models", ignore_errors=True)  # the sweep's own temporary cache
-    run = ctx.dir / "run"
-    args = ["run", "--output-dir", run, "--until", "generate", *sets(EMBEDDED_SETS)]
+    args = ["run", "--output-dir", ctx.run, "--until", "generate", *sets(EMBEDDED_SETS)]
     proc = ctx.start(*args)
 
     def writing_weights() -> bool:  # killed while it writes the ~540 MB of weights
@@ -1353,34 +1292,13 @@ def _(ctx: Ctx):
     ctx.wait_for(writing_weights, proc, timeout=600)
     os.killpg(proc.pid, signal.SIGKILL)
     ctx.wait(proc, expect=KILLED)
-    left = conversion_temps(cache)
-    ctx.check(bool(left), "a temporary conversion folder was left by the kill")
+    ctx.check(bool(conversion_temps(cache)), "a temporary conversion folder was left by the kill")
     ctx.cli(*args)
     ctx.check(not conversion_temps(cache) and (cache / "models" / EMBEDDED / "config.json").is_file(),
               "temporary folder removed, model converted")
-    rows = jsonl(run / "generate" / "generations.jsonl")
-    ctx.check(len(rows) == 4, "4 responses generated")
 
 
-def embedded_kill(point: str, upstream: tuple[str, ...]):
-    def fn(ctx: Ctx):
-        ref = ctx.sweep.eref
-        run = ctx.dir / "run"
-        run.mkdir()
-        shutil.copy2(ref / "recipe.yaml", run / "recipe.yaml")
-        for stage in upstream:
-            shutil.copytree(ref / stage, run / stage)
-        args = ["run", "--output-dir", run, *sets(EMBEDDED_SETS)]
-        ctx.cli(*args, env={"PREFLOOP_TEST_KILL_AT": point}, expect=KILLED)
-        ctx.cli(*args)
-        ctx.same_as(ref, run, ["recipe.yaml", *STAGES])
-    return Case(f"embedded-kill9-{point.replace(':', '-')}", "embedded",
-                f"killed in {point.split(':')[0]}, resumes to the uninterrupted result", fn,
-                embedded=True)
-
-
-@case("embedded-full-run", "embedded", "every stage on SmolLM2 at tiny sizes", embedded=True)
-def _(ctx: Ctx):
+def _full_run(ctx: Ctx) -> None:
     ref = ctx.sweep.eref  # the reference the embedded kill cases compare with
     ctx._judge(ctx.sweep.eref_cmd, 0)
     done = [s for s in STAGES if json.loads((ref / s / "manifest.json").read_text())["status"]
@@ -1388,43 +1306,272 @@ def _(ctx: Ctx):
     ctx.check(done == list(STAGES), "6 manifests done")
 
 
-CASES += [embedded_kill("generate:append:1", ("instructions",)),
-          embedded_kill("rank:append:2", ("instructions", "generate")),
-          embedded_kill("train:append:1", STAGES[:4]),
-          embedded_kill("compare:finish", STAGES[:5])]
+case("embedded-kill9-conversion", "embedded", "killed mid-conversion; next run cleans and works",
+     _kill_conversion, holds(lambda ctx: len(jsonl(ctx.run / "generate" / "generations.jsonl"))
+                             == 4, "4 responses generated"), embedded=True)
+case("embedded-full-run", "embedded", "every stage on SmolLM2 at tiny sizes", _full_run,
+     embedded=True)
+for _point, _up in [("generate:append:1", STAGES[:1]), ("rank:append:2", STAGES[:2]),
+                    ("train:append:1", STAGES[:4]), ("compare:finish", STAGES[:5])]:
+    case(f"embedded-kill9-{_point.replace(':', '-')}", "embedded",
+         f"killed in {_point.split(':')[0]}, resumes to the uninterrupted result",
+         killed(f"run --output-dir $RUN {E}", _point), ok(f"run --output-dir $RUN {E}"),
+         same(*UPTO["compare"], ref="eref"), start=_up, ref="eref", embedded=True)
+case("embedded-special-tokens", "embedded", "special-token text goes through generate",
+     ok(f"run --output-dir $RUN --until generate {E} --set instructions.source=$CASE/special.jsonl"
+        " --set instructions.n_train=7 --set instructions.kinds=null"),
+     holds(lambda ctx: len(rows := jsonl(ctx.run / "generate" / "generations.jsonl")) == 14
+           and {r["instruction"] for r in rows} <= set(SPECIAL), "14 responses, prompts verbatim"),
+     prepare=write("special.jsonl", SPECIAL_JSONL), embedded=True)
+case("embedded-model-typo", "embedded", "typo refused with a suggestion",
+     refused(f"run --output-dir $RUN {E} --set model.name=smollm2-135m-instrct",
+             "did you mean the embedded 'smollm2-135m-instruct'?"), not_created, embedded=True)
+case("embedded-push-offline", "embedded", "one line, token never printed",
+     refused("push adapter --repo-id me/smol-dpo --output-dir $RUN", "offline mode is on",
+             env=PUSH_ENV), unchanged,
+     prepare=lambda ctx: shutil.copytree(ctx.sweep.eref, ctx.run), embedded=True)
 
 
-@case("embedded-special-tokens", "embedded", "special-token text goes through generate",
-      embedded=True)
-def _(ctx: Ctx):
-    src = ctx.dir / "special.jsonl"
-    src.write_text("".join(json.dumps({"id": f"s{i}", "instruction": t}) + "\n"
-                           for i, t in enumerate(SPECIAL)), encoding="utf-8")
-    run = ctx.dir / "run"
-    ctx.cli("run", "--output-dir", run, "--until", "generate", *sets(EMBEDDED_SETS),
-            *sets([f"instructions.source={src}", "instructions.n_train=7", "instructions.kinds=null"]))
-    rows = jsonl(run / "generate" / "generations.jsonl")
-    ctx.check(len(rows) == 14 and {r["instruction"] for r in rows} <= set(SPECIAL),
-              "14 responses, prompts verbatim")
+# --- issue #26: what is not prefloop's, foreign code, nonsense settings, hangs, tracebacks -------
+# Written against prefloop's own mechanisms, not case by case: the run directory's marker
+# (.prefloop-run), the model-folder check before any load, the range of every numeric setting,
+# PREFLOOP_HUB_TIMEOUT / PREFLOOP_HUB_RETRIES, and the one-line errors of the last tracebacks.
+
+HUB_SILENT = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:$PORT", "HF_TOKEN": SECRET,
+              "PREFLOOP_HUB_TIMEOUT": "1", "PREFLOOP_HUB_RETRIES": "1"}
+_SILENT: list = []  # one server for the whole sweep, started by the first case that needs it
 
 
-@case("embedded-model-typo", "embedded", "typo refused with a suggestion", embedded=True)
-def _(ctx: Ctx):
-    run = ctx.dir / "run"
-    ctx.cli("run", "--output-dir", run, *sets(EMBEDDED_SETS), "--set",
-            "model.name=smollm2-135m-instrct", expect=2,
-            says=["did you mean the embedded 'smollm2-135m-instruct'?"])
-    ctx.not_created(run)
+def silent_server(ctx: Ctx) -> None:
+    """A `prepare`: $PORT is a TCP port on 127.0.0.1 that accepts connections and never
+    answers (a thread of the sweep process)."""
+    import threading
+
+    if not _SILENT:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(256)
+        state = {"sock": sock, "accepted": 0, "conns": []}
+
+        def serve() -> None:
+            while True:
+                conn, _ = sock.accept()
+                state["conns"].append(conn)
+                state["accepted"] += 1
+        threading.Thread(target=serve, daemon=True).start()
+        _SILENT.append(state)
+    ctx.vars["PORT"] = str(_SILENT[0]["sock"].getsockname()[1])
 
 
-@case("embedded-push-offline", "embedded", "one line, token never printed", embedded=True)
-def _(ctx: Ctx):
-    run = ctx.dir / "run"
-    shutil.copytree(ctx.sweep.eref, run)
-    before = checksums(run)
-    ctx.cli("push", "adapter", "--repo-id", "me/smol-dpo", "--output-dir", run, env=PUSH_ENV,
-            expect=2, says=["offline mode is on"])
-    ctx.unchanged(run, before)
+def _model_copy(name: str, edit: Callable[[Path], None]) -> Callable:
+    """A `prepare` copying the sweep's tiny model to $CASE/<name>, then `edit(folder)`; the
+    folder also gets a Python file that would write $CASE/PWNED if anything ran it."""
+    def prepare(ctx: Ctx) -> None:
+        folder = ctx.dir / name
+        shutil.copytree(ctx.sweep.model, folder)
+        (folder / "evil.py").write_text(f"open({str(ctx.dir / 'PWNED')!r}, 'w').write('ran')\n")
+        edit(folder)
+    return prepare
+
+
+def _json_edit(file: str, **changes) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        data = json.loads((folder / file).read_text())
+        data.update(changes)
+        (folder / file).write_text(json.dumps(data))
+    return edit
+
+
+def _no_file_holds(text: str) -> Callable:
+    return holds(lambda ctx: not [p for p in ctx.run.rglob("*")
+                                  if p.is_file() and text.encode() in p.read_bytes()],
+                 f"no file of the run holds {text!r}")
+
+
+NOT_RUN = holds(lambda ctx: not (ctx.dir / "PWNED").exists(), "the folder's Python never ran")
+BOMB = "model:\n  system_prompt:\n" + "".join(
+    f"    - &{n} [{','.join([f'*{p}'] * 9)}]\n" for n, p in zip("bcdefgh", "abcdefg", strict=True)
+).replace("    - &b", '    - &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n    - &b', 1)
+DEEP = '{"instruction": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
+
+# ownership: prefloop writes only into a new or empty folder or one it marked as its run directory
+case("own-project-folder", "ownership", "a folder with the user's files refused, untouched",
+     refused("run --recipe $RECIPE --output-dir $CASE/proj",
+             "$CASE/proj: holds files prefloop did not write", "give another --output-dir"),
+     unchanged, run="$CASE/proj",
+     prepare=lambda ctx: (write("proj/recipe.yaml", "# my own recipe\nname: mine\n")(ctx),
+                          write("proj/notes.txt", "my notes")(ctx)))
+case("own-force-user-subfolder", "ownership", "--force never deletes a train/ it did not write",
+     refused("run --force --output-dir $RUN",
+             "$RUN/train: holds files prefloop did not write"),
+     unchanged, start=STAGES[:2], prepare=write("run/train/notes.txt", "mine"))
+case("own-source-inside-run", "ownership", "an input inside the run directory refused",
+     refused("instructions --force --output-dir $RUN "
+             "--set instructions.source=$RUN/instructions/train.jsonl",
+             "instructions.source: $RUN/instructions/train.jsonl lies inside the run directory"),
+     unchanged, start=STAGES[:1])
+case("own-iterate-home-folder", "ownership", "iterate into a folder with report.md/plots refused",
+     refused("iterate --recipe $RECIPE --output-dir $CASE/home --force",
+             "$CASE/home: holds files prefloop did not write"),
+     unchanged, run="$CASE/home",
+     prepare=lambda ctx: (write("home/report.md", "my report")(ctx),
+                          write("home/plots/mine.png", b"\x89PNG")(ctx)))
+case("own-recipe-name-escapes", "ownership", "a recipe name with .. or / refused",
+     refused("run --recipe $CASE/esc.yaml", "name: '../../escape' is not a plain name"),
+     refused("run --recipe $RECIPE --set name=/tmp/abs", "--set name: '/tmp/abs' is not a plain"),
+     holds(lambda ctx: not (ctx.dir.parent / "escape").exists()
+           and not (Path.cwd().parent / "escape").exists(), "nothing written outside"),
+     prepare=_recipe_file("esc.yaml", lambda b: b.replace(b"name: tiny", b"name: ../../escape")))
+case("own-tilde-output-dir", "ownership", "~ in --output-dir is the home folder",
+     ok("instructions --recipe $RECIPE --output-dir ~/r", env={"HOME": "$CASE/home"}),
+     holds(lambda ctx: (ctx.dir / "home" / "r" / ".prefloop-run").is_file()
+           and not Path("~").exists(), "$CASE/home/r marked, no folder named ~"))
+
+# foreign: nothing from a model folder runs; credentials of a URL are never printed or written
+case("foreign-auto-map", "foreign", "a config asking for custom code refused before loading",
+     refused(f"generate {R} --set model.name=$CASE/evil",
+             "$CASE/evil/config.json asks for custom code (auto_map"), not_created, NOT_RUN,
+     prepare=_model_copy("evil", _json_edit("config.json",
+                                            auto_map={"AutoModelForCausalLM": "evil.Evil"})))
+case("foreign-tokenizer-auto-map", "foreign", "a tokenizer asking for custom code refused",
+     refused(f"generate {R} --set model.name=$CASE/evil", "tokenizer_config.json asks for custom"),
+     not_created, NOT_RUN,
+     prepare=_model_copy("evil", _json_edit("tokenizer_config.json",
+                                            auto_map={"AutoTokenizer": ["evil.T", None]})))
+case("foreign-unknown-model-type", "foreign", "an unknown model_type refused",
+     refused(f"generate {R} --set model.name=$CASE/evil", "model_type 'evil_llama'"),
+     not_created, NOT_RUN,
+     prepare=_model_copy("evil", _json_edit("config.json", model_type="evil_llama")))
+case("foreign-pickle-weights", "foreign", "pickle weights refused in one line",
+     refused(f"generate {R} --set model.name=$CASE/evil", "holds pickle weights (pytorch_model"),
+     not_created, NOT_RUN,
+     prepare=_model_copy("evil", lambda d: (d / "model.safetensors").rename(
+         d / "pytorch_model.bin")))
+case("foreign-url-credentials", "foreign", "a key in model.base_url never printed or written",
+     refused(f"run {R} --until generate --set model.backend=openai --set "
+             f"model.base_url=http://bob:{SECRET}@127.0.0.1:9/v1 --set model.max_retries=0",
+             "http://***@127.0.0.1:9/v1"), _no_file_holds(SECRET))
+
+# ranges: every numeric setting checked before anything runs; the run directory as it was
+for _name, _set, _says in [
+        ("range-lr-negative", "train.learning_rate=-1", "must be in (0, 1], got -1.0"),
+        ("range-beta-zero", "train.beta=0", "train.beta: must be > 0"),
+        ("range-beta-nan", "train.beta=nan", "train.beta: must be a finite number"),
+        ("range-epochs-zero", "train.epochs=0", "train.epochs: must be > 0"),
+        ("range-top-p-zero", "generate.top_p=0", "generate.top_p: must be in (0, 1]"),
+        ("range-temperature-inf", "generate.temperature=.inf", "must be a finite number")]:
+    case(_name, "ranges", f"{_set} refused, run directory as it was",
+         refused(f"run --output-dir $RUN --set {_set}", _says), unchanged, start=STAGES)
+case("range-duplicate-section", "ranges", "a second train: section names both lines",
+     refused("run --recipe $CASE/dup.yaml --output-dir $RUN", "key 'train' is given twice, on "
+             "lines"), not_created,
+     prepare=_recipe_file("dup.yaml", lambda b: b + b"train: {beta: 0.5}\n"))
+case("range-invisible-instructions", "ranges", "zero-width-only instructions refused",
+     refused(f"run {R} --set instructions.source=$CASE/inv.jsonl",
+             "$CASE/inv.jsonl:2: field 'instruction' is missing or empty"), not_created,
+     prepare=write("inv.jsonl", '{"instruction": "ok"}\n{"instruction": "\\u200b\\ufeff \\u200d"}\n'))
+
+
+# hang: every network call bounded, one line naming the endpoint and the setting
+def _killed_push(ctx: Ctx) -> None:
+    """A push killed -9 while it waits for the Hub leaves nothing in the temporary folder."""
+    tmp = ctx.dir / "tmp"
+    tmp.mkdir()
+    state = _SILENT[0]
+    before = state["accepted"]
+    proc = ctx.start("push", "adapter", "--repo-id", "me/adapter", "--output-dir", ctx.run,
+                     env={k: ctx.sub(v) for k, v in HUB_SILENT.items()}
+                     | {"TMPDIR": str(tmp), "PREFLOOP_HUB_TIMEOUT": "600"})
+    ctx.wait_for(lambda: state["accepted"] > before, proc, timeout=300)
+    os.killpg(proc.pid, signal.SIGKILL)
+    ctx.wait(proc, expect=KILLED)
+    left = [str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()]
+    ctx.check(not left, "no file left in TMPDIR (torch's empty cache folder aside)", ", ".join(left))
+
+
+case("hang-push-silent-endpoint", "hang", "a Hub that never answers: one line in seconds",
+     refused("push dataset --repo-id me/data --output-dir $RUN",
+             "no answer from http://127.0.0.1:$PORT within PREFLOOP_HUB_TIMEOUT=1 s, 2 tries",
+             env=HUB_SILENT), unchanged, start=STAGES, prepare=silent_server)
+case("hang-model-download", "hang", "a model download from a silent HF_ENDPOINT: one line",
+     refused(f"run {R} --until generate --set model.name=someone/model",
+             "cannot be loaded from the Hugging Face Hub at http://127.0.0.1:$PORT",
+             "PREFLOOP_HUB_TIMEOUT=1 s", env=HUB_SILENT), prepare=silent_server)
+case("hang-openai-server", "hang", "an OpenAI server that never answers: one line",
+     refused(f"run {R} --until generate --set model.backend=openai --set "
+             "model.base_url=http://127.0.0.1:$PORT/v1 --set model.request_timeout=1 "
+             "--set model.max_retries=0", "no answer within model.request_timeout=1s"),
+     prepare=silent_server)
+def _unchanged_but_marker(ctx: Ctx) -> None:
+    """Every file as it was; a killed command may have marked the (copied, older-style) run
+    directory as prefloop's before it was killed."""
+    after = {k: v for k, v in checksums(ctx.run).items() if k != ".prefloop-run"}
+    ctx.check(after == ctx.before, f"checksums unchanged ({len(ctx.before)} entries, the "
+              ".prefloop-run marker aside)", diff_keys(ctx.before, after))
+
+
+case("hang-killed-push", "hang", "push killed -9 while waiting: no staged copy left",
+     _killed_push, _unchanged_but_marker, start=STAGES, prepare=silent_server)
+
+
+# traceback: the last ones, each one line
+def _last_error_short(ctx: Ctx) -> None:
+    line = (error_lines(ctx.cmds[-1].err) or [""])[-1]
+    ctx.check(0 < len(line) < 300, f"error line {len(line)} characters")
+
+
+def _cut_model(ctx: Ctx) -> None:
+    shutil.copytree(ctx.sweep.model, ctx.dir / "cut")
+    os.truncate(ctx.dir / "cut" / "model.safetensors", 100)
+
+
+case("tb-set-not-yaml", "traceback", "--set values YAML cannot read taken as text",
+     ok(f"instructions {R} --set 'model.system_prompt=[INST] be brief' "
+        "--set model.server_model=@bot"),
+     holds(lambda ctx: "system_prompt: '[INST] be brief'" in (ctx.run / "recipe.yaml").read_text(),
+           "recorded as the text given"))
+case("tb-set-percent-for-int", "traceback", "--set generate.k=%x: one line",
+     refused(f"instructions {R} --set generate.k=%x", "generate.k: expected an integer, got '%x'"),
+     not_created)
+case("tb-alias-bomb", "traceback", "a YAML alias bomb: one short line",
+     refused("run --recipe $CASE/bomb.yaml --output-dir $RUN",
+             "model.system_prompt: expected a string"), _last_error_short, not_created,
+     prepare=write("bomb.yaml", BOMB))
+case("tb-truncated-weights", "traceback", "truncated model.safetensors: one line naming it",
+     refused("generate --output-dir $RUN --set model.name=$CASE/cut",
+             "$CASE/cut cannot be loaded (SafetensorError"), unchanged, start=STAGES[:1],
+     prepare=_cut_model)
+case("tb-deleted-adapter-weights", "traceback", "adapter weights deleted: one line, the fix",
+     refused("compare --output-dir $RUN", "adapter_model.safetensors: the adapter's weights are "
+             "missing", "prefloop train --output-dir"), unchanged, start=STAGES[:5],
+     prepare=lambda ctx: (ctx.run / "train" / "adapter" / "adapter_model.safetensors").unlink())
+case("tb-deep-json-source", "traceback", "deeply nested JSON in a source: one line",
+     refused(f"run {R} --set instructions.source=$CASE/deep.jsonl",
+             "$CASE/deep.jsonl:1: JSON nested too deeply"), not_created,
+     prepare=write("deep.jsonl", DEEP))
+case("tb-cache-not-writable", "traceback", "an unwritable cache names PREFLOOP_CACHE_DIR",
+     refused(f"run --output-dir $RUN --until generate {E}", "set PREFLOOP_CACHE_DIR to a writable",
+             env={"PREFLOOP_CACHE_DIR": "$CASE/file/cache"}),
+     prepare=write("file", "not a folder"))
+
+
+def _damage_cache(ctx: Ctx) -> None:
+    assert ctx.sweep.eref.is_dir()  # the embedded reference run made the converted cache
+    with open(ctx.sweep.cache / "models" / EMBEDDED / "model.safetensors", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\0" * 64)
+
+
+def _cache_matches_its_checksum(ctx: Ctx) -> bool:
+    folder = ctx.sweep.cache / "models" / EMBEDDED
+    want = json.loads((folder / "checksums.json").read_text())["model.safetensors"]["sha256"]
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() == want
+
+
+case("embedded-damaged-cache", "traceback", "a damaged converted cache is rebuilt",
+     ok(f"run --output-dir $RUN --until generate {E}"),
+     holds(_cache_matches_its_checksum, "cache rebuilt, its checksum matches"),
+     prepare=_damage_cache, embedded=True)
 
 
 # === report ====================================================================================
@@ -1510,6 +1657,10 @@ def main(argv: list[str] | None = None) -> int:
     if not chosen:
         print(f"no case matches {args.only!r}", file=sys.stderr)
         return 2
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # started in the background of a non-interactive shell: SIGINT is ignored and every
+        # command would inherit that, so the Ctrl-C cases would wait out their 600 s hook
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     root = Path(tempfile.mkdtemp(prefix="prefloop-hostile."))
     logfile = root / "commands.log"
 

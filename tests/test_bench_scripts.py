@@ -57,3 +57,131 @@ def prefloop_private_names(path: Path) -> list[str]:
                          ids=lambda p: p.stem)
 def test_bench_script_uses_public_names_only(path):
     assert prefloop_private_names(path) == []
+
+
+# --- bench/seed_e2e.py: every documented flag combination runs or is refused in one line ----------
+
+
+def load_script(stem: str, monkeypatch):
+    name = f"_bench_{stem}"
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{stem}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def seed_e2e(monkeypatch, tmp_path):
+    """The script, and the flags naming a complete assets folder, a prompt file and a work dir."""
+    module = load_script("seed_e2e", monkeypatch)
+    assets = tmp_path / "assets"
+    (assets / "mistral-tokenizer").mkdir(parents=True)
+    for name in ("mistral-tokenizer/tokenizer.json", "mistral-tokenizer/tokenizer_config.json",
+                 "pairrm-tokenizer.json"):
+        (assets / name).write_text("{}")
+    (tmp_path / "lima.jsonl").write_text('{"instruction": "hi"}\n')
+    flags = ["--assets", str(assets), "--lima", str(tmp_path / "lima.jsonl"),
+             "--work", str(tmp_path / "work")]
+    return module, flags
+
+
+@pytest.mark.parametrize("extra,engines,stages,iterate,seed", [
+    ([], ["trl", "fast"], [], False, True),
+    (["--tiny"], ["trl", "fast"], [], False, True),
+    (["--engines", "fast"], ["fast"], [], False, True),
+    (["--engines", "trl"], ["trl"], [], False, True),
+    (["--engines", "fast,trl", "--stages", "train,compare"], ["fast", "trl"],
+     ["train", "compare"], False, True),
+    (["--iterate", "--iterate-set", "iterate.rounds=1"], ["trl", "fast"], [], True, True),
+    (["--no-seed", "--iterate"], ["trl", "fast"], [], True, False),
+])
+def test_seed_e2e_accepts_the_documented_flags(seed_e2e, extra, engines, stages, iterate, seed):
+    module, flags = seed_e2e
+    args = module.parse_args(flags + extra)
+    assert (args.engines, args.stages, args.iterate, not args.no_seed) == (
+        engines, stages, iterate, seed)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--engines", "fats"], "--engines: unknown 'fats'; give a comma-separated subset of trl,fast"),
+    (["--engines", ","], "--engines: empty; give trl, fast or trl,fast"),
+    (["--stages", "trian"], "--stages: unknown 'trian'; give a comma-separated subset of "
+                            "instructions,generate,rank,pairs,train,compare"),
+    (["--no-seed"], "--no-seed without --iterate runs nothing"),
+    (["--no-seed", "--iterate", "--stages", "train"], "--set and --stages apply to the seed run"),
+    (["--iterate-set", "iterate.rounds=2"], "--iterate-set without --iterate: add --iterate"),
+    (["--lima", "/no/such/lima.jsonl"], "--lima /no/such/lima.jsonl: LIMA prompts not found"),
+    (["--assets", "/no/such/assets"], "--assets /no/such/assets: no mistral-tokenizer/"
+                                      "tokenizer.json; build the folder with --assets "
+                                      "/no/such/assets --prepare-assets"),
+])
+def test_seed_e2e_refuses_a_bad_combination_in_one_line(seed_e2e, capsys, extra, message):
+    module, flags = seed_e2e
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(flags + extra)
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].split(" error: ", 1)[1].startswith(message)
+    assert sum(" error: " in ln for ln in lines) == 1
+
+
+def test_seed_e2e_prepare_assets_needs_no_assets_yet(seed_e2e, tmp_path):
+    module, _ = seed_e2e
+    args = module.parse_args(["--assets", str(tmp_path / "new"), "--prepare-assets"])
+    assert args.prepare_assets and args.assets == tmp_path / "new"
+
+
+def _fake_child(calls: list):
+    """Stands in for a `prefloop <stage>` process: records the stage and finishes it."""
+    import json
+
+    def run_child(argv, log):
+        run_dir = Path(argv[argv.index("--output-dir") + 1])
+        calls.append((run_dir.name, argv[0], next(a for a in argv if "train.engine=" in a)))
+        (run_dir / argv[0]).mkdir(parents=True, exist_ok=True)
+        (run_dir / argv[0] / "manifest.json").write_text(json.dumps({"status": "done"}))
+        return {"rc": 0, "wall": 0.0}
+    return run_child
+
+
+@pytest.mark.parametrize("engines,expected", [
+    ("fast", [("seed-fast", s, "fast") for s in
+              ("instructions", "generate", "rank", "pairs", "train", "compare")]),
+    ("trl,fast", [("seed-trl", s, "trl") for s in
+                  ("instructions", "generate", "rank", "pairs", "train", "compare")]
+     + [("seed-fast", "train", "fast"), ("seed-fast", "compare", "fast")]),
+])
+def test_seed_e2e_fast_engine_alone_makes_the_first_stages_itself(seed_e2e, monkeypatch,
+                                                                    tmp_path, engines, expected):
+    """`--engines fast` crashed copying the trl run's stages that were never made."""
+    import io
+
+    module, flags = seed_e2e
+    calls: list = []
+    monkeypatch.setattr(module, "run_child", _fake_child(calls))
+    args = module.parse_args(flags + ["--engines", engines])
+    rows = module.run_seed(args, tmp_path / "mistral", tmp_path / "pairrm", io.StringIO())
+    assert [(r["run"], r["stage"]) for r in rows] == [(f"seed/{e}", s) for _, s, e in expected]
+    assert [(d, s, e.split("=")[-1]) for d, s, e in calls] == expected
+    if engines == "trl,fast":  # the fast run's first four stages are the trl run's, copied
+        fast = args.work / "runs" / "seed-fast"
+        assert sorted(p.name for p in fast.iterdir()) == sorted(
+            ["instructions", "generate", "rank", "pairs", "train", "compare"])
+
+
+def test_seed_e2e_copies_only_what_the_trl_run_finished(seed_e2e, tmp_path):
+    import json
+
+    module, _ = seed_e2e
+    trl, fast = tmp_path / "trl", tmp_path / "fast"
+    for stage, status in [("instructions", "done"), ("generate", "done"), ("rank", "running")]:
+        (trl / stage).mkdir(parents=True)
+        (trl / stage / "manifest.json").write_text(json.dumps({"status": status}))
+    assert module.fast_stages(trl, fast) == module.STAGES
+    assert sorted(p.name for p in fast.iterdir()) == ["generate", "instructions"]
+    for stage in ("rank", "pairs"):
+        (trl / stage).mkdir(exist_ok=True)
+        (trl / stage / "manifest.json").write_text(json.dumps({"status": "done"}))
+    assert module.fast_stages(trl, fast) == ("train", "compare")
+    assert sorted(p.name for p in fast.iterdir()) == ["generate", "instructions", "pairs", "rank"]

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from tiny import read_jsonl_lines, save_model_folder, write_pairs
@@ -615,3 +616,434 @@ def test_kill9_mid_train_resumes_from_the_checkpoint_to_the_uninterrupted_adapte
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=SRC, capture_output=True, text=True,
                           check=True).stdout.strip()
     assert (m["prefloop"]["version"], m["prefloop"]["git_commit"]) == ("0.1.0", head)
+
+
+# --- issue #26: what is not ours, foreign code, nonsense settings, hangs, last tracebacks -------
+# Most of these are refused before any model loads, so they run the CLI in this process.
+
+
+def main_cli(capsys, *args) -> SimpleNamespace:
+    """`prefloop ARGS` in this process: its exit code and stderr, like `cli()` gives them."""
+    from prefloop.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stderr=captured.err, stdout=captured.out)
+
+
+def test_a_folder_holding_the_users_files_is_refused_and_untouched(tmp_path, recipe, capsys):
+    proj = tmp_path / "proj"
+    (proj / "train").mkdir(parents=True)
+    (proj / "recipe.yaml").write_text("# my recipe, with my comments\nname: mine\n")
+    (proj / "train" / "notes.txt").write_text("mine")
+    (proj / "report.md").write_text("my report")
+    before = checksums(proj)
+    for command in (["instructions", "--recipe", recipe], ["run", "--force"],
+                    ["iterate", "--recipe", recipe, "--force"]):
+        one_error(main_cli(capsys, *command, "--output-dir", proj),
+                  f"--output-dir {proj}: holds files prefloop did not write ('recipe.yaml', "
+                  "'report.md', 'train') and no .prefloop-run marker", "give another --output-dir")
+    assert checksums(proj) == before
+
+
+def test_a_run_directory_is_marked_first_and_an_old_one_is_adopted(tmp_path, recipe, capsys):
+    run = tmp_path / "run"
+    ok(main_cli(capsys, "instructions", "--recipe", recipe, "--output-dir", run))
+    marker = json.loads((run / ".prefloop-run").read_text())
+    assert sorted(marker) == ["note", "prefloop"]
+    (run / ".prefloop-run").unlink()  # a run directory of a prefloop older than the marker
+    ok(main_cli(capsys, "instructions", "--force", "--output-dir", run))
+    assert (run / ".prefloop-run").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()  # a command that fails writes nothing, not even the marker
+    one_error(main_cli(capsys, "generate", "--recipe", recipe, "--output-dir", empty),
+              "stage 'instructions' has not finished")
+    assert list(empty.iterdir()) == []
+
+
+def test_force_never_replaces_a_folder_or_an_input_it_did_not_write(tmp_path, recipe, capsys):
+    run = tmp_path / "run"
+    ok(main_cli(capsys, "instructions", "--recipe", recipe, "--output-dir", run))
+    (run / "generate").mkdir()
+    (run / "generate" / "mine.txt").write_text("mine")
+    before = checksums(run)
+    one_error(main_cli(capsys, "generate", "--output-dir", run, "--force"),
+              f"{run / 'generate'}: holds files prefloop did not write (no manifest.json or "
+              "in_progress.json)")
+    source = run / "instructions" / "train.jsonl"
+    one_error(main_cli(capsys, "instructions", "--output-dir", run, "--force", "--set",
+                       f"instructions.source={source}"),
+              f"instructions.source: {source} lies inside the run directory {run}")
+    inside = run / "instructions" / "my.yaml"
+    inside.write_text(recipe.read_text())
+    before[str(inside.relative_to(run))] = hashlib.sha256(inside.read_bytes()).hexdigest()
+    one_error(main_cli(capsys, "instructions", "--recipe", inside, "--output-dir", run),
+              f"--recipe: {inside} lies inside the run directory")
+    assert checksums(run) == before
+
+
+def test_tilde_expands_and_a_recipe_name_is_a_plain_name(tmp_path, recipe, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    ok(main_cli(capsys, "instructions", "--recipe", recipe, "--output-dir", "~/r"))
+    assert (tmp_path / "home" / "r" / "instructions" / "manifest.json").is_file()
+    assert not (tmp_path / "~").exists()
+    for name in ("../escape", "/abs", "a/b", ".."):
+        one_error(main_cli(capsys, "instructions", "--recipe", recipe, "--set", f"name={name}"),
+                  f"--set name: {name!r} is not a plain name")
+    bad = tmp_path / "abs.yaml"
+    bad.write_text(recipe.read_text().replace("name: tiny", f"name: {tmp_path / 'out'}"))
+    one_error(main_cli(capsys, "instructions", "--recipe", bad),
+              f"{bad}: name: '{tmp_path / 'out'}' is not a plain name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["abs.yaml", "home", "src.jsonl",
+                                                          "tiny.yaml"]
+
+
+def _model_copy(model_dir: Path, dest: Path, edit) -> Path:
+    shutil.copytree(model_dir, dest)
+    edit(dest)
+    return dest
+
+
+def _set_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("edit,part", [
+    (lambda d: _set_json(d / "config.json", auto_map={"AutoModelForCausalLM": "evil.Evil"}),
+     "config.json asks for custom code (auto_map: AutoModelForCausalLM)"),
+    (lambda d: _set_json(d / "tokenizer_config.json", auto_map={"AutoTokenizer": ["evil.T", None]}),
+     "tokenizer_config.json asks for custom code (auto_map: AutoTokenizer)"),
+    (lambda d: _set_json(d / "config.json", model_type="evil_llama"),
+     "config.json names model_type 'evil_llama', which transformers does not know"),
+    (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
+     "holds pickle weights (pytorch_model.bin), which can run code when loaded"),
+])
+def test_a_model_folder_that_could_run_its_own_code_is_refused(tmp_path, recipe, model_dir,
+                                                               capsys, edit, part):
+    pwned = tmp_path / "PWNED"
+    evil = _model_copy(model_dir, tmp_path / "evil", edit)
+    (evil / "evil.py").write_text(f"open({str(pwned)!r}, 'w').write('ran')\n")
+    one_error(main_cli(capsys, "generate", "--recipe", recipe, "--output-dir", tmp_path / "run",
+                       "--set", f"model.name={evil}"), f"model.name: {evil}", part)
+    assert not pwned.exists() and not (tmp_path / "run").exists()
+
+
+def test_every_from_pretrained_refuses_remote_code_explicitly():
+    """A source walk: each from_pretrained call in src/ passes trust_remote_code=False."""
+    import ast
+
+    calls = []
+    for path in sorted((SRC / "prefloop").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "from_pretrained":
+                kw = {k.arg: k.value for k in node.keywords}
+                flag = kw.get("trust_remote_code")
+                calls.append((path.name, node.lineno,
+                              isinstance(flag, ast.Constant) and flag.value is False))
+    assert len(calls) >= 7 and [c for c in calls if not c[2]] == [], calls
+
+
+def test_url_credentials_are_never_printed_or_written(tmp_path, recipe, capsys):
+    from prefloop import hub
+    from prefloop.artifacts import config_hash
+    from prefloop.config import ModelConfig, Recipe, dump_recipe
+
+    run, url = tmp_path / "run", "http://bob:SECRETKEY@127.0.0.1:9/v1"
+    proc = main_cli(capsys, "run", "--recipe", recipe, "--output-dir", run, "--until", "generate",
+                    "--set", "model.backend=openai", "--set", f"model.base_url={url}",
+                    "--set", "model.max_retries=0")
+    one_error(proc, "cannot reach http://***@127.0.0.1:9/v1")
+    assert "SECRETKEY" not in proc.stderr + proc.stdout
+    assert "base_url: http://***@127.0.0.1:9/v1" in (run / "recipe.yaml").read_text()
+    assert not [p for p in run.rglob("*") if p.is_file() and b"SECRETKEY" in p.read_bytes()]
+    r = Recipe(model=ModelConfig(backend="openai", base_url=url))
+    assert "SECRETKEY" not in dump_recipe(r)
+    assert config_hash(r.model) == config_hash(ModelConfig(backend="openai",
+                                                           base_url="http://***@127.0.0.1:9/v1"))
+    card = tmp_path / "dataset"
+    card.mkdir()
+    (card / "README.md").write_text(f"server: {url}\n")
+    (card / "data.parquet").write_bytes(b"PAR1")
+    ops = {op.path_in_repo: op.path_or_fileobj for op in hub.upload_operations(card, {})}
+    assert ops == {"README.md": b"server: http://***@127.0.0.1:9/v1\n",
+                   "data.parquet": str(card / "data.parquet")}
+    assert (card / "README.md").read_text() == f"server: {url}\n"  # the local file unchanged
+
+
+def test_every_numeric_setting_has_a_range_and_non_finite_is_refused():
+    import dataclasses
+    import typing
+
+    from prefloop.config import RANGES, SECTIONS, apply_overrides
+    from prefloop.config import Recipe as R
+
+    numeric = 0
+    for section in SECTIONS:
+        cls = typing.get_type_hints(R)[section]
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            if not ({int, float} & ({hint} | set(typing.get_args(hint)))):
+                continue
+            numeric += 1
+            assert f.name in RANGES, f"{section}.{f.name} has no range"
+            for bad in (".nan", ".inf", "-.inf"):
+                with pytest.raises(PrefloopError, match=rf"--set: {section}\.{f.name}: "):
+                    apply_overrides(R(), [f"{section}.{f.name}={bad}"])
+    assert numeric >= 60
+
+
+REFUSED = [
+    ("train.beta=0", "train.beta: must be > 0, got 0.0"),
+    ("train.learning_rate=-1", "train.learning_rate: must be in (0, 1], got -1.0"),
+    ("train.epochs=0", "train.epochs: must be > 0, got 0.0"),
+    ("train.max_steps=0", "train.max_steps: must be > 0 (or -1: train for train.epochs), got 0"),
+    ("generate.temperature=-0.5", "generate.temperature: must be >= 0, got -0.5"),
+    ("generate.top_p=1.5", "generate.top_p: must be in (0, 1], got 1.5"),
+    ("train.beta=nan", "train.beta: must be a finite number, got nan"),
+    ("instructions.seed=-3", "instructions.seed: must be >= 0, got -3"),
+    ("model.max_retries=1000", "model.max_retries: must be in [0, 100], got 1000"),
+    ("instructions.min_tokens=9", "instructions.min_tokens: 9 is larger than max_tokens (5)"),
+]
+
+
+def test_a_refused_setting_leaves_the_run_directory_byte_for_byte(tmp_path, recipe, capsys):
+    run = tmp_path / "run"
+    ok(main_cli(capsys, "instructions", "--recipe", recipe, "--output-dir", run))
+    before = checksums(run)
+    for setting, message in REFUSED:
+        extra = ["--set", "instructions.max_tokens=5"] if "min_tokens" in setting else []
+        one_error(main_cli(capsys, "run", "--output-dir", run, "--set", setting, *extra),
+                  f"--set: {message}")
+        assert checksums(run) == before, setting
+
+
+def test_a_duplicate_key_or_section_names_both_lines(tmp_path, recipe, capsys):
+    text = recipe.read_text()
+    for extra, key, first, second in [("train: {beta: 0.5}\ntrain: {beta: 0.2}\n", "train", 5, 6),
+                                      ("rank:\n  seed: 1\n  seed: 2\n", "seed", 6, 7)]:
+        bad = tmp_path / "dup.yaml"
+        bad.write_text(text + extra)
+        one_error(main_cli(capsys, "instructions", "--recipe", bad, "--output-dir",
+                           tmp_path / "run"),
+                  f"{bad}:{second}: key '{key}' is given twice, on lines {first} and {second}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_text_yaml_cannot_read_goes_through_set_as_a_string(tmp_path, recipe, capsys):
+    run = tmp_path / "run"
+    ok(main_cli(capsys, "instructions", "--recipe", recipe, "--output-dir", run, "--set",
+                "model.system_prompt=[INST] be brief", "--set", "model.server_model=@bot"))
+    recorded = (run / "recipe.yaml").read_text()
+    assert "system_prompt: '[INST] be brief'" in recorded and "server_model: '@bot'" in recorded
+    one_error(main_cli(capsys, "instructions", "--output-dir", run, "--set", "generate.k=%x"),
+              "--set: generate.k: expected an integer, got '%x'")
+
+
+def test_a_yaml_alias_bomb_is_one_short_line(tmp_path, capsys):
+    rows = ['  - &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for name, prev in zip("bcdefgh", "abcdefg", strict=True):
+        rows.append(f"  - &{name} [{','.join([f'*{prev}'] * 9)}]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("model:\n  system_prompt:\n" + "\n".join("  " + r for r in rows) + "\n")
+    line = one_error(main_cli(capsys, "instructions", "--recipe", bomb, "--output-dir",
+                              tmp_path / "run"),
+                     f"{bomb}: model.system_prompt: expected a string, got [['lol', 'lol'")
+    assert len(line) < 300, line
+
+
+def test_invisible_only_instructions_and_deeply_nested_json_are_one_line(tmp_path, recipe,
+                                                                        capsys):
+    invisible = tmp_path / "invisible.jsonl"
+    invisible.write_text(json.dumps({"instruction": "ok"}) + "\n"
+                         + json.dumps({"instruction": "\u200b\ufeff \u200d\u2060\u00ad"}) + "\n")
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"instruction": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    deep_json = tmp_path / "deep.json"
+    deep_json.write_text("[" * 100_000 + "]" * 100_000)
+    for source, part in [(invisible, f"{invisible}:2: field 'instruction' is missing or empty "
+                                     "(or holds only invisible characters)"),
+                         (deep, f"{deep}:1: JSON nested too deeply to read"),
+                         (deep_json, f"{deep_json}: JSON nested too deeply to read")]:
+        one_error(main_cli(capsys, "instructions", "--recipe", recipe, "--output-dir",
+                           tmp_path / "run", "--set", f"instructions.source={source}"), part)
+    assert not (tmp_path / "run").exists()
+
+
+def test_damaged_weights_in_a_model_folder_are_one_line(tmp_path, recipe, model_dir, capsys):
+    run = tmp_path / "run"
+    ok(main_cli(capsys, "instructions", "--recipe", recipe, "--output-dir", run))
+    cut = _model_copy(model_dir, tmp_path / "cut", lambda d: os.truncate(d / "model.safetensors",
+                                                                          100))
+    before = checksums(run)
+    one_error(main_cli(capsys, "generate", "--output-dir", run, "--set", f"model.name={cut}"),
+              f"model '{cut}': {cut} cannot be loaded (SafetensorError",
+              "its files are damaged or incomplete")
+    assert checksums(run) == before
+
+
+def test_missing_or_damaged_adapter_weights_are_one_line(tmp_path, model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from prefloop.models import load_adapter, load_model
+
+    base, _ = load_model(str(model_dir))
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    os.truncate(weights, 10)
+    with pytest.raises(PrefloopError, match=rf"^{weights}: the adapter cannot be loaded "
+                                            r"\(SafetensorError: .*; redo it$"):
+        load_adapter(load_model(str(model_dir))[0], weights.parent, "redo it")
+    weights.unlink()
+    with pytest.raises(PrefloopError) as e:
+        load_adapter(load_model(str(model_dir))[0], weights.parent, "redo it")
+    assert str(e.value) == f"{weights}: the adapter's weights are missing; redo it"
+
+
+def test_the_converted_cache_is_verified_and_rebuilt(tmp_path, monkeypatch):
+    from prefloop import models
+
+    monkeypatch.setenv("PREFLOOP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "embedded_gguf_path", lambda name: tmp_path / "x.gguf")
+    built = []
+
+    def convert(gguf, out):  # stands in for the 20 s dequantisation
+        built.append(out)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"weights" * 100)
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    target = models.embedded_model_dir("smollm2-135m-instruct")
+    assert len(built) == 1 and models.embedded_model_dir("smollm2-135m-instruct") == target
+    assert len(built) == 1  # intact: not rebuilt
+    with open(target / "model.safetensors", "r+b") as f:  # same size, other bytes
+        f.write(b"W")
+    assert not models.cache_is_intact(target)
+    models.embedded_model_dir("smollm2-135m-instruct")
+    assert len(built) == 2 and (target / "model.safetensors").read_bytes() == b"weights" * 100
+    os.truncate(target / "model.safetensors", 3)
+    models.embedded_model_dir("smollm2-135m-instruct")
+    assert len(built) == 3 and models.cache_is_intact(target)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["smollm2-135m-instruct"]
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("PREFLOOP_CACHE_DIR", str(blocker / "cache"))
+    with pytest.raises(PrefloopError, match=rf"^the model cache {blocker}/cache/models/"
+                                            r"smollm2-135m-instruct cannot be written \(.*"
+                                            "set PREFLOOP_CACHE_DIR to a writable folder$"):
+        models.embedded_model_dir("smollm2-135m-instruct")
+
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port, self.accepted, self.conns = self.sock.getsockname()[1], 0, []
+        import threading
+
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            self.accepted += 1
+
+    def close(self):
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def silent():
+    server = SilentServer()
+    yield server
+    server.close()
+
+
+def test_a_server_that_never_answers_is_one_line_in_seconds(tmp_path, recipe, silent, capsys):
+    run = tmp_path / "run"
+    t0 = time.time()
+    one_error(main_cli(capsys, "run", "--recipe", recipe, "--output-dir", run, "--until",
+                       "generate", "--set", "model.backend=openai", "--set",
+                       f"model.base_url=http://127.0.0.1:{silent.port}/v1", "--set",
+                       "model.request_timeout=1", "--set", "model.max_retries=0"),
+              f"http://127.0.0.1:{silent.port}/v1/models: no answer within "
+              "model.request_timeout=1s")
+    assert time.time() - t0 < 60 and silent.accepted >= 1
+
+
+def _fake_finished_pairs(run: Path, recipe: Path) -> None:
+    """A run directory whose pairs stage finished (what push reads), without computing it."""
+    from prefloop.artifacts import claim_run_dir, write_manifest
+    from prefloop.config import dump_recipe, load_recipe
+
+    (run / "pairs" / "dataset").mkdir(parents=True)
+    claim_run_dir(run)
+    (run / "recipe.yaml").write_text(dump_recipe(load_recipe(recipe)))
+    (run / "pairs" / "dataset" / "README.md").write_text("# pairs\n")
+    write_manifest(run / "pairs", "pairs", "h", started=time.time())
+
+
+@pytest.fixture
+def silent_hub(silent, monkeypatch):
+    """huggingface_hub in this process pointed at the silent server, 1 s timeout, 1 retry."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    from prefloop.hub import configure_network
+
+    endpoint = f"http://127.0.0.1:{silent.port}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_SECRET")
+    monkeypatch.setenv("PREFLOOP_HUB_TIMEOUT", "1")
+    monkeypatch.setenv("PREFLOOP_HUB_RETRIES", "1")
+    saved = dict(_http.http_backoff.__kwdefaults__)
+    configure_network()
+    yield endpoint
+    _http.set_client_factory(_http.default_client_factory)
+    _http.http_backoff.__kwdefaults__.update(saved)
+
+
+def test_hub_requests_to_a_silent_endpoint_are_one_line_in_seconds(tmp_path, recipe, silent,
+                                                                   silent_hub, capsys):
+    run = tmp_path / "run"
+    _fake_finished_pairs(run, recipe)
+    t0 = time.time()
+    proc = main_cli(capsys, "push", "dataset", "--output-dir", run, "--repo-id", "me/data")
+    one_error(proc, f"push dataset to me/data failed: no answer from {silent_hub} within "
+                    "PREFLOOP_HUB_TIMEOUT=1 s, 2 tries", "or raise PREFLOOP_HUB_TIMEOUT")
+    assert "hf_fake_SECRET" not in proc.stderr and silent.accepted >= 2
+    proc = main_cli(capsys, "run", "--recipe", recipe, "--output-dir", tmp_path / "run2",
+                    "--until", "generate", "--set", "model.name=someone/model")
+    one_error(proc, f"model 'someone/model': cannot be loaded from the Hugging Face Hub at "
+                    f"{silent_hub}", "PREFLOOP_HUB_TIMEOUT=1 s")
+    assert time.time() - t0 < 60
+
+
+@pytest.mark.slow  # a real push process, killed -9 while it waits for the Hub
+def test_a_killed_push_leaves_no_staged_copy(tmp_path, recipe, silent):
+    run, tmp = tmp_path / "run", tmp_path / "tmp"
+    tmp.mkdir()
+    _fake_finished_pairs(run, recipe)
+    push = start("push", "dataset", "--output-dir", run, "--repo-id", "me/data", extra_env={
+        "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{silent.port}",
+        "HF_TOKEN": "hf_fake_SECRET", "TMPDIR": str(tmp), "PREFLOOP_HUB_TIMEOUT": "600"})
+    deadline = time.time() + 120
+    while silent.accepted == 0 and time.time() < deadline and push.poll() is None:
+        time.sleep(0.1)
+    push.kill()
+    push.communicate()
+    assert silent.accepted >= 1 and [p for p in tmp.rglob("*") if p.is_file()] == []

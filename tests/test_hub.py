@@ -196,11 +196,14 @@ def test_http_errors_are_one_clear_line(tmp_path, fake_hub, status, needle):
 
 
 def test_network_down_and_offline(tmp_path, fake_hub, monkeypatch):
-    fake_hub(connect_error=True)
+    fake = fake_hub(connect_error=True)
+    monkeypatch.setenv("PREFLOOP_HUB_RETRIES", "1")
     run_dir = make_run(tmp_path)
-    with pytest.raises(PrefloopError, match=r"cannot reach the Hub \(ConnectError\); check your "
-                                            "network or proxy, then `hf auth login`"):
+    with pytest.raises(PrefloopError, match=r"cannot reach the Hub at https://huggingface.co "
+                                            r"\(ConnectError\); check your network, proxy or "
+                                            "HF_ENDPOINT, then `hf auth login`"):
         hub.push("dataset", Recipe(), run_dir, repo_id="alice/pairs")
+    assert len(fake.of("/api/repos/create")) == 2  # one retry, then the one line
     _http.set_client_factory(_http.default_client_factory)  # the real client refuses offline
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(PrefloopError, match=r"offline mode is on \(HF_HUB_OFFLINE=1\)"):

@@ -49,7 +49,8 @@ def test_builtin_source():
     ('{"question": "a"}\n{"other": "b"}\n', None,
      "{p}:2: field 'question' is missing; fix the record or set instructions.field"),
     ('{"question": "a"}\n{"question": "  "}\n', None,
-     "{p}:2: field 'question' is missing or empty; fix the record or set instructions.field"),
+     "{p}:2: field 'question' is missing or empty (or holds only invisible characters); fix "
+     "the record or set instructions.field"),
     ('{"question": "a"}\n', "prompt",
      "{p}: field 'prompt' not found (columns: question); set instructions.field to one of them"),
 ])

@@ -75,10 +75,12 @@ def test_win_rate(margins, expected):
      "instructions.n_train: 5 seed prompts cannot give 2 disjoint rounds of "
      "iterate.prompts_per_round 3; raise instructions.n_train to 6"),
     (["iterate.min_words=9", "iterate.max_words=8"],
-     "iterate.min_words (9) exceeds iterate.max_words (8); lower min_words or raise max_words"),
+     "--set: iterate.min_words: 9 is larger than max_words (8); lower min_words or raise "
+     "max_words"),
     (["iterate.n_candidates=1"],
      "iterate.n_candidates: a pair needs at least 2 candidates (the paper uses 4)"),
-    (["iterate.rouge_threshold=1.5"], "iterate.rouge_threshold: must be in (0, 1], got 1.5"),
+    (["iterate.rouge_threshold=1.5"],
+     "--set: iterate.rouge_threshold: must be in (0, 1], got 1.5"),
     (["rank.ranker=constraints"],
      "rank.ranker constraints: Self-Instruct prompts carry no constraints; set "
      "iterate.prompt_source=seed (and an instructions source with constraints, e.g. "
@@ -429,9 +431,12 @@ def test_eval_stats_report_objective_accuracy_of_constrained_prompts():
             for i, text in enumerate(["Tea is a warm drink.", "Tea, hot, is nice.",
                                       "Green tea is calm.", "I'm sorry."])]
     scores = {g["id"]: {"score": None, "scores": []} for g in gens}
-    assert iterate.eval_stats(gens, scores)["objective_strict"] == 0.75
+    objective = iterate.objective_reports(gens, list(reversed(gens)))
+    assert [r["strict"] for r in objective] == [True, False, True, True]
+    assert iterate.eval_stats(gens, scores, objective)["objective_strict"] == 0.75
     plain = [{k: v for k, v in g.items() if k != "constraints"} for g in gens]
-    assert iterate.eval_stats(plain, scores)["objective_strict"] is None
+    assert iterate.objective_reports(plain, plain) is None
+    assert iterate.eval_stats(plain, scores, None)["objective_strict"] is None
 
 
 def test_objective_vs_start_reads_m_t_against_m1_as_compare_does():
@@ -446,7 +451,7 @@ def test_objective_vs_start_reads_m_t_against_m1_as_compare_does():
           "I'm sorry but I cannot help with that.", "Green tea is calm and gentle."]
     start = [{"id": str(i), "response": r} for i, r in enumerate(m1)]
     gens = [{"id": str(i), "response": r} for i, r in reversed(list(enumerate(mt)))]
-    vs = iterate.objective_vs_start(items, start, gens)
+    vs = iterate.objective_vs_start(items, start, iterate.objective_reports(items, gens))
     s = vs["summary"]
     assert (s["difference"], s["only_new_right"], s["only_m1_right"], s["mcnemar_p"]) == \
         (0.5, 2, 0, 0.5)
@@ -454,8 +459,7 @@ def test_objective_vs_start_reads_m_t_against_m1_as_compare_does():
     assert s["guards_fired"] == ["more refusals (1 vs 0)"]
     assert vs["report"]["original"]["prompt_strict"] == 0.5
     assert vs["report"]["dpo"]["prompt_strict"] == 1.0
-    assert iterate.objective_vs_start([{k: v for k, v in it.items() if k != "constraints"}
-                                       for it in items], start, gens) is None
+    assert iterate.objective_vs_start(items, start, None) is None
     row = {"model": "M2", "objective_vs_m1": s}
     assert report._vs_m1(s) == "+50.0% ({:+.1f}%, {:+.1f}%), p 0.5".format(
         *(100 * x for x in s["ci95"]))
@@ -486,11 +490,22 @@ def loop_dir(loop, tmp_path):
     shutil.copytree(backup, run_dir)
 
 
-@pytest.mark.slow
-def test_force_keeps_the_finished_loop_aside_and_restores_it_when_the_redo_fails(loop, loop_dir,
-                                                                                 tmp_path):
+@pytest.fixture
+def redo(loop_dir, tmp_path):
+    """What a redo of the finished loop runs under: offline, one thread, the judge's score
+    faked; yields the MonkeyPatch for the test's own patches (undone after the test)."""
     import datasets
 
+    with pytest.MonkeyPatch.context() as mp, one_thread():
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+        mp.setattr("prefloop.rankers.judge.parse_score", fake_score)
+        yield mp
+
+
+@pytest.mark.slow
+def test_force_keeps_the_finished_loop_aside_and_restores_it_when_the_redo_fails(loop, loop_dir,
+                                                                                 redo):
     run_dir = loop_dir
     before = _sums(run_dir, ("instructions", "rounds", "report.md", "report.json"))
     assert len(before) > 60
@@ -500,22 +515,16 @@ def test_force_keeps_the_finished_loop_aside_and_restores_it_when_the_redo_fails
         assert not (run_dir / "rounds" / "1" / "train").exists()  # the redo started afresh
         raise PrefloopError("train: out of disk, say")
 
-    with pytest.MonkeyPatch.context() as mp, one_thread():
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
-        mp.setattr("prefloop.rankers.judge.parse_score", fake_score)
-        mp.setattr(train, "run", broken_train)
-        with pytest.raises(PrefloopError, match="out of disk"):
-            iterate.run(loop["recipe"], run_dir, force=True)
+    redo.setattr(train, "run", broken_train)
+    with pytest.raises(PrefloopError, match="out of disk"):
+        iterate.run(loop["recipe"], run_dir, force=True)
     assert _sums(run_dir, ("instructions", "rounds", "report.md", "report.json")) == before
     assert not (run_dir / ".iterate.previous").exists()
 
 
 @pytest.mark.slow
 def test_a_killed_forced_redo_keeps_the_old_loop_and_the_old_config_gets_it_back(loop, loop_dir,
-                                                                                 tmp_path):
-    import datasets
-
+                                                                                 redo):
     run_dir = loop_dir
     before = _sums(run_dir)
     recipe = loop["recipe"]
@@ -528,27 +537,23 @@ def test_a_killed_forced_redo_keeps_the_old_loop_and_the_old_config_gets_it_back
     def no_generation(*a, **kw):
         raise AssertionError("the kept-aside loop must come back without recomputing")
 
-    with pytest.MonkeyPatch.context() as mp, one_thread():
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
-        mp.setattr("prefloop.rankers.judge.parse_score", fake_score)
-        mp.setattr(train, "run", killed_train)
-        with pytest.raises(KeyboardInterrupt):
-            iterate.run(changed, run_dir, force=True)
-        assert (run_dir / ".iterate.previous" / "rounds" / "2" / "eval").is_dir()
-        assert read_manifest(run_dir / "rounds" / "1" / "pairs")["status"] == "done"  # new, partial
-        # without --force: the changed loop resumes; a third configuration is refused, naming the
-        # command; the old configuration is accepted (its loop is kept aside)
-        iterate.check_resume(changed, run_dir)
-        third = replace(recipe, train=replace(recipe.train, beta=0.5))
-        with pytest.raises(PrefloopError, match=r"rounds: the iterative loop ran with a "
-                           r"different configuration.*prefloop iterate --output-dir .* --force"):
-            iterate.check_resume(third, run_dir)
-        iterate.check_resume(recipe, run_dir)
-        mp.setattr(train, "run", real_train)
-        mp.setattr("prefloop.engine.generate", no_generation)
-        mp.setattr(train, "build_trainer", no_generation)
-        iterate.run(recipe, run_dir)
+    redo.setattr(train, "run", killed_train)
+    with pytest.raises(KeyboardInterrupt):
+        iterate.run(changed, run_dir, force=True)
+    assert (run_dir / ".iterate.previous" / "rounds" / "2" / "eval").is_dir()
+    assert read_manifest(run_dir / "rounds" / "1" / "pairs")["status"] == "done"  # new, partial
+    # without --force: the changed loop resumes; a third configuration is refused, naming the
+    # command; the old configuration is accepted (its loop is kept aside)
+    iterate.check_resume(changed, run_dir)
+    third = replace(recipe, train=replace(recipe.train, beta=0.5))
+    with pytest.raises(PrefloopError, match=r"rounds: the iterative loop ran with a "
+                       r"different configuration.*prefloop iterate --output-dir .* --force"):
+        iterate.check_resume(third, run_dir)
+    iterate.check_resume(recipe, run_dir)
+    redo.setattr(train, "run", real_train)
+    redo.setattr("prefloop.engine.generate", no_generation)
+    redo.setattr(train, "build_trainer", no_generation)
+    iterate.run(recipe, run_dir)
     assert _sums(run_dir) == before
     assert not (run_dir / ".iterate.previous").exists()
 

@@ -4,6 +4,7 @@ The Hub id is swapped for a local folder with `--set model.name=...`; everything
 seed recipe's own train section (gradient checkpointing on, batch 2 x 4 accumulation, ...).
 """
 
+import importlib.util
 import json
 
 import pytest
@@ -87,6 +88,8 @@ def test_seed_train_section_trains_with_lora_on_every_linear_layer(seed_run):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                    reason="bitsandbytes is not installed (pip install 'prefloop[qlora]')")
 def test_seed_recipe_qlora_on_cuda(seed_run):
     """4-bit NF4 base + bf16 LoRA on every Mistral linear layer, gradient checkpointing on."""
     import bitsandbytes as bnb

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from prefloop import distributed
-from prefloop.errors import PrefloopError
+from prefloop.errors import PrefloopError, redact_url
 
 STAGES = ("instructions", "generate", "rank", "pairs", "train", "compare")
 
@@ -211,6 +211,80 @@ def test_point(stage: str, point: str) -> None:
                 time.sleep(0.05)
 
 
+# --- ownership: prefloop writes only into a run directory it made ------------------------------
+
+RUN_MARKER = ".prefloop-run"  # written first into every run directory prefloop makes
+LOCK_NAME = ".prefloop.lock"
+# Every name prefloop writes at the top of a run directory (iterate's loop included); a stage's
+# or the loop's `--force` keeps the finished one aside as `.<name>.previous`.
+RUN_PARTS = ("recipe.yaml", *STAGES, "rounds", "report.md", "report.json", "plots", LOCK_NAME,
+             RUN_MARKER)
+
+
+def is_run_part(name: str) -> bool:
+    """True for a top-level name prefloop writes (an artifact, a kept-aside stage, a temp file)."""
+    if name in RUN_PARTS or name == ".iterate.previous":
+        return True
+    if name.startswith(".") and name.endswith(".previous"):
+        return name[1:-len(".previous")] in RUN_PARTS
+    return name.startswith(".recipe.yaml.") and name.endswith(".tmp")  # atomic_write_text's
+
+
+def ownership_problem(root: Path) -> str | None:
+    """Why prefloop may not write into `root` (None when it may): it is new, empty, marked as
+    prefloop's, or a run directory of a prefloop older than the marker (only prefloop's names,
+    and a stage's manifest or partial marker among them)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    names = sorted(p.name for p in root.iterdir() if p.name != LOCK_NAME)  # a killed run's lock
+    if not names or RUN_MARKER in names:
+        return None
+    foreign = [n for n in names if not is_run_part(n)]
+    if not foreign and _has_stage_record(root):
+        return None
+    shown = ", ".join(repr(n) for n in (foreign or names)[:3])
+    more = f" and {len(foreign or names) - 3} more" if len(foreign or names) > 3 else ""
+    return (f"holds files prefloop did not write ({shown}{more}) and no {RUN_MARKER} marker; "
+            "prefloop writes only into a new or empty folder or a run directory it made: give "
+            "another --output-dir (e.g. a new folder inside this one)")
+
+
+def _has_stage_record(root: Path) -> bool:
+    stages = [root / s for s in STAGES] + [root / "rounds"]
+    return any((s / "manifest.json").is_file() or (s / "in_progress.json").is_file()
+               or (s / "loop.json").is_file() for s in stages)
+
+
+def stage_folder_problem(folder: Path) -> str | None:
+    """Why a stage folder is not prefloop's to replace or delete: it holds files but neither a
+    manifest nor a partial marker (prefloop writes one of them before anything else)."""
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    if (folder / "manifest.json").exists() or (folder / "in_progress.json").exists():
+        return None
+    return (f"{folder}: holds files prefloop did not write (no manifest.json or in_progress.json);"
+            " move them out of the run directory, or use another --output-dir")
+
+
+def claim_run_dir(root: Path) -> bool:
+    """Mark `root` as a prefloop run directory (before anything else is written into it);
+    True when the marker was written now."""
+    marker = Path(root) / RUN_MARKER
+    if marker.exists():
+        return False
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        made_by = version("prefloop")
+    except PackageNotFoundError:
+        made_by = "unknown"
+    atomic_write_json(marker, {"prefloop": made_by, "note": "a run directory prefloop made; it "
+                               "writes and deletes only its own files here"})
+    return True
+
+
 # --- the run-directory lock --------------------------------------------------------------------
 
 class RunLock:
@@ -218,7 +292,7 @@ class RunLock:
     records the holder's pid and host for the message a second run gets. The kernel drops the
     lock when its process dies, so a lock left by a killed run is simply taken over."""
 
-    NAME = ".prefloop.lock"
+    NAME = LOCK_NAME
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -311,7 +385,8 @@ def _umask() -> int:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, ensure_ascii=False) + "\n")
+    text = json.dumps(to_jsonable(obj), indent=2, ensure_ascii=False) + "\n"
+    atomic_write_text(path, redact_url(text))  # manifests never hold a URL's credentials
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -382,6 +457,9 @@ def iter_jsonl(path: Path, *, allow_partial_tail: bool = False) -> Iterator[tupl
             continue
         try:
             obj = json.loads(line)
+        except RecursionError:
+            raise PrefloopError(f"{path}:{i + 1}: JSON nested too deeply to read; give one "
+                                "flat record per line") from None
         except json.JSONDecodeError as e:
             if allow_partial_tail and i == last:
                 return
@@ -413,7 +491,8 @@ def read_jsonl(path: Path, *, allow_partial_tail: bool = False) -> list[dict]:
 
 
 def config_hash(obj: Any) -> str:
-    blob = json.dumps(to_jsonable(obj), sort_keys=True, ensure_ascii=False)
+    # credentials are not configuration: a recorded (redacted) recipe hashes as the one it records
+    blob = redact_url(json.dumps(to_jsonable(obj), sort_keys=True, ensure_ascii=False))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -455,7 +534,7 @@ def read_manifest(stage_dir: Path) -> dict | None:
         return None
     try:
         m = json.loads(read_text(path))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         m = e
     if not isinstance(m, dict):
         why = f" ({m.msg})" if isinstance(m, json.JSONDecodeError) else ""
@@ -501,6 +580,9 @@ def begin_stage(stage_dir: Path, stage: str, cfg_hash: str, *, force: bool = Fal
     one from another config is an error unless `force`, which starts the stage afresh.
     """
     stage_dir = Path(stage_dir)
+    problem = stage_folder_problem(stage_dir)
+    if problem:
+        raise PrefloopError(problem)
     aside = aside_path(stage_dir)
     if aside.exists() and not force:  # a forced redo was killed before it finished
         current = read_manifest(stage_dir)

@@ -12,10 +12,12 @@ from pathlib import Path
 
 from prefloop import distributed
 from prefloop.artifacts import (
+    RUN_MARKER,
     STAGES,
     RunDir,
     RunLock,
     atomic_write_text,
+    claim_run_dir,
     read_manifest,
     transaction,
 )
@@ -25,6 +27,7 @@ from prefloop.config import (
     apply_overrides,
     dump_recipe,
     load_recipe,
+    redact_url,
 )
 from prefloop.errors import PrefloopError
 from prefloop.summary import stage_line
@@ -123,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace) -> tuple[Recipe, Path]:
     """Recipe precedence: --recipe, else the run directory's recipe.yaml, else 'default'.
     Nothing is written here: the recipe is recorded only when a stage is about to change."""
+    if args.output_dir is not None:
+        args.output_dir = args.output_dir.expanduser()
     existing = args.output_dir / "recipe.yaml" if args.output_dir else None
     if args.recipe is None and existing is not None and existing.is_file():
         recipe = load_recipe(existing)
@@ -176,9 +181,11 @@ def writing(run_dir: Path, recipe: Recipe):
     main = distributed.is_main()
     existed = run_dir.exists()
     lock = RunLock(run_dir)
+    claimed = False
     if main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
+            claimed = claim_run_dir(run_dir)  # the marker first: the folder is prefloop's
             lock.acquire()
         except OSError as e:
             raise PrefloopError(f"--output-dir {run_dir}: cannot write the run directory "
@@ -194,12 +201,23 @@ def writing(run_dir: Path, recipe: Recipe):
     except Exception:
         if main:
             _restore_recipe(run_dir, before)
+            if claimed and existed:  # a failed command leaves a folder it found as it was
+                (run_dir / RUN_MARKER).unlink(missing_ok=True)
         raise
     finally:
         if main:
             lock.release()
-            if not existed and run_dir.is_dir() and not any(run_dir.iterdir()):
-                run_dir.rmdir()
+            _unclaim_if_unused(run_dir, claimed, existed)
+
+
+def _unclaim_if_unused(run_dir: Path, claimed: bool, existed: bool) -> None:
+    """A command that wrote nothing leaves the folder as it found it: no marker, no new folder."""
+    if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - {RUN_MARKER}:
+        return
+    if claimed:
+        (run_dir / RUN_MARKER).unlink(missing_ok=True)
+    if not existed and not any(run_dir.iterdir()):
+        run_dir.rmdir()
 
 
 def _state_files(run_dir: Path) -> dict[Path, bytes]:
@@ -326,6 +344,8 @@ def dispatch(args: argparse.Namespace, argv: list[str] | None = None) -> None:
     recipe, run_dir = resolve(args)
     preflight.check_output_dir(run_dir)
     stages = command_stages(args)
+    recipe_file = Path(args.recipe) if args.recipe and args.recipe not in SHIPPED_RECIPES else None
+    preflight.check_ownership(run_dir, stages, args.command, recipe_file, recipe)
     steps = plan(recipe, run_dir, stages) if stages else []
     try:
         preflight.check(recipe, stages, args.command, run_dir,
@@ -402,14 +422,17 @@ def finished(args: argparse.Namespace, recipe: Recipe, run_dir: Path, stages: li
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from prefloop.hub import configure_network
+
+        configure_network()  # before anything asks the Hub: no request waits forever
         dispatch(args, argv)
-    except PrefloopError as e:
-        print(f"prefloop: error: {e}", file=sys.stderr)
+    except PrefloopError as e:  # no credentials of a URL in what is printed
+        print(f"prefloop: error: {redact_url(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # permissions, not a folder, disk full, file too large, ...
         from prefloop.preflight import os_error_message
 
-        print(f"prefloop: error: {os_error_message(e)}", file=sys.stderr)
+        print(f"prefloop: error: {redact_url(os_error_message(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prefloop: interrupted; run the same command again to resume", file=sys.stderr)

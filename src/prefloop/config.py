@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -17,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from prefloop.errors import PrefloopError
+from prefloop.errors import PrefloopError, redact_url
 
 SHIPPED_RECIPES = ("default", "seed", "self-reward", "constraints-loop")
 
@@ -238,10 +239,22 @@ _HINTS = {cls: typing.get_type_hints(cls) for cls in
 _SECTION_TYPES = {name: typing.get_type_hints(Recipe)[name] for name in SECTIONS}
 
 
+def shown(value: Any, limit: int = 80) -> str:
+    """A value as an error may echo it: bounded in depth, items and length (a YAML alias bomb
+    expands to more text than any terminal holds)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, limit, limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _unknown(where: str, key: str, valid: list[str]) -> PrefloopError:
+    key = key[:80]
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
-    return PrefloopError(f"{where}: unknown key '{key}' ({hint})")
+    return PrefloopError(f"{where}: unknown key {shown(key)} ({hint})")
 
 
 def _coerce(where: str, value: Any, hint: Any) -> Any:
@@ -259,11 +272,11 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
                 return _coerce(where, value, arg)
             except PrefloopError as e:
                 errors.append(str(e))
-        raise PrefloopError(errors[0] if errors else f"{where}: invalid value {value!r}")
+        raise PrefloopError(errors[0] if errors else f"{where}: invalid value {shown(value)}")
     if origin is Literal:
         choices = typing.get_args(hint)
-        if value not in choices:
-            raise PrefloopError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        if not isinstance(value, typing.Hashable) or value not in choices:
+            raise PrefloopError(f"{where}: {shown(value)} is not one of {', '.join(map(str, choices))}")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads "5e-5" (no dot) as a string
@@ -272,19 +285,19 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise PrefloopError(f"{where}: expected a number, got {value!r}")
+            raise PrefloopError(f"{where}: expected a number, got {shown(value)}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise PrefloopError(f"{where}: expected an integer, got {value!r}")
+            raise PrefloopError(f"{where}: expected an integer, got {shown(value)}")
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise PrefloopError(f"{where}: expected true or false, got {value!r}")
+            raise PrefloopError(f"{where}: expected true or false, got {shown(value)}")
         return value
     if hint is str:
         if not isinstance(value, str):
-            raise PrefloopError(f"{where}: expected a string, got {value!r}")
+            raise PrefloopError(f"{where}: expected a string, got {shown(value)}")
         return value
     raise PrefloopError(f"{where}: unsupported type {hint}")
 
@@ -324,30 +337,72 @@ def _build_section(where: str, cls: type, data: Any, base: Any) -> Any:
     return section
 
 
-_POSITIVE = {"k", "n_train", "max_new_tokens", "judge_samples", "judge_max_new_tokens", "min_valid",
-             "batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha", "rounds",
-             "prompts_per_round", "n_candidates", "eval_prompts", "logging_steps",
-             "fast_min_chunk_tokens", "show_rows", "max_concurrency", "request_timeout",
-             "per_instruction", "eval_steps"}
+# The allowed range of every numeric setting, by key (the same key means the same thing in every
+# section): (low, low included, high, high included); None is unbounded. A test walks every
+# numeric field of every section and fails when one has no entry here.
+_INF = None
+_POS_INT = (0, False, _INF, False)  # sizes and counts (integers): >= 1
+_NONNEG = (0, True, _INF, False)
+_UNIT_OPEN = (0, True, 1, False)  # [0, 1)
+RANGES: dict[str, tuple] = {
+    **dict.fromkeys(["k", "n_train", "max_new_tokens", "judge_samples", "judge_max_new_tokens",
+                     "min_valid", "batch_size", "grad_accum", "max_length", "lora_r",
+                     "lora_alpha", "rounds", "prompts_per_round", "n_candidates", "eval_prompts",
+                     "logging_steps", "fast_min_chunk_tokens", "show_rows", "max_concurrency",
+                     "per_instruction", "min_tokens", "max_tokens", "min_words", "max_words",
+                     "fewshot_seed", "prompt_max_new_tokens"], _POS_INT),
+    **dict.fromkeys(["seed", "n_heldout", "min_margin", "fast_activation_budget_gb",
+                     "fewshot_generated", "save_steps"], _NONNEG),  # save_steps 0: no checkpoints
+    **dict.fromkeys(["temperature", "judge_temperature", "prompt_temperature"], _NONNEG),
+    **dict.fromkeys(["top_p", "judge_top_p", "prompt_top_p", "rouge_threshold"],
+                    (0, False, 1, True)),
+    **dict.fromkeys(["lora_dropout", "warmup_ratio", "length_match", "eval_fraction"],
+                    _UNIT_OPEN),
+    "beta": (0, False, _INF, False),
+    "learning_rate": (0, False, 1, True),
+    "epochs": (0, False, _INF, False),
+    "max_steps": (0, False, _INF, False),  # or -1: train for `epochs`
+    "request_timeout": (0, False, _INF, False),
+    "max_retries": (0, True, 100, True),
+}
+
+
+def _in_range(v: float, rng: tuple) -> bool:
+    lo, lo_in, hi, hi_in = rng
+    return ((lo is None or v > lo or (lo_in and v == lo))
+            and (hi is None or v < hi or (hi_in and v == hi)))
+
+
+def _range_text(rng: tuple) -> str:
+    lo, lo_in, hi, hi_in = rng
+    if hi is None:
+        return f"must be {'>=' if lo_in else '>'} {lo:g}"
+    return f"must be in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
 
 
 def _check_ranges(where: str, section: Any) -> None:
+    import math
+
     for f in fields(section):
         v = getattr(section, f.name)
-        if v is None or isinstance(v, bool):
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
-        if f.name in _POSITIVE and v <= 0:
-            raise PrefloopError(f"{where}.{f.name}: must be > 0, got {v}")
-        if f.name.endswith("temperature") and v < 0:
-            raise PrefloopError(f"{where}.{f.name}: must be >= 0, got {v}")
-        if f.name.endswith("top_p") and not 0 < v <= 1:
-            raise PrefloopError(f"{where}.{f.name}: must be in (0, 1], got {v}")
-        if f.name in ("lora_dropout", "warmup_ratio", "length_match", "eval_fraction") \
-                and not 0 <= v < 1:
-            raise PrefloopError(f"{where}.{f.name}: must be in [0, 1), got {v}")
-        if f.name in ("n_heldout", "min_margin", "fast_activation_budget_gb", "max_retries",
-                      "save_steps") and v < 0:
-            raise PrefloopError(f"{where}.{f.name}: must be >= 0, got {v}")
+        if not math.isfinite(v):
+            raise PrefloopError(f"{where}.{f.name}: must be a finite number, got {v}")
+        rng = RANGES[f.name]
+        if not _in_range(v, rng) and not (f.name == "max_steps" and v == -1):
+            extra = " (or -1: train for train.epochs)" if f.name == "max_steps" else ""
+            raise PrefloopError(f"{where}.{f.name}: {_range_text(rng)}{extra}, got {v}")
+    _check_pairs_of_keys(where, section)
+
+
+def _check_pairs_of_keys(where: str, section: Any) -> None:
+    """Bounds given as two keys of one section: the low one may not exceed the high one."""
+    for low, high in (("min_tokens", "max_tokens"), ("min_words", "max_words")):
+        lo, hi = getattr(section, low, None), getattr(section, high, None)
+        if lo is not None and hi is not None and lo > hi:
+            raise PrefloopError(f"{where}.{low}: {lo} is larger than {high} ({hi}); "
+                                f"lower {low} or raise {high}")
 
 
 def _check_server(where: str, m: ModelConfig) -> None:
@@ -356,7 +411,7 @@ def _check_server(where: str, m: ModelConfig) -> None:
                             "http://127.0.0.1:8080/v1")
     if m.base_url and not m.base_url.startswith(("http://", "https://")):
         raise PrefloopError(f"{where}.base_url: expected an http:// or https:// URL, "
-                            f"got {m.base_url!r}")
+                            f"got {shown(redact_url(m.base_url))}")
 
 
 def recipe_from_dict(data: Any, where: str = "recipe", base: Recipe | None = None) -> Recipe:
@@ -370,13 +425,34 @@ def recipe_from_dict(data: Any, where: str = "recipe", base: Recipe | None = Non
     updates: dict[str, Any] = {}
     for key, value in data.items():
         if key == "name":
-            updates["name"] = _coerce(f"{where}: name", value, str)
+            updates["name"] = check_name(f"{where}: name", _coerce(f"{where}: name", value, str))
         elif key in SECTIONS:
             cls = _SECTION_TYPES[key]
             updates[key] = _build_section(f"{where}: {key}", cls, value or {}, getattr(base, key))
         else:
             raise _unknown(where, str(key), valid)
     return replace(base, **updates)
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise DuplicateKey(key, seen[key], line)
+            if isinstance(key, typing.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(f"key {shown(key)} is given twice, on lines {first} and {second}")
+        self.key, self.first, self.second = key, first, second
 
 
 def shipped_recipe_path(name: str) -> Path:
@@ -393,7 +469,9 @@ def load_recipe(recipe: str | Path | None = None, overrides: list[str] | None = 
     except OSError as e:
         raise PrefloopError(f"{path}: cannot read recipe ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=RecipeLoader)  # a SafeLoader: no Python objects
+    except DuplicateKey as e:
+        raise PrefloopError(f"{path}:{e.second}: {e}; keep one of them") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -424,16 +502,58 @@ def apply_overrides(r: Recipe, overrides: list[str]) -> Recipe:
             raise PrefloopError(f"--set {item}: expected section.key=value, e.g. train.beta=0.05")
         section, dot, name = key.strip().partition(".")
         if section == "name" and not dot:
-            r = replace(r, name=raw)
+            r = replace(r, name=check_name("--set name", raw))
             continue
         if not dot:
             raise PrefloopError(f"--set {item}: expected section.key=value, e.g. train.beta=0.05")
-        nested.setdefault(section, {})[name] = yaml.safe_load(raw) if raw.strip() else None
+        value = _set_value(raw)
+        if value is not None and not isinstance(value, str) and _takes_text(section, name):
+            value = raw  # `[INST] be brief` reads as a YAML list; the key wants the text
+        nested.setdefault(section, {})[name] = value
     return recipe_from_dict(nested, where="--set", base=r) if nested else r
 
 
+def _set_value(raw: str) -> Any:
+    """A --set value: a YAML scalar (numbers, true, null, quoted text); text YAML cannot read
+    (`[INST] be brief`, `@bot`, `%x`) is taken as the string it is."""
+    if not raw.strip():
+        return None
+    try:
+        return yaml.load(raw, Loader=RecipeLoader)
+    except yaml.YAMLError:
+        return raw
+
+
+def _takes_text(section: str, key: str) -> bool:
+    """True when section.key is a string setting (str or str | None)."""
+    cls = _SECTION_TYPES.get(section)
+    hint = _HINTS[cls].get(key) if cls else None
+    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                           and set(typing.get_args(hint)) == {str, type(None)})
+
+
+_PLAIN_NAME = re.compile(r"[\w][\w.+-]*")
+
+
+def check_name(where: str, name: str) -> str:
+    """A recipe name is a folder name under runs/: no path separators, no '..', not absolute."""
+    if not _PLAIN_NAME.fullmatch(name) or ".." in name or len(name) > 100:
+        raise PrefloopError(f"{where}: {shown(name)} is not a plain name (letters, digits, "
+                            "'.', '_', '-', no '/' or '..'); rename it, or choose the folder "
+                            "with --output-dir")
+    return name
+
+
+def redacted(r: Recipe) -> Recipe:
+    """The recipe as it may be written or shown: the server URL without its credentials."""
+    base_url = r.model.base_url
+    if not base_url or redact_url(base_url) == base_url:
+        return r
+    return replace(r, model=replace(r.model, base_url=redact_url(base_url)))
+
+
 def recipe_to_dict(r: Recipe) -> dict[str, Any]:
-    return dataclasses.asdict(r)
+    return dataclasses.asdict(redacted(r))
 
 
 def dump_recipe(r: Recipe) -> str:

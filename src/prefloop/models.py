@@ -130,19 +130,39 @@ def embedded_gguf_path(name: str) -> Path:
 
 
 def embedded_model_dir(name: str) -> Path:
-    """The converted safetensors folder of an embedded model, converting it on first use."""
+    """The converted safetensors folder of an embedded model, converting it on first use and
+    again when its files no longer match the checksums recorded at conversion."""
     target = cache_dir() / "models" / name
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if cache_is_intact(target):
         return target
     gguf = embedded_gguf_path(name)
+    try:
+        return _rebuild(gguf, target, name)
+    except OSError as e:
+        raise PrefloopError(cache_error(target, e)) from None
+
+
+def cache_error(folder: Path, e: OSError) -> str:
+    from prefloop.preflight import os_error_message
+
+    return (f"the model cache {folder} cannot be written ({os_error_message(e)}); set "
+            "PREFLOOP_CACHE_DIR to a writable folder")
+
+
+def _rebuild(gguf: Path, target: Path, name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp(target.parent, name)
+    if target.exists():  # damaged or from a prefloop without checksums: set it aside, rebuild
+        damaged = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
+        os.replace(target, damaged / "old")
+        shutil.rmtree(damaged, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
     try:
         owner = tmp / OWNER_FILE
         owner.write_text(f"{os.getpid()} {socket.gethostname()}\n", encoding="utf-8")
         _convert_gguf(gguf, tmp)
         owner.unlink()
+        write_checksums(tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first; its copy is as good as ours
@@ -151,6 +171,47 @@ def embedded_model_dir(name: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+CHECKSUMS = "checksums.json"  # in a converted cache folder: sha256, size and mtime of each file
+
+
+def _file_facts(path: Path) -> dict:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    st = path.stat()
+    return {"sha256": digest.hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def write_checksums(folder: Path) -> None:
+    import json
+
+    facts = {p.name: _file_facts(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / CHECKSUMS).write_text(json.dumps(facts, indent=1), encoding="utf-8")
+
+
+def cache_is_intact(folder: Path) -> bool:
+    """True when every file recorded at conversion is there with its checksum; a file whose
+    size and mtime are unchanged is trusted without reading it (a load takes 0.3 s, hashing
+    the weights about as long again)."""
+    import json
+
+    try:
+        facts = json.loads((folder / CHECKSUMS).read_text(encoding="utf-8"))
+        for name, want in facts.items():
+            st = (folder / name).stat()
+            if st.st_size != want["size"]:
+                return False
+            if st.st_mtime_ns != want["mtime_ns"] and _file_facts(folder / name)["sha256"] != \
+                    want["sha256"]:
+                return False
+        return "model.safetensors" in facts and "config.json" in facts
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 OWNER_FILE = ".prefloop-owner"  # "<pid> <host>" of the process converting into a temp folder
@@ -196,9 +257,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantise a GGUF into a plain safetensors model folder with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                  dtype=torch.float32)
+                                                  dtype=torch.float32, trust_remote_code=False)
     # save_pretrained refuses GGUF-loaded models: rebuild from the config without the
     # quantization entry and copy the dequantised weights in.
     config = loaded.config
@@ -237,6 +298,7 @@ def check_model_name(name: str, key: str = "model.name") -> None:
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise PrefloopError(f"{key}: '{name}' is a folder without config.json, not a model "
                                 "folder; give the folder save_pretrained wrote")
+        check_model_folder(path, key)
         return
     close = difflib.get_close_matches(name.lower(), list(EMBEDDED_GGUF), n=1, cutoff=0.8)
     hint = (f"did you mean the embedded '{close[0]}'?" if close else
@@ -247,6 +309,58 @@ def check_model_name(name: str, key: str = "model.name") -> None:
     reason = hub_id_problem(name)
     if reason:
         raise PrefloopError(f"{key}: '{name}' is not a valid Hub id ({reason}); {hint}")
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_model_folder(path: Path, key: str = "model.name") -> None:
+    """Refuse, before anything loads, a folder whose config asks for its own Python code or
+    whose weights are pickles (loading either can run code from the folder)."""
+    path = Path(path)
+    for file in ("config.json", "tokenizer_config.json", "adapter_config.json"):
+        if (path / file).is_file():
+            check_config(_read_json(path / file, key), path / file, key)
+    weights = [p for p in path.iterdir() if p.is_file()]
+    safe = [p for p in weights if p.suffix == ".safetensors"]
+    pickles = [p.name for p in weights if p.suffix in PICKLE_SUFFIXES]
+    if pickles and not safe:
+        raise PrefloopError(f"{key}: {path} holds pickle weights ({', '.join(sorted(pickles)[:3])})"
+                            ", which can run code when loaded; prefloop loads safetensors only: "
+                            "convert them (model.save_pretrained(folder, safe_serialization=True))")
+
+
+def _read_json(path: Path, key: str) -> dict:
+    import json
+
+    from prefloop.artifacts import read_text
+
+    try:
+        data = json.loads(read_text(path))
+    except (ValueError, RecursionError) as e:
+        raise PrefloopError(f"{key}: {path} is not valid JSON ({type(e).__name__}); restore the "
+                            "file the model was saved with") from None
+    if not isinstance(data, dict):
+        raise PrefloopError(f"{key}: {path} is not a JSON object; restore the file the model "
+                            "was saved with")
+    return data
+
+
+def check_config(data: dict, where: Path | str, key: str = "model.name") -> None:
+    """A model (or tokenizer) config that needs the folder's own code, or a model type this
+    transformers does not know (which it could only load with that code), is refused."""
+    from transformers import CONFIG_MAPPING
+
+    if "auto_map" in data:
+        raise PrefloopError(f"{key}: {where} asks for custom code (auto_map: "
+                            f"{', '.join(sorted(map(str, data['auto_map'])))[:80]}); prefloop "
+                            "never runs code from a model folder: use a model transformers "
+                            "supports natively")
+    model_type = data.get("model_type")
+    if Path(str(where)).name == "config.json" and model_type not in CONFIG_MAPPING:
+        raise PrefloopError(f"{key}: {where} names model_type {str(model_type)[:40]!r}, which "
+                            f"transformers does not know; use a model it supports natively "
+                            "(prefloop never runs code from a model folder)")
 
 
 def hub_id_problem(repo_id: str) -> str | None:
@@ -276,21 +390,73 @@ def resolve_model(name: str) -> str:
 
 
 def _offline_error(name: str, err: Exception) -> PrefloopError:
+    from prefloop.hub import TIMEOUT_ENV, endpoint, hub_timeout
+
     return PrefloopError(
-        f"model '{name}': cannot be loaded from the Hugging Face Hub ({type(err).__name__}); "
-        "check the id, your network and `hf auth login` for gated models. Works offline: the "
+        f"model '{name}': cannot be loaded from the Hugging Face Hub at {endpoint()} "
+        f"({type(err).__name__}; each request waits at most {TIMEOUT_ENV}={hub_timeout():g} s); "
+        "check the id, your network or HF_ENDPOINT, and `hf auth login` for gated models. Works "
+        "offline: the "
         f"embedded {', '.join(EMBEDDED_GGUF)}, a local folder, or a model already in the HF cache"
     )
+
+
+def _checked_path(name: str, revision: str | None) -> str:
+    """resolve_model, with the folder's (or the Hub repo's) config checked before any load."""
+    path = resolve_model(name)
+    if Path(path).is_dir():
+        check_model_folder(Path(path))
+        return path
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        config = Path(hf_hub_download(path, "config.json", revision=revision))
+    except EntryNotFoundError as e:  # no config.json in the repo: the load below says so
+        if isinstance(e, LocalEntryNotFoundError):  # offline and not cached, or no answer
+            raise _offline_error(name, e) from None
+        return path
+    except Exception as e:  # network, timeout, auth: one line now, not again at each load
+        if not _is_hub_error(e):
+            raise
+        raise _offline_error(name, e) from None
+    check_config(_read_json(config, "model.name"), f"{name} (config.json)")
+    return path
+
+
+def _is_hub_error(e: Exception) -> bool:
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    return isinstance(e, (HfHubHTTPError, OfflineModeIsEnabled, OSError, ValueError,
+                          TimeoutError)) or type(e).__module__.startswith(("httpx", "httpcore"))
+
+
+def load_error(name: str, path: str, e: Exception) -> PrefloopError:
+    """One line for weights or tokenizer files that cannot be read, naming the folder; the
+    converted cache of an embedded model names the cache."""
+    cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    if name in EMBEDDED_GGUF:
+        return PrefloopError(f"model '{name}': the converted cache {path} cannot be read "
+                             f"({cause}); delete that folder (it is rebuilt from the embedded "
+                             "GGUF) or set PREFLOOP_CACHE_DIR to another folder")
+    return PrefloopError(f"model '{name}': {path} cannot be loaded ({type(e).__name__}: {cause}); "
+                         "its files are damaged or incomplete: restore or re-save the model")
 
 
 def load_tokenizer(name: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    path = resolve_model(name)
+    path = _checked_path(name, revision)
     try:
-        tok = AutoTokenizer.from_pretrained(path, revision=revision)
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=False)
     except OSError as e:
+        if Path(path).is_dir():
+            raise load_error(name, path, e) from None
         raise _offline_error(name, e) from None
+    except Exception as e:  # tokenizers raises a bare Exception for a damaged tokenizer.json
+        if isinstance(e, PrefloopError):
+            raise
+        raise load_error(name, path, e) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -308,11 +474,50 @@ def load_model(cfg: ModelConfig | str):
     tok = load_tokenizer(cfg.name, cfg.revision)
     path = resolve_model(cfg.name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, revision=cfg.revision, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, revision=cfg.revision, dtype=torch_dtype,
+                                                     trust_remote_code=False, use_safetensors=True)
     except OSError as e:
+        if Path(path).is_dir():
+            raise load_error(cfg.name, path, e) from None
+        if ".safetensors" in str(e) and ".bin" in str(e):
+            raise PrefloopError(f"model.name: '{cfg.name}' has only pickle weights (.bin) on the "
+                                "Hub, which can run code when loaded; prefloop loads safetensors "
+                                "only: use a repository or revision with .safetensors") from None
         raise _offline_error(cfg.name, e) from None
+    except Exception as e:  # safetensors, torch and transformers raise many types for bad files
+        if isinstance(e, PrefloopError) or is_out_of_memory(e):
+            raise
+        raise load_error(cfg.name, path, e) from None
     model.to(dev).eval()
     return model, tok
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or "out of memory" in str(err).lower())
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def load_adapter(base, folder: Path, fix: str):
+    """`base` with the LoRA adapter of `folder` attached; missing or damaged weights are one
+    line naming the file and `fix` (the command that rebuilds them)."""
+    from peft import PeftModel
+
+    folder = Path(folder)
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise PrefloopError(f"{weights}: the adapter's weights are missing; {fix}")
+    check_model_folder(folder, "adapter")
+    try:
+        return PeftModel.from_pretrained(base, str(folder), trust_remote_code=False)
+    except Exception as e:  # safetensors and torch raise many types for a damaged file
+        if is_out_of_memory(e):
+            raise
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise PrefloopError(f"{weights}: the adapter cannot be loaded ({type(e).__name__}: "
+                            f"{cause}); {fix}") from None
 
 
 def context_length(model) -> int:

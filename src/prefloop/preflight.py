@@ -26,16 +26,63 @@ def check_output_dir(run_dir: Path) -> None:
             break
 
 
+def check_ownership(run_dir: Path, stages: list[str], command: str,
+                    recipe_file: Path | None = None, recipe: Recipe | None = None) -> None:
+    """prefloop writes only into a run directory it made (or a new or empty folder), replaces
+    only stage folders it wrote, and never writes over an input it reads."""
+    from prefloop.artifacts import is_run_part, ownership_problem, stage_folder_problem
+
+    run_dir = Path(run_dir)
+    problem = ownership_problem(run_dir)
+    if problem:
+        raise PrefloopError(f"--output-dir {run_dir}: {problem}")
+    for stage in stages:
+        problem = stage_folder_problem(run_dir / stage)
+        if problem:
+            raise PrefloopError(problem)
+    for key, value in _inputs(recipe, recipe_file):
+        path = Path(value).expanduser()
+        if not path.exists():
+            continue
+        try:
+            rel = path.resolve().relative_to(run_dir.resolve())
+        except (ValueError, OSError):
+            continue
+        own_record = key == "--recipe" and rel == Path("recipe.yaml")
+        if not rel.parts or (is_run_part(rel.parts[0]) and not own_record):
+            raise PrefloopError(f"{key}: {value} lies inside the run directory {run_dir}, where "
+                                "prefloop writes its own files; move it out of --output-dir "
+                                "(or choose another --output-dir)")
+
+
+def _inputs(recipe: Recipe | None, recipe_file: Path | None) -> list[tuple[str, str]]:
+    """The local paths a command reads: the recipe file, the source, the models."""
+    out = [("--recipe", str(recipe_file))] if recipe_file is not None else []
+    if recipe is not None:
+        out += [("instructions.source", recipe.instructions.source),
+                ("model.name", recipe.model.name), ("rank.judge_model", recipe.rank.judge_model),
+                ("rank.pairrm_model", recipe.rank.pairrm_model),
+                ("iterate.prompt_model", recipe.iterate.prompt_model)]
+    return [(k, v) for k, v in out if v and v != "builtin"]
+
+
 def check_models(recipe: Recipe, stages: list[str], command: str) -> None:
+    """Every model name the command will load is a known name, a folder or a valid Hub id; the
+    ranker says which of its rank.* keys name models."""
     from prefloop.models import check_model_name
+    from prefloop.rankers import ranker_class
 
     check_model_name(recipe.model.name, "model.name")
-    rank = recipe.rank
-    ranks = bool({"rank", "compare"} & set(stages)) or command == "iterate"
-    if ranks and rank.ranker == "judge" and rank.judge_model:
-        check_model_name(rank.judge_model, "rank.judge_model")
-    if ranks and rank.ranker == "pairrm":
-        check_model_name(rank.pairrm_model, "rank.pairrm_model")
+    rank, used = recipe.rank, []
+    if {"rank", "compare"} & set(stages) or command == "iterate":
+        used.append(rank.ranker)
+    if ("rank" in stages or command == "iterate") and rank.quality != "none":
+        used.append(rank.quality)
+    if "compare" in stages and recipe.compare.verdict and recipe.compare.ranker:
+        used.append(recipe.compare.ranker)
+    for name in dict.fromkeys(used):
+        for key, model in ranker_class(name).models(rank).items():
+            check_model_name(model, key)
     if command == "iterate" and recipe.iterate.prompt_model:
         check_model_name(recipe.iterate.prompt_model, "iterate.prompt_model")
 

@@ -129,10 +129,18 @@ def paired(a: list[bool], b: list[bool], seed: int = 0) -> dict:
             "only_dpo_right": n10, "only_original_right": n01, "mcnemar_p": mcnemar_p(n01, n10)}
 
 
+def reports(items: list[dict], responses: list[str]) -> list[dict]:
+    """`response_report` of each item's response (one model's side)."""
+    return [response_report(it, r) for it, r in zip(items, responses, strict=True)]
+
+
 def evaluate(items: list[dict], original: list[str], dpo: list[str], seed: int = 0) -> dict:
     """The objective comparison of two models on constrained held-out instructions."""
-    ro = [response_report(it, r) for it, r in zip(items, original, strict=True)]
-    rd = [response_report(it, r) for it, r in zip(items, dpo, strict=True)]
+    return compare_reports(items, reports(items, original), reports(items, dpo), seed)
+
+
+def compare_reports(items: list[dict], ro: list[dict], rd: list[dict], seed: int = 0) -> dict:
+    """`evaluate` from both sides' `reports`."""
     so, sd = side_summary(ro), side_summary(rd)
     return {
         "n": len(items), "original": so, "dpo": sd,

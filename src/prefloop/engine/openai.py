@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from prefloop.config import redact_url
 from prefloop.engine import Completion, Sampling, Session
 from prefloop.errors import PrefloopError
 
@@ -151,6 +152,11 @@ class OpenAIBackend:
         before any model file is read), then load prefloop's tokenizer from `cfg.name` unless
         given."""
         self.cfg = cfg
+        if "://***@" in cfg.base_url:
+            raise PrefloopError(
+                "model.base_url: its credentials were redacted when recipe.yaml was written (they "
+                "are never stored); give the URL again with --set model.base_url=..., or put the "
+                f"key in ${cfg.api_key_env} and drop it from the URL")
         api_key = os.environ.get(cfg.api_key_env) or None
         self.client = Client(cfg.base_url, api_key=api_key, timeout=cfg.request_timeout,
                              max_retries=cfg.max_retries, max_concurrency=cfg.max_concurrency)
@@ -166,7 +172,7 @@ class OpenAIBackend:
         self.context_length = min(ctx, self.info.context_length or ctx)
         version = f" ({self.info.kind} {self.info.version})" if self.info.version else (
             f" ({self.info.kind})" if self.info.kind != "openai" else "")
-        self.name = f"openai:{self.client.base_url} model={self.info.model}{version}"
+        self.name = f"openai:{redact_url(self.client.base_url)} model={self.info.model}{version}"
         self.retokenized = 0  # completions whose ids were re-tokenized from text
         self._logprobs_k: int | None = None
 
@@ -365,11 +371,12 @@ def _model_facts(cfg, tokenizer) -> tuple[frozenset[int], int]:
 
     path = resolve_model(cfg.name)
     try:
-        gen = GenerationConfig.from_pretrained(path, revision=cfg.revision)
+        gen = GenerationConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=False)
     except OSError:  # no generation_config.json: the tokenizer's EOS alone
         gen = None
     holder = type("Model", (), {"generation_config": gen,
-                                "config": AutoConfig.from_pretrained(path, revision=cfg.revision)})
+                                "config": AutoConfig.from_pretrained(path, revision=cfg.revision,
+                                                                        trust_remote_code=False)})
     return eos_ids(holder, tokenizer), context_length(holder)
 
 

@@ -9,6 +9,7 @@ policy model, so the rank stage's config hash can include it).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -26,6 +27,14 @@ class Ranker(Protocol):
     pointwise: bool  # scores are absolute (comparable across instructions), not only in a group
     compares: bool  # compare() works on bare (instruction, response) pairs
     programmatic: bool  # no model (a fixed program): the iterate loop can use it as its reward
+    checks_constraints: bool  # it scores by the instructions' constraint checks: compare's
+    #                           objective metric, so that metric is not independent of it
+    caveat: str  # a sentence compare prints after this ranker's win-rate ("" for none)
+
+    @classmethod
+    def models(cls, rank) -> dict[str, str]:
+        """The rank.* keys naming a model this ranker loads, with their values (preflight
+        checks each name before anything runs)."""
 
     def score(self, records: list[dict], workdir: Path) -> tuple[list[dict], dict]:
         """Score generation records (id, sample, instruction, response, finish_reason, ...).
@@ -49,6 +58,14 @@ def ranker_class(name: str) -> type:
         raise PrefloopError(f"rank.ranker: unknown ranker '{name}'; use one of "
                             f"{', '.join(RANKERS)}")
     return RANKERS[name]
+
+
+def self_judging(rank, samples: int):
+    """`rank` with the policy model judging its own responses, `samples` judgments each (the
+    self-rewarding loop's reward when the recipe's ranker is not a program)."""
+    name = next(k for k, cls in RANKERS.items() if cls is JudgeRanker)
+    return replace(rank, ranker=name, judge_model=None, judge_revision=None,
+                   judge_samples=samples)
 
 
 def make_ranker(recipe, policy=None) -> Ranker:

@@ -63,6 +63,8 @@ class ConstraintsRanker:
     pointwise = True
     programmatic = True  # no model: the iterate loop may use it as its reward
     compares = False  # it needs the instructions' constraints: compare reads them itself
+    checks_constraints = True  # its score is compare's objective metric, on other instructions
+    caveat = ""
 
     def __init__(self, cfg: RankConfig, name: str = "constraints"):
         self.cfg, self.name = cfg, name
@@ -74,6 +76,10 @@ class ConstraintsRanker:
     @classmethod
     def depends_on_policy(cls, rank: RankConfig) -> bool:
         return False
+
+    @classmethod
+    def models(cls, rank: RankConfig) -> dict[str, str]:
+        return {}
 
     @classmethod
     def from_recipe(cls, recipe, policy=None) -> ConstraintsRanker:

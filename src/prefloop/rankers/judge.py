@@ -151,6 +151,8 @@ class JudgeRanker:
     pointwise = True
     programmatic = False  # a model scores: the iterate loop makes M_t judge itself instead
     compares = True
+    checks_constraints = False
+    caveat = "A small model judging is a weak evaluator."
 
     def __init__(self, backend, cfg: RankConfig, *, name: str):
         """`backend`: a generation backend, or a function that loads one on first use (a
@@ -176,6 +178,10 @@ class JudgeRanker:
     @classmethod
     def depends_on_policy(cls, rank: RankConfig) -> bool:
         return rank.judge_model is None
+
+    @classmethod
+    def models(cls, rank: RankConfig) -> dict[str, str]:
+        return {"rank.judge_model": rank.judge_model} if rank.judge_model else {}
 
     @classmethod
     def from_recipe(cls, recipe, policy=None) -> JudgeRanker:

@@ -618,6 +618,8 @@ class PairRMRanker:
     pointwise = False  # a score means something only within its instruction's group
     programmatic = False  # a model scores: the iterate loop makes M_t judge itself instead
     compares = True
+    checks_constraints = False
+    caveat = ""
 
     def __init__(self, load, name: str):
         """`load`: a function returning the `PairRM` model, called on first use."""
@@ -637,6 +639,10 @@ class PairRMRanker:
     @classmethod
     def depends_on_policy(cls, rank) -> bool:
         return False
+
+    @classmethod
+    def models(cls, rank) -> dict[str, str]:
+        return {"rank.pairrm_model": rank.pairrm_model}
 
     @classmethod
     def from_recipe(cls, recipe, policy=None) -> PairRMRanker:

@@ -84,12 +84,12 @@ def adapter_dir(run_dir: Path) -> Path:
 
 def load_with_adapter(recipe: Recipe, adapter: Path):
     """(base model with the DPO adapter attached, tokenizer); one copy of the base weights."""
-    from peft import PeftModel
-
-    from prefloop.models import load_model
+    from prefloop.models import load_adapter, load_model
 
     base, tok = load_model(recipe.model)
-    model = PeftModel.from_pretrained(base, str(adapter))
+    run_dir = Path(adapter).parent.parent
+    model = load_adapter(base, adapter, f"redo training: prefloop train --output-dir {run_dir} "
+                         "--force")
     return model.eval(), tok
 
 
@@ -182,7 +182,11 @@ def _content_tokens(record: dict) -> int:
 def win_rate(margins: list) -> dict:
     """W/T/L = #margins > 0 / = 0 / < 0 (None or NaN: invalid, left out of n = W + T + L),
     the win-rate w = (W + T/2) / n and its Wilson 95% interval."""
-    outcomes = [outcome(m) for m in margins]
+    return outcome_rate([outcome(m) for m in margins])
+
+
+def outcome_rate(outcomes: list[str]) -> dict:
+    """`win_rate` of margins already read by `outcome`."""
     wins, ties, losses = (outcomes.count(k) for k in ("win", "tie", "loss"))
     n = wins + ties + losses
     lo, hi = wilson_interval(wins + 0.5 * ties, n)
@@ -195,7 +199,8 @@ def win_rate(margins: list) -> dict:
 def tally(items: list[dict], original: list[dict], dpo: list[dict], margins: list,
           ranker_name: str) -> dict:
     """wins/ties/losses of DPO over the original, win-rate, Wilson 95% CI, mean lengths."""
-    w = win_rate(margins)
+    outcomes = [outcome(m) for m in margins]
+    w = outcome_rate(outcomes)
 
     def mean(values):
         return sum(values) / len(values) if values else None
@@ -210,8 +215,7 @@ def tally(items: list[dict], original: list[dict], dpo: list[dict], margins: lis
         "mean_words": {"original": mean([len(r["response"].split()) for r in original]),
                        "dpo": mean([len(r["response"].split()) for r in dpo])},
         "items": [{"id": it["id"], "margin": None if o == "invalid" else float(m), "outcome": o}
-                  for it, m, o in zip(items, margins, [outcome(m) for m in margins],
-                                      strict=True)],
+                  for it, m, o in zip(items, margins, outcomes, strict=True)],
     }
 
 
@@ -253,12 +257,13 @@ def verdict_text(v: dict) -> str:
             "bias as much as quality.")
 
 
-def objective_text(o: dict, training_ranker: str) -> str:
-    """The objective result: both models' accuracies, the paired difference, the guards."""
+def objective_text(o: dict, training_ranker: str, same_checks: bool) -> str:
+    """The objective result: both models' accuracies, the paired difference, the guards;
+    `same_checks`: the training ranker scored by these very checks (its `checks_constraints`)."""
     so, sd, d, ds = o["original"], o["dpo"], o["difference"], o["difference_sound"]
     lo, hi = d["ci95"]
     same = ("the same checks ranked the training pairs (on other instructions): the model was "
-            "trained toward exactly this metric" if training_ranker == "constraints"
+            "trained toward exactly this metric" if same_checks
             else f"independent of the training ranker ({training_ranker})")
     kinds = "; ".join(f"{k.split(':')[-1]} {v['original']:.2f}→{v['dpo']:.2f} (n {v['n']})"
                       for k, v in o["per_kind"].items())
@@ -287,15 +292,15 @@ def objective_text(o: dict, training_ranker: str) -> str:
     return "\n".join(lines)
 
 
-def ranker_line(v: dict, training_ranker: str) -> str:
-    """The ranker's win-rate, labelled by whether it also made the training pairs."""
+def ranker_line(v: dict, caveat: str = "") -> str:
+    """The ranker's win-rate, labelled by whether it also made the training pairs, then the
+    ranker's own `caveat` sentence."""
     if not v["n"]:
         return f"Ranker ({v['ranker']}): no valid comparison."
     lo, hi = v["ci95"]
     label = ("independent of the training ranker" if v["independent_of_training_ranker"]
              else "the ranker that made the training pairs: optimistic")
-    weak = " A small model judging is a weak evaluator." if v["ranker"].startswith(
-        "judge:") else ""
+    weak = f" {caveat}" if caveat else ""
     return (f"Ranker ({v['ranker']}; {label}): DPO wins {v['wins']}, ties {v['ties']}, loses "
             f"{v['losses']}; win-rate {v['win_rate']:.3f} (95% Wilson {lo:.3f}–{hi:.3f}).{weak}")
 
@@ -401,7 +406,7 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
         atomic_write_json(out / "verdict.json", v)
         counts.update({k: v[k] for k in ("wins", "ties", "losses", "invalid")})
         counts.update(win_rate=v["win_rate"], win_rate_ci95=v["ci95"], ranker=v["ranker"])
-    text = results.result_text(objective, v, recipe.rank.ranker)
+    text = results.result_text(objective, v, recipe.rank.ranker, getattr(ranker, "caveat", ""))
     print(text)
     results.write_results(recipe, run_dir, df, objective, v, text)
     print(f"[prefloop] compare: result -> {out / results.REPORT} (`prefloop show --output-dir "

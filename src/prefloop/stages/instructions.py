@@ -73,10 +73,19 @@ def _text_of(value, field: str, where: str) -> str:
             users = [m for m in value if isinstance(m, dict) and m.get("role") == "user"]
             first = (users[0] if users else first).get("content")
         value = first
-    if not isinstance(value, str) or not value.strip():
-        raise PrefloopError(f"{where}: field '{field}' is missing or empty; fix the record or "
-                            "set instructions.field")
+    if not isinstance(value, str) or not visible(value):
+        raise PrefloopError(f"{where}: field '{field}' is missing or empty (or holds only "
+                            "invisible characters); fix the record or set instructions.field")
     return value.strip()
+
+
+def visible(text: str) -> str:
+    """`text` without whitespace and invisible format characters (zero-width space and joiners,
+    byte-order mark, direction marks: Unicode category Cf) and control characters."""
+    import unicodedata
+
+    return "".join(ch for ch in text
+                   if not ch.isspace() and unicodedata.category(ch) not in ("Cf", "Cc"))
 
 
 def _rows_to_items(rows: list[dict], field: str | None, where: str, prefix: str,
@@ -127,7 +136,7 @@ def _plain(value):
     if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
         try:
             return json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return value
     return value
 
@@ -153,6 +162,9 @@ def load_local(path: Path, field: str | None) -> list[dict]:
             data = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise PrefloopError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        except RecursionError:
+            raise PrefloopError(f"{path}: JSON nested too deeply to read; give a list of "
+                                "records (or of strings)") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
@@ -202,8 +214,11 @@ def hub_error(cfg: InstructionsConfig, e: Exception) -> PrefloopError:
         fix = ("gated sets such as GAIR/lima need their terms accepted on the Hub and "
                "`hf auth login`")
     elif offline:
-        fix = ("the Hub cannot be reached; offline, use a local .jsonl/.json/.csv/.parquet "
-               "file or 'builtin'")
+        from prefloop.hub import TIMEOUT_ENV, endpoint, hub_timeout
+
+        fix = (f"the Hub ({endpoint()}) cannot be reached (each request waits at most "
+               f"{TIMEOUT_ENV}={hub_timeout():g} s); offline, use a local "
+               ".jsonl/.json/.csv/.parquet file or 'builtin'")
     else:
         fix = (f"check instructions.source, instructions.split ('{cfg.split}') and "
                "instructions.hub_revision")

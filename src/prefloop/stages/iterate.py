@@ -67,8 +67,9 @@ from prefloop.artifacts import (
     write_jsonl,
 )
 from prefloop.config import Recipe, dump_recipe, recipe_to_dict
+from prefloop.constraints.evaluate import compare_reports, reports, side_summary
 from prefloop.errors import PrefloopError
-from prefloop.rankers import make_ranker, ranker_class
+from prefloop.rankers import make_ranker, ranker_class, self_judging
 from prefloop.stages import generate, instructions, pairs, rank, selfinstruct, train
 from prefloop.stages.compare import win_rate
 from prefloop.stages.report import label, round_row, summary_table, write_report
@@ -100,9 +101,8 @@ def round_recipe(recipe: Recipe, run_dir: Path, t: int) -> Recipe:
                     revision=recipe.model.revision if t == 1 else None)
     gen = replace(recipe.generate, k=it.n_candidates, temperature=it.temperature,
                   top_p=it.top_p, max_new_tokens=it.max_new_tokens, seed=it.seed + t)
-    rank = recipe.rank if ranker_class(recipe.rank.ranker).programmatic else replace(
-        recipe.rank, ranker="judge", judge_model=None, judge_revision=None,
-        judge_samples=it.judge_samples)
+    rank = recipe.rank if ranker_class(recipe.rank.ranker).programmatic else self_judging(
+        recipe.rank, it.judge_samples)
     return replace(recipe, name=f"{recipe.name}-round{t}", model=model, generate=gen, rank=rank)
 
 
@@ -140,9 +140,7 @@ def check_recipe(recipe: Recipe) -> None:
 
 def merge(recipe_t: Recipe, rdir: Path, *, force: bool = False) -> Path:
     """rounds/<t>/model = M_t's weights W + (α/r)·B·A, saved as safetensors + tokenizer."""
-    from peft import PeftModel
-
-    from prefloop.models import load_model
+    from prefloop.models import load_adapter, load_model
 
     rnd = RunDir(rdir)
     out = rnd.merged_model
@@ -150,7 +148,8 @@ def merge(recipe_t: Recipe, rdir: Path, *, force: bool = False) -> Path:
     if stage.begin(force=force):
         return out
     base, tok = load_model(recipe_t.model)
-    merged = PeftModel.from_pretrained(base, str(rnd.adapter)).merge_and_unload()
+    fix = f"redo the loop: prefloop iterate --output-dir {rdir.parent.parent} --force"
+    merged = load_adapter(base, rnd.adapter, fix).merge_and_unload()
     merged.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     return stage.finish({"parameters": sum(p.numel() for p in merged.parameters())},
@@ -229,8 +228,9 @@ def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def eval_stats(gens: list[dict], scores: dict) -> dict:
-    """Mean fixed-judge score, mean response length and judge parse failures of one model."""
+def eval_stats(gens: list[dict], scores: dict, objective: list[dict] | None) -> dict:
+    """Mean fixed-judge score, mean response length and judge parse failures of one model;
+    with its `objective_reports`, its strict prompt-level accuracy (IFEval's)."""
     values = [r["score"] for r in scores.values() if r["score"] is not None]
     samples = [s for r in scores.values() for s in r["scores"]]
     return {
@@ -242,36 +242,32 @@ def eval_stats(gens: list[dict], scores: dict) -> dict:
         "judge_samples": len(samples),
         "judge_parse_failure_rate": (round(sum(s is None for s in samples) / len(samples), 4)
                                      if samples else None),
-        "objective_strict": objective_accuracy(gens),
+        "objective_strict": (round(side_summary(objective)["prompt_strict"], 4)
+                             if objective else None),
     }
 
 
-def objective_accuracy(gens: list[dict]) -> float | None:
-    """Share of responses satisfying every constraint of their instruction (IFEval's strict
-    prompt-level accuracy); None when the eval prompts carry no constraints."""
-    if not gens or not all(g.get("constraints") for g in gens):
-        return None
-    from prefloop.constraints.evaluate import response_report
-
-    ok = [response_report(g, g["response"])["strict"] for g in gens]
-    return round(sum(ok) / len(ok), 4)
-
-
-def objective_vs_start(items: list[dict], start: list[dict], gens: list[dict],
-                       seed: int = 0) -> dict | None:
-    """M_t against M1 on the constrained held-out prompts, read as compare reads the DPO model
-    against the original (`prefloop.constraints.evaluate`): the paired difference of strict
-    prompt-level accuracy with its bootstrap 95% interval and McNemar p, and the guards that
-    make a gain hollow (length collapse, copies, refusals, empty, bare, degenerate answers).
-    None when the prompts carry no constraints. `start`, `gens`: one record per item, any order."""
+def objective_reports(items: list[dict], gens: list[dict]) -> list[dict] | None:
+    """Each held-out item's constraint checks of its response in `gens` (any order), computed
+    once for both the accuracy and the comparison with M1; None when the items carry no
+    constraints."""
     if not items or not all(it.get("constraints") for it in items):
         return None
-    from prefloop.constraints.evaluate import evaluate as objective
+    by_id = {g["id"]: g["response"] for g in gens}
+    return reports(items, [by_id[it["id"]] for it in items])
 
-    first = {g["id"]: g["response"] for g in start}
-    new = {g["id"]: g["response"] for g in gens}
-    rep = objective(items, [first[it["id"]] for it in items], [new[it["id"]] for it in items],
-                    seed=seed)
+
+def objective_vs_start(items: list[dict], start: list[dict], objective: list[dict] | None,
+                       seed: int = 0) -> dict | None:
+    """M_t (its `objective_reports`) against M1 (`start`: its records) on the constrained
+    held-out prompts, read as compare reads the DPO model against the original
+    (`prefloop.constraints.evaluate`): the paired difference of strict prompt-level accuracy
+    with its bootstrap 95% interval and McNemar p, and the guards that make a gain hollow
+    (length collapse, copies, refusals, empty, bare, degenerate answers). None when the prompts
+    carry no constraints."""
+    if objective is None:
+        return None
+    rep = compare_reports(items, objective_reports(items, start), objective, seed)
     d = rep["difference"]
     return {"report": rep, "summary": {
         "difference": round(d["prompt_strict"], 4), "ci95": [round(x, 4) for x in d["ci95"]],
@@ -299,7 +295,8 @@ def evaluate(recipe: Recipe, run_dir: Path, t: int, *, force: bool = False) -> P
     gens = _eval_responses(recipe, name, t, items, out)
     judge = make_ranker(recipe)  # fixed: the starting model, rank.judge_model or PairRM (lazy)
     scores = _eval_scores(judge, gens, out)
-    counts = eval_stats(gens, scores)
+    objective = objective_reports(items, gens)
+    counts = eval_stats(gens, scores, objective)
     others = sorted({t - 1, 0}) if t else []
     for o in others:
         m = _margins(judge, gens, scores, run.round(o).stage("eval"),
@@ -307,7 +304,7 @@ def evaluate(recipe: Recipe, run_dir: Path, t: int, *, force: bool = False) -> P
         counts[f"vs_{label(o)}"] = win_rate(m)
     if t:  # the program's verdict next to the judge's: M_t against M1, same prompts
         vs = objective_vs_start(items, read_jsonl(run.round(0).stage("eval") / "generations.jsonl"),
-                                gens, seed=recipe.compare.seed)
+                                objective, seed=recipe.compare.seed)
         if vs is not None:
             atomic_write_json(out / "objective_vs_M1.json", vs["report"])
             counts["objective_vs_M1"] = vs["summary"]
