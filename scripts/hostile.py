@@ -183,7 +183,7 @@ def error_lines(text: str) -> list[str]:
 def checksums(root: Path) -> dict[str, str]:
     """sha256 of every file under `root` (the lock file aside), 'dir' for every folder."""
     out = {}
-    if not root.exists():
+    if not os.path.exists(root):  # False, not OSError, for a name too long
         return out
     for p in sorted(root.rglob("*")):
         if p.name == ".prefloop.lock":
