@@ -128,12 +128,29 @@ def dpo_step_seconds(trainer) -> float:
     return time.perf_counter() - t0
 
 
+def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """Plain `a @ b` throughput at one shape: the matrix units' own speed, nothing else."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        calls += 1
+    return 2 * m * k * n * calls / (time.perf_counter() - t0) / 1e9
+
+
+MATMUL_SHAPES = [(48, 576, 1536), (960, 576, 1536), (48, 576, 49152)]  # decode, prefill, lm_head
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-dpo", action="store_true", help="engine and floor only")
     ap.add_argument("--dpo-only", action="store_true", help="the DPO step only")
+    ap.add_argument("--matmul-only", action="store_true",
+                    help="plain a @ b GFLOP/s at the model's shapes, fp32 and bf16, then stop")
     ap.add_argument("--quick", action="store_true",
                     help="2 prompts x 8 new tokens: checks the script, measures nothing")
     args = ap.parse_args()
@@ -152,6 +169,12 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}\n# command: python {' '.join(sys.argv)}",
           flush=True)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if args.matmul_only:
+        print("| M x K x N | fp32 GFLOP/s | bf16 GFLOP/s | bf16 vs fp32 |\n|---|---|---|---|")
+        for m, k, n in MATMUL_SHAPES:
+            f32, b16 = (matmul_gflops(m, k, n, dt) for dt in dtypes.values())
+            print(f"| {m} x {k} x {n} | {f32:.1f} | {b16:.1f} | {b16 / f32:.2f}x |")
+        return
     models = {name: smollm2_shaped(dt) for name, dt in dtypes.items()} if not args.dpo_only else {}
     work = {} if args.dpo_only else {"engine": engine_seconds, "floor": floor_seconds}
     trainers = {}

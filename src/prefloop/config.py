@@ -350,7 +350,7 @@ RANGES: dict[str, tuple] = {
                      "lora_alpha", "rounds", "prompts_per_round", "n_candidates", "eval_prompts",
                      "logging_steps", "fast_min_chunk_tokens", "show_rows", "max_concurrency",
                      "per_instruction", "min_tokens", "max_tokens", "min_words", "max_words",
-                     "fewshot_seed", "prompt_max_new_tokens"], _POS_INT),
+                     "fewshot_seed", "prompt_max_new_tokens", "eval_steps"], _POS_INT),
     **dict.fromkeys(["seed", "n_heldout", "min_margin", "fast_activation_budget_gb",
                      "fewshot_generated", "save_steps"], _NONNEG),  # save_steps 0: no checkpoints
     **dict.fromkeys(["temperature", "judge_temperature", "prompt_temperature"], _NONNEG),
