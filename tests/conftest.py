@@ -5,13 +5,31 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LIMA = REPO.parent / "shared" / "data" / "lima_prompts.jsonl"
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... under `pytest -n N`
+
+
+def pytest_configure(config):
+    """Under xdist each worker gets one torch thread (and so do the CLIs it starts): `make test`
+    runs one worker per core, and two threads per worker would fight for the same cores."""
+    if WORKER:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def _cache_root(tmp_path_factory) -> str:
+    """One cache for the session, shared by its xdist workers (their base temps are siblings), so
+    the embedded model is converted once; prefloop.models locks the conversion."""
+    base = tmp_path_factory.getbasetemp()
+    return os.environ.get("PREFLOOP_TEST_CACHE") or str((base.parent if WORKER else base) / "cache")
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
+def _isolated_cache(_cache_root, monkeypatch):
     """Keep the converted embedded model in one per-session cache, never the user's."""
-    cache = os.environ.get("PREFLOOP_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "cache")
-    monkeypatch.setenv("PREFLOOP_CACHE_DIR", cache)
+    monkeypatch.setenv("PREFLOOP_CACHE_DIR", _cache_root)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 

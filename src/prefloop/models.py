@@ -72,9 +72,27 @@ def embedded_gguf_path(name: str) -> Path:
 
 def embedded_model_dir(name: str) -> Path:
     """The converted safetensors folder of an embedded model, converting it on first use."""
+    from filelock import FileLock
+
     target = cache_dir() / "models" / name
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _converted(target):
         return target
+    locks = cache_dir() / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    # concurrent first uses (two commands, parallel test workers) wait for one conversion
+    # instead of each spending ~20 s on its own; the lock goes with its process if killed
+    with FileLock(locks / f"{name}.lock"):
+        if not _converted(target):
+            _convert_into(target, name)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").exists() and (target / "model.safetensors").exists()
+
+
+def _convert_into(target: Path, name: str) -> None:
+    """Convert into a temporary folder beside `target`, then rename it into place."""
     gguf = embedded_gguf_path(name)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp(target.parent, name)
@@ -86,12 +104,11 @@ def embedded_model_dir(name: str) -> Path:
         owner.unlink()
         try:
             os.replace(tmp, target)
-        except OSError:  # another process finished first; its copy is as good as ours
+        except OSError:  # a process without the lock (older prefloop) finished first
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 OWNER_FILE = ".prefloop-owner"  # "<pid> <host>" of the process converting into a temp folder
