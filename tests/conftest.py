@@ -18,6 +18,19 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """For `--dist loadgroup`: a module's slow tests share its expensive module fixtures (an
+    embedded-model run, a server, a trained loop), so they go to one worker as a group; slow
+    tests come first so that no worker is left with a long one at the end."""
+    if not WORKER:
+        return
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.partition("::")[0]))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def _cache_root(tmp_path_factory) -> str:
     """One cache for the session, shared by its xdist workers (their base temps are siblings), so
