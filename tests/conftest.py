@@ -11,6 +11,8 @@ WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... under `pytest -n
 def pytest_configure(config):
     """Under xdist each worker gets one torch thread (and so do the CLIs it starts): `make test`
     runs one worker per core, and two threads per worker would fight for the same cores."""
+    if config.pluginmanager.hasplugin("xdist") and not WORKER:
+        config.pluginmanager.register(SlowModulesTogether(), "prefloop-slow-modules-together")
     if WORKER:
         os.environ["OMP_NUM_THREADS"] = "1"
         import torch
@@ -18,17 +20,42 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def _slow_list(basetemp: Path) -> Path:
+    return basetemp / "slow-tests.txt"
+
+
 def pytest_collection_modifyitems(config, items):
-    """For `--dist loadgroup`: a module's slow tests share its expensive module fixtures (an
-    embedded-model run, a server, a trained loop), so they go to one worker as a group; slow
-    tests come first so that no worker is left with a long one at the end."""
+    """Under xdist: slow tests first, so that no worker is left with a long one at the end, and
+    their ids in a file beside the workers' temp folders for the scheduler below."""
     if not WORKER:
         return
-    for item in items:
-        if item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.partition("::")[0]))
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    out = _slow_list(Path(config.option.basetemp).parent)
+    tmp = out.with_name(f"{out.name}.{WORKER}")
+    tmp.write_text("".join(f"{i.nodeid}\n" for i in items if i.get_closest_marker("slow")))
+    os.replace(tmp, out)  # every worker writes the same list
+
+
+class SlowModulesTogether:
+    """`--dist loadgroup`: a module's slow tests share its expensive module fixtures (an
+    embedded-model run, a server, a trained loop), so they go to one worker as one unit; the fast
+    tests go one by one. (xdist 3.8's own xdist_group marks do nothing on pytest 9.2, which no
+    longer reads the node id xdist rewrites.) Registered only where xdist is active."""
+
+    def pytest_xdist_make_scheduler(self, config, log):
+        from xdist.scheduler import LoadScopeScheduling
+
+        if config.getvalue("dist") != "loadgroup":
+            return None
+        slow = _slow_list(config._tmp_path_factory.getbasetemp())  # what xdist gives workers
+
+        class Scheduling(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                if not hasattr(self, "_slow"):  # the workers wrote it before their collections
+                    self._slow = set(slow.read_text().splitlines()) if slow.exists() else set()
+                return nodeid.partition("::")[0] if nodeid in self._slow else nodeid
+
+        return Scheduling(config, log)
 
 
 @pytest.fixture(scope="session")
