@@ -19,11 +19,14 @@ install: $(VENV)/.installed
 demo: install            ## the main job on the embedded default (offline, CPU)
 	$(BIN)/prefloop run
 
+# one xdist worker per core; a module's slow tests stay together (tests/conftest.py)
+XDIST := -n auto --dist loadgroup
+
 test: install            ## the whole suite, slow end-to-end tests included
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(XDIST)
 
 test-fast: install
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "not slow" $(XDIST)
 
 # ruff check only: the code is wrapped by hand at 100 columns, and `ruff format` would rewrite
 # about 11,000 lines of it (2026-12-03), so the format check is not part of lint

@@ -42,9 +42,11 @@ def model_dir(tmp_path_factory) -> Path:
     return save_model_folder(tmp_path_factory.mktemp("tiny") / "model")
 
 
-@pytest.fixture
-def recipe(tmp_path, model_dir) -> Path:
-    """A recipe on the tiny model and a local instruction file: 6 train x 2 sampled responses."""
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory, model_dir) -> Path:
+    """A recipe on the tiny model and a local instruction file: 6 train x 2 sampled responses.
+    Tests only read it (a finished run copied from another test's must name the same files)."""
+    tmp_path = tmp_path_factory.mktemp("recipe")
     source = tmp_path / "src.jsonl"
     source.write_text("".join(json.dumps({"id": f"i{i}", "instruction": t}) + "\n"
                               for i, t in enumerate(INSTRUCTIONS)), encoding="utf-8")
@@ -117,12 +119,18 @@ def manifest(run: Path, stage: str) -> dict:
     return json.loads((run / stage / "manifest.json").read_text())
 
 
-@pytest.fixture
-def finished(tmp_path, recipe) -> Path:
-    """A run directory with instructions and generate finished."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished_once(tmp_path_factory, recipe) -> Path:
+    run = tmp_path_factory.mktemp("finished") / "run"
     ok(cli("run", "--recipe", recipe, "--output-dir", run, "--until", "generate"))
     return run
+
+
+@pytest.fixture
+def finished(tmp_path, finished_once) -> Path:
+    """A run directory with instructions and generate finished: the test's own copy of one run
+    (a run directory holds no path of its own, so a copy is the same run)."""
+    return Path(shutil.copytree(finished_once, tmp_path / "run", symlinks=True))
 
 
 # --- 1. one writer at a time -------------------------------------------------------------------

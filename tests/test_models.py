@@ -90,3 +90,49 @@ def test_embedded_model_conversion_matches_the_gguf():
     assert (model.dtype, model.device.type, models.context_length(model)) == (
         torch.float32, "cpu", 8192)
     assert (tok.eos_token, tok.pad_token_id) == ("<|im_end|>", 2)
+
+
+def test_concurrent_first_uses_convert_the_embedded_model_once(tmp_path, monkeypatch):
+    """A second caller that finds no converted model while the first converts waits for it."""
+    import threading
+
+    name = "smollm2-135m-instruct"
+    monkeypatch.setenv("PREFLOOP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "embedded_gguf_path", lambda n: tmp_path / "x.gguf")
+    second_looked, second_converts = threading.Event(), threading.Event()
+    converted_by, real_converted = [], models._converted
+
+    def converted(target):
+        if threading.current_thread().name == "second":
+            second_looked.set()
+        return real_converted(target)
+
+    def fake_convert(gguf, out):
+        converted_by.append(threading.current_thread().name)
+        if threading.current_thread().name == "second":
+            second_converts.set()
+        else:  # hold the conversion open until the second found no model, and a second longer:
+            assert second_looked.wait(timeout=30)  # time enough for it to start its own
+            second_converts.wait(timeout=1)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"w")
+
+    monkeypatch.setattr(models, "_converted", converted)
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    got = {}
+
+    def use():
+        got[threading.current_thread().name] = models.embedded_model_dir(name)
+
+    first = threading.Thread(target=use, name="first")
+    first.start()
+    while not converted_by:  # the first holds the lock and converts
+        assert first.is_alive()
+        threading.Event().wait(0.01)
+    second = threading.Thread(target=use, name="second")
+    second.start()
+    first.join(timeout=60)
+    second.join(timeout=60)
+    target = tmp_path / "cache" / "models" / name
+    assert converted_by == ["first"] and got == {"first": target, "second": target}
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]

@@ -131,15 +131,24 @@ def embedded_gguf_path(name: str) -> Path:
 
 def embedded_model_dir(name: str) -> Path:
     """The converted safetensors folder of an embedded model, converting it on first use and
-    again when its files no longer match the checksums recorded at conversion."""
+    again when its files no longer match the checksums recorded at conversion. Concurrent first
+    uses (two commands, parallel test workers) wait for one conversion instead of each spending
+    ~20 s on its own; the lock goes with its process if that is killed."""
+    from filelock import FileLock
+
     target = cache_dir() / "models" / name
     if cache_is_intact(target):
         return target
     gguf = embedded_gguf_path(name)
     try:
-        return _rebuild(gguf, target, name)
+        locks = cache_dir() / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(locks / f"{name}.lock"):
+            if not cache_is_intact(target):
+                _rebuild(gguf, target, name)
     except OSError as e:
         raise PrefloopError(cache_error(target, e)) from None
+    return target
 
 
 def cache_error(folder: Path, e: OSError) -> str:
@@ -149,7 +158,7 @@ def cache_error(folder: Path, e: OSError) -> str:
             "PREFLOOP_CACHE_DIR to a writable folder")
 
 
-def _rebuild(gguf: Path, target: Path, name: str) -> Path:
+def _rebuild(gguf: Path, target: Path, name: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp(target.parent, name)
     if target.exists():  # damaged or from a prefloop without checksums: set it aside, rebuild
@@ -165,12 +174,11 @@ def _rebuild(gguf: Path, target: Path, name: str) -> Path:
         write_checksums(tmp)
         try:
             os.replace(tmp, target)
-        except OSError:  # another process finished first; its copy is as good as ours
+        except OSError:  # a process without the lock (older prefloop) finished first
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 CHECKSUMS = "checksums.json"  # in a converted cache folder: sha256, size and mtime of each file
