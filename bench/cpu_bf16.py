@@ -10,7 +10,7 @@ figure's ratio to fp32's median from the same run.
 - engine: 8 prompts of 120 tokens x 6 samples x 64 new tokens, every row running all 64 tokens
   (min_new_tokens = max_new_tokens): the main job's generate shape. Greedy: random weights give
   flat next-token distributions, for which exact top-p needs a bisection over the whole
-  vocabulary at every step (~2/3 of the non-matmul time here, profiled 2026-12-07), a cost a
+  vocabulary at every step (~40 % of the non-matmul time, profiled 2026-12-07), a cost a
   trained model's peaked distributions rarely incur (top-64 covers them);
 - floor: that workload's matrix products alone (every linear layer, lm_head included, over each
   prompt once and over 48 rows for each new token; random inputs, no attention or sampling):

@@ -129,6 +129,12 @@ def test_judge_resumes_from_appended_judgments(judge_setup):
     partial = [{"id": "q0", "sample": 1, "judge_sample": j, "text": "x", "score": 0.0}
                for j in range(2)]
     path.parent.mkdir(parents=True)
+    # what a killed run leaves: its partial marker (written first) and the appended judgments
+    from prefloop.artifacts import RunDir, config_hash
+
+    marker = {"stage": "rank",
+              "config_hash": config_hash(rank.stage_config(recipe, RunDir(run_dir).upstream))}
+    (path.parent / "in_progress.json").write_text(json.dumps(marker))
     path.write_text("".join(json.dumps(r) + "\n" for r in done + partial) + '{"id": "q1", "sa')
     out = rank.run(recipe, run_dir)
     (call,) = fake.calls

@@ -119,7 +119,11 @@ class Stage:
         return self.folder
 
     def abandon(self) -> None:
-        (self.folder / "in_progress.json").unlink(missing_ok=True)
+        """Nothing here is worth resuming (e.g. pairs found no pair): the partial marker says so
+        (no config hash), so the folder stays prefloop's and the next run starts it afresh."""
+        atomic_write_json(self.folder / "in_progress.json",
+                          {"stage": self.name, "config_hash": None, "abandoned": True})
+        self._close()
 
     def _close(self) -> None:
         self._undo = None
@@ -599,6 +603,8 @@ def begin_stage(stage_dir: Path, stage: str, cfg_hash: str, *, force: bool = Fal
     if stage_is_done(stage_dir, cfg_hash):
         return True
     marker = stage_dir / "in_progress.json"
+    if marker.exists() and json.loads(marker.read_text(encoding="utf-8")).get("abandoned"):
+        shutil.rmtree(stage_dir)  # an abandoned start of our own: nothing to resume
     if marker.exists():
         started = json.loads(marker.read_text(encoding="utf-8")).get("config_hash")
         if started != cfg_hash:

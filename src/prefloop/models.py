@@ -53,7 +53,8 @@ CPU_BF16_ENV = "PREFLOOP_CPU_BF16"  # "1"/"0": take the detector's answer as giv
 def cpu_bf16_native() -> bool:
     """Whether torch runs bf16 matrix products on this CPU's own bf16 units (AMX tiles or
     AVX512-BF16), as torch's CPU feature detection (cpuinfo) reports them. Elsewhere torch
-    emulates bf16 products in software: 5-20x slower than fp32 (BENCHMARKS.md, CPU bf16)."""
+    emulates bf16 products in software, 40-150x slower than fp32 (BENCHMARKS.md, "CPU
+    precision")."""
     forced = os.environ.get(CPU_BF16_ENV, "").strip()
     if forced in ("0", "1"):
         return forced == "1"
@@ -578,11 +579,10 @@ def load_pretrained(what: str | Path, *, device: str | None = None, dtype: str =
     trained adapter (its folder or its run directory) applied on the base it was trained on."""
     import dataclasses
 
-    from peft import PeftModel
-
     folder = adapter_folder(Path(what).expanduser()) if Path(what).expanduser().is_dir() else None
     if folder is None:
         return load_model(ModelConfig(name=str(what), device=device, dtype=dtype))
     base_cfg = dataclasses.replace(adapter_base(folder), device=device, dtype=dtype)
     base, tok = load_model(base_cfg)
-    return PeftModel.from_pretrained(base, str(folder)).eval(), tok
+    fix = "train it again (`prefloop train --force --output-dir RUN`)"
+    return load_adapter(base, folder, fix).eval(), tok

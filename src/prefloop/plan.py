@@ -178,7 +178,9 @@ def rate_estimate(recipe: Recipe, run_dir: Path, stage: str) -> float | None:
         return n * recipe.generate.k * recipe.generate.max_new_tokens * r["generate_s_per_token"]
     if stage == "rank":
         per = r["rank_s_per_judgment"].get(recipe.rank.ranker)
-        samples = recipe.rank.judge_samples if recipe.rank.ranker == "judge" else 1
+        from prefloop.rankers import ranker_class
+
+        samples = ranker_class(recipe.rank.ranker).judgments(recipe.rank)
         return None if per is None else n * recipe.generate.k * samples * per
     if stage == "pairs":
         return r["pairs_s"]

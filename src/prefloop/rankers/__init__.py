@@ -36,6 +36,10 @@ class Ranker(Protocol):
         """The rank.* keys naming a model this ranker loads, with their values (preflight
         checks each name before anything runs)."""
 
+    @classmethod
+    def judgments(cls, rank) -> int:
+        """Scoring passes per response (the plan's time estimate multiplies by it)."""
+
     def score(self, records: list[dict], workdir: Path) -> tuple[list[dict], dict]:
         """Score generation records (id, sample, instruction, response, finish_reason, ...).
 

@@ -78,6 +78,10 @@ class ConstraintsRanker:
         return False
 
     @classmethod
+    def judgments(cls, rank) -> int:
+        return 1
+
+    @classmethod
     def models(cls, rank: RankConfig) -> dict[str, str]:
         return {}
 

@@ -180,6 +180,10 @@ class JudgeRanker:
         return rank.judge_model is None
 
     @classmethod
+    def judgments(cls, rank) -> int:
+        return rank.judge_samples
+
+    @classmethod
     def models(cls, rank: RankConfig) -> dict[str, str]:
         return {"rank.judge_model": rank.judge_model} if rank.judge_model else {}
 

@@ -641,6 +641,10 @@ class PairRMRanker:
         return False
 
     @classmethod
+    def judgments(cls, rank) -> int:
+        return 1
+
+    @classmethod
     def models(cls, rank) -> dict[str, str]:
         return {"rank.pairrm_model": rank.pairrm_model}
 

@@ -403,10 +403,11 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
             margins = judge_margins(ranker, items, original, dpo)
         v = tally(items, original, dpo, margins, ranker.name)
         v["independent_of_training_ranker"] = name != recipe.rank.ranker
+        v["caveat"] = getattr(ranker, "caveat", "")  # what show prints after the win-rate too
         atomic_write_json(out / "verdict.json", v)
         counts.update({k: v[k] for k in ("wins", "ties", "losses", "invalid")})
         counts.update(win_rate=v["win_rate"], win_rate_ci95=v["ci95"], ranker=v["ranker"])
-    text = results.result_text(objective, v, recipe.rank.ranker, getattr(ranker, "caveat", ""))
+    text = results.result_text(objective, v, recipe.rank.ranker)
     print(text)
     results.write_results(recipe, run_dir, df, objective, v, text)
     print(f"[prefloop] compare: result -> {out / results.REPORT} (`prefloop show --output-dir "

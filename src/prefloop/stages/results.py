@@ -28,11 +28,10 @@ REPORT, METRICS, PLOT = "report.md", "eval_results.json", "per_kind.png"
 
 # -- what compare prints ---------------------------------------------------------------------
 
-def result_text(objective: dict | None, verdict: dict | None, training_ranker: str,
-                caveat: str = "") -> str:
+def result_text(objective: dict | None, verdict: dict | None, training_ranker: str) -> str:
     """The evaluation as compare prints it: the objective result, the ranker's win-rate (with
-    that ranker's `caveat`) and the verdict (the ranker's verdict alone when the instructions
-    carry no constraints)."""
+    that ranker's caveat, kept in the verdict) and the verdict (the ranker's verdict alone when
+    the instructions carry no constraints)."""
     from prefloop.rankers import ranker_class
 
     texts = []
@@ -41,7 +40,7 @@ def result_text(objective: dict | None, verdict: dict | None, training_ranker: s
                                             ranker_class(training_ranker).checks_constraints))
     if verdict is not None:
         texts.append(compare.verdict_text(verdict) if objective is None
-                     else compare.ranker_line(verdict, caveat))
+                     else compare.ranker_line(verdict, verdict.get("caveat", "")))
     if objective is not None:
         texts.append(compare.reading(objective))
     return "\n".join(texts)
@@ -209,11 +208,8 @@ def show(recipe: Recipe, run_dir: Path) -> str:
     m = read_manifest(out)
     if m is not None and m.get("status") == "done":
         df = compare.comparison(run_dir)
-        from prefloop.rankers import ranker_class
-
-        caveat = ranker_class(recipe.compare.ranker or recipe.rank.ranker).caveat
         text = result_text(_read_json(out / "objective.json"), _read_json(out / "verdict.json"),
-                           recipe.rank.ranker, caveat)
+                           recipe.rank.ranker)
         return "\n".join(s for s in (table_text(df, recipe.compare, out), text) if s)
     if (run_dir / "report.md").exists():  # an iterate loop: its summary table
         return (run_dir / "report.md").read_text(encoding="utf-8").rstrip()
