@@ -78,8 +78,8 @@ def test_embedded_model_conversion_matches_the_gguf():
     model, tok = models.load_model("smollm2-135m-instruct")
     folder = models.resolve_model("smollm2-135m-instruct")
     assert sorted(p.name for p in Path(folder).iterdir()) == [
-        "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
-        "tokenizer.json", "tokenizer_config.json"]
+        "chat_template.jinja", "checksums.json", "config.json", "generation_config.json",
+        "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     gguf = models.embedded_gguf_path("smollm2-135m-instruct")
     ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                dtype=torch.float32).eval()
