@@ -225,6 +225,19 @@ def _generate_args(run_dir: Path, model_dir: Path) -> list[str]:
             "--set", "generate.max_new_tokens=6"]
 
 
+def _partial_marker(run_dir: Path, model_dir: Path) -> None:
+    """The in_progress.json a generate run of `_generate_args` writes before anything else."""
+    from prefloop.artifacts import RunDir, atomic_write_json, config_hash
+    from prefloop.config import load_recipe
+    from prefloop.stages import generate
+
+    args = _generate_args(run_dir, model_dir)
+    recipe = load_recipe(None, [a for a in args[3:] if a != "--set"])
+    cfg = generate.stage_config(recipe, RunDir(run_dir).upstream)
+    atomic_write_json(run_dir / "generate" / "in_progress.json",
+                      {"stage": "generate", "config_hash": config_hash(cfg)})
+
+
 def _key(r: dict) -> tuple[str, int]:
     return r["id"], r["sample"]
 
@@ -275,6 +288,7 @@ def test_two_processes_resume_from_files_of_another_process_count(generate_runs,
     planted = [dict(r, response="PLANTED") for r in group["tr-1"]]  # proves it is reused
     write_jsonl(shard_path(gens, 2), planted + group["tr-6"][:2])  # tr-6 cut short
     shard_path(gens, 0).write_text(json.dumps(group["tr-4"][0]) + "\n" + '{"id": "tr-4", "s')
+    _partial_marker(run_dir, generate_runs["model_dir"])  # the killed run wrote it first
     accelerate_launch(tmp_path, *_generate_args(run_dir, generate_runs["model_dir"]))
 
     merged = read_jsonl_lines(gens)
