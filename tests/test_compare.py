@@ -437,3 +437,23 @@ def test_compare_stage_line_leads_with_the_objective_accuracy_and_who_won():
     assert LINES["compare"]({"heldout": 3}, {}) == (
         "3 held-out instructions; original vs DPO, not evaluated (no constraints on the held-out "
         "instructions and no ranker verdict)")
+
+
+def test_error_bars_at_a_rate_of_one_or_zero_are_never_negative():
+    """A Wilson interval at 0 or 1 ends at the rate up to rounding; matplotlib refuses a negative
+    error bar (the per-kind plot of a kind every answer satisfied crashed compare)."""
+    lo, hi = compare.wilson_interval(7, 7)
+    assert compare.error_bar(1.0, (lo, hi)) == (pytest.approx(1.0 - lo), 0.0)
+    assert compare.error_bar(1.0, (lo, 1.0 - 1.1e-16)) == (pytest.approx(1.0 - lo), 0.0)
+    assert compare.error_bar(0.0, (1e-17, 0.35)) == (0.0, 0.35)
+    from prefloop.stages.results import plot_per_kind
+
+    kinds = {"detectable_content:postscript": {"n": 7, "original_accuracy": 0.2,
+                                               "original_ci95": [0.05, 0.5], "dpo_accuracy": 1.0,
+                                               "dpo_ci95": [0.62, 1.0 - 1.1e-16]}}
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        out = plot_per_kind(kinds, Path(d) / "per_kind.png")
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

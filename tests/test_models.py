@@ -100,7 +100,7 @@ def test_concurrent_first_uses_convert_the_embedded_model_once(tmp_path, monkeyp
     monkeypatch.setenv("PREFLOOP_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(models, "embedded_gguf_path", lambda n: tmp_path / "x.gguf")
     second_looked, second_converts = threading.Event(), threading.Event()
-    converted_by, real_converted = [], models._converted
+    converted_by, real_converted = [], models.cache_is_intact
 
     def converted(target):
         if threading.current_thread().name == "second":
@@ -117,7 +117,7 @@ def test_concurrent_first_uses_convert_the_embedded_model_once(tmp_path, monkeyp
         (out / "config.json").write_text("{}")
         (out / "model.safetensors").write_bytes(b"w")
 
-    monkeypatch.setattr(models, "_converted", converted)
+    monkeypatch.setattr(models, "cache_is_intact", converted)
     monkeypatch.setattr(models, "_convert_gguf", fake_convert)
     got = {}
 
@@ -135,4 +135,5 @@ def test_concurrent_first_uses_convert_the_embedded_model_once(tmp_path, monkeyp
     second.join(timeout=60)
     target = tmp_path / "cache" / "models" / name
     assert converted_by == ["first"] and got == {"first": target, "second": target}
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == ["checksums.json", "config.json",
+                                                        "model.safetensors"]

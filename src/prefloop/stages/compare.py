@@ -168,6 +168,12 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     return (max(0.0, center - half), min(1.0, center + half))
 
 
+def error_bar(value: float, ci: list[float] | tuple[float, float]) -> tuple[float, float]:
+    """matplotlib's (below, above) distances from `value` to the ends of its interval, never
+    negative: a Wilson interval at a rate of 0 or 1 ends at the rate, up to rounding."""
+    return max(0.0, value - ci[0]), max(0.0, ci[1] - value)
+
+
 def outcome(margin: float | None) -> str:
     if margin is None or (isinstance(margin, float) and math.isnan(margin)):
         return "invalid"

@@ -204,8 +204,11 @@ def win_rate_errors(trained: list[dict], key: str) -> list[list[float]]:
             below.append(math.nan)
             above.append(math.nan)
         else:
-            below.append(w["win_rate"] - w["ci95"][0])
-            above.append(w["ci95"][1] - w["win_rate"])
+            from prefloop.stages.compare import error_bar
+
+            low, high = error_bar(w["win_rate"], w["ci95"])
+            below.append(low)
+            above.append(high)
     return [below, above]
 
 

@@ -139,8 +139,9 @@ def plot_per_kind(kinds: dict[str, dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 1.4 + 0.5 * len(names)), constrained_layout=True)
     for i, (side, text) in enumerate((("original", "original"), ("dpo", "DPO"))):
         acc = [kinds[k][f"{side}_accuracy"] for k in names]
-        err = [[a - kinds[k][f"{side}_ci95"][0] for a, k in zip(acc, names, strict=True)],
-               [kinds[k][f"{side}_ci95"][1] - a for a, k in zip(acc, names, strict=True)]]
+        bars = [compare.error_bar(a, kinds[k][f"{side}_ci95"])
+                for a, k in zip(acc, names, strict=True)]
+        err = [[b[0] for b in bars], [b[1] for b in bars]]
         ax.barh([j + (-0.2 if i == 0 else 0.2) for j in range(len(names))], acc, height=0.38,
                 xerr=err, capsize=3, label=text)
     ax.set_yticks(range(len(names)), [f"{k.split(':')[-1]} (n {kinds[k]['n']})" for k in names])
