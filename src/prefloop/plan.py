@@ -177,9 +177,9 @@ def rate_estimate(recipe: Recipe, run_dir: Path, stage: str) -> float | None:
     if stage == "generate":
         return n * recipe.generate.k * recipe.generate.max_new_tokens * r["generate_s_per_token"]
     if stage == "rank":
-        per = r["rank_s_per_judgment"].get(recipe.rank.ranker)
         from prefloop.rankers import ranker_class
 
+        per = r["rank_s_per_judgment"].get(recipe.rank.ranker)
         samples = ranker_class(recipe.rank.ranker).judgments(recipe.rank)
         return None if per is None else n * recipe.generate.k * samples * per
     if stage == "pairs":

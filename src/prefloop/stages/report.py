@@ -197,6 +197,8 @@ _FILTER_REASONS = ("too_short", "too_long", "banned_keyword", "write_a_program",
 def win_rate_errors(trained: list[dict], key: str) -> list[list[float]]:
     """matplotlib's yerr: each win rate's distance to the ends of its Wilson 95% interval (NaN
     where a model has no win rate)."""
+    from prefloop.stages.compare import error_bar
+
     below, above = [], []
     for r in trained:
         w = r[key] or {}
@@ -204,8 +206,6 @@ def win_rate_errors(trained: list[dict], key: str) -> list[list[float]]:
             below.append(math.nan)
             above.append(math.nan)
         else:
-            from prefloop.stages.compare import error_bar
-
             low, high = error_bar(w["win_rate"], w["ci95"])
             below.append(low)
             above.append(high)
