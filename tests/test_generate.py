@@ -86,10 +86,65 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(run_dir, monkeypatch
     assert all(by_key[(r["id"], r["sample"])] == r["response"] for r in recs)
 
 
-def _copy(run):
+def test_greedy_candidate_is_sample_k_and_resumes(run_dir, monkeypatch):
+    """generate.greedy_candidate: each instruction's k samples, then its greedy answer as sample
+    k (marked greedy), equal to a k=1 greedy run; a kill inside the greedy pass resumes to the
+    same file, and the sampled pass is not redone."""
+    model_dir, run = run_dir
+    recipe = _recipe(model_dir, temperature=1.0, greedy_candidate=True)
+    with one_thread():
+        reference = read_jsonl_lines(generate.run(recipe, _copy(run)) / "generations.jsonl")
+        greedy_only = read_jsonl_lines(generate.run(
+            _recipe(model_dir, k=1), _copy(run, "greedy_run")) / "generations.jsonl")
+    assert [(r["id"], r["sample"], r.get("greedy", False)) for r in reference] == [
+        (f"tr-{i}", j, j == 3) for i in range(6) for j in range(4)]
+    assert [r["response"] for r in reference if r.get("greedy")] == [
+        r["response"] for r in greedy_only]
+    real_append, calls = generate.append_jsonl, {"n": 0}
+
+    def dying_append(path, records):
+        calls["n"] += 1
+        if calls["n"] == 6 + 3:  # the sampled pass wrote 6 prompts; die in the greedy pass
+            raise KeyboardInterrupt
+        real_append(path, records)
+
+    monkeypatch.setattr(generate, "append_jsonl", dying_append)
+    with one_thread(), pytest.raises(KeyboardInterrupt):
+        generate.run(recipe, run)
+    assert len(read_jsonl_lines(generate.greedy_path(run / "generate" / "generations.jsonl"))) == 2
+    counted = {"n": 0}
+
+    def counting_append(path, records):
+        counted["n"] += 1
+        real_append(path, records)
+
+    monkeypatch.setattr(generate, "append_jsonl", counting_append)
+    with one_thread():
+        out = generate.run(recipe, run)
+    assert counted["n"] == 4  # only the 4 greedy answers still missing
+    assert read_jsonl_lines(out / "generations.jsonl") == reference
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert (counts["responses"], counts["greedy"]) == (24, 6)
+
+
+def test_a_setting_added_later_keeps_old_hashes_at_its_default():
+    """generate.greedy_candidate came after runs were made: at its default (off) the generate
+    stage hashes as before the field existed, so an upgrade neither refuses nor redoes them."""
+    from dataclasses import asdict
+
+    from prefloop.artifacts import config_hash
+    from prefloop.config import GenerateConfig
+
+    before = {k: v for k, v in asdict(GenerateConfig()).items() if k != "greedy_candidate"}
+    assert config_hash({"generate": GenerateConfig()}) == config_hash({"generate": before})
+    assert (config_hash({"generate": GenerateConfig(greedy_candidate=True)})
+            != config_hash({"generate": before}))
+
+
+def _copy(run, name="ref_run"):
     import shutil
 
-    dst = run.parent / "ref_run"
+    dst = run.parent / name
     shutil.copytree(run, dst)
     return dst
 

@@ -164,6 +164,28 @@ def test_constraints_ranker_fields_and_hollow_answers():
     assert check_response("Short one.", "Be brief.", SHORT)["length_free"] is True
 
 
+def test_a_repetition_loop_is_hollow_whatever_it_satisfies():
+    """A greedy loop ("1.1.1...", one phrase again and again) has no comma and may repeat the
+    postscript, but answers nothing: score 0, hollow "degenerate"; the ranker's counts name it."""
+    ps = [{"kind": "detectable_content:postscript", "args": {"postscript_marker": "P.S."}},
+          {"kind": "punctuation:no_comma", "args": {}}]
+    task = "Why is the sky blue?"
+    loop = "The sky is blue. " * 30 + "\nP.S. The sky is blue."
+    r = check_response(loop, task, ps)
+    assert (r["score"], r["strict"], r["hollow"]) == (0.0, 1.0, "degenerate")
+    answer = "Air scatters blue light more than red light so the sky looks blue.\nP.S. Look up"
+    assert (check_response(answer, task, ps)["score"], check_response(answer, task, ps)["hollow"]
+            ) == (1.0, None)
+    from prefloop.config import RankConfig
+    from prefloop.rankers.constraints import ConstraintsRanker
+
+    records = [{"id": "a", "instruction": task, "constraints": ps, "response": x}
+               for x in (loop, answer, "1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1")]
+    fields, counts = ConstraintsRanker(RankConfig(ranker="constraints")).score(records, Path("."))
+    assert [f["hollow"] for f in fields] == ["degenerate", None, "degenerate"]
+    assert counts["hollow"] == {"empty": 0, "refusal": 0, "copy": 0, "bare": 0, "degenerate": 2}
+
+
 def test_a_bare_postscript_or_closing_phrase_is_hollow():
     """What a 135M model learned from postscript pairs at first: the P.S. instead of an answer."""
     ps = [{"kind": "detectable_content:postscript", "args": {"postscript_marker": "P.P.S"}}]

@@ -28,7 +28,7 @@ SUMMARY = {  # stage -> the line's pattern, before its time
     "generate": r"24 responses to 6 instructions \(\d+ cut at max_new_tokens, \d+ tokens\)"
                 + FP32,
     "rank": r"24 responses checked against their constraints \(no model\): mean satisfied "
-            r"[\d.]+ strict, [\d.]+ loose; scored 0 as empty/refusal/copy/bare: \d+/\d+/\d+/\d+",
+            r"[\d.]+ strict, [\d.]+ loose; scored 0 as empty/refusal/copy/bare/degenerate: \d+/\d+/\d+/\d+/\d+",
     "pairs": r"\d+ pairs? from 6 instructions(, \d+ dropped \([^)]*\))?",
     "train": r"2 steps on \d+ pairs?, last loss [\d.]+, reward accuracy [\d.]+ on the last "
              r"training batch" + FP32,

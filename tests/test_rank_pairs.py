@@ -293,6 +293,25 @@ def test_choose_pair_rules():
     assert pairs.choose_pair([c(0, 2.0, 1), c(1, 1.6, 9)], min_margin=0.5) == "below_min_margin"
 
 
+def test_a_cut_loop_can_be_rejected_and_hollow_answers_are_rejected_first():
+    """require_eos keeps a repetition loop cut at the limit (the constraints ranker's hollow
+    "degenerate", scored 0) so that it can be rejected; of equally scored worst answers the
+    hollow one is rejected, with and without length matching."""
+    def c(sample, score, tokens, finish="eos", hollow=None):
+        return {"sample": sample, "score": score, "response_tokens": tokens, "scores": [score],
+                "finish_reason": finish, "response": f"r{sample}", "hollow": hollow}
+
+    group = [c(0, 1.0, 40), c(1, 0.0, 48, "length"), c(2, 0.0, 44),
+             c(3, 0.0, 48, "length", "degenerate"), c(4, 0.0, 20, "eos", "refusal")]
+    kept, removed = pairs.candidates_of(group, require_eos=True)
+    assert [k["sample"] for k in kept] == [0, 2, 3, 4] and removed == {"not_eos": 1}
+    assert [k["sample"] for k in pairs.choose_pair(kept)] == [0, 3]  # hollow first, then longer
+    assert [k["sample"] for k in pairs.choose_pair([kept[0], kept[1], kept[3]])] == [0, 4]
+    matched = pairs.choose_pair(kept, length_match=0.75, length_match_all=True)
+    assert [k["sample"] for k in matched] == [0, 3]  # 40/48 and 40/44 both match: hollow wins
+    assert [k["sample"] for k in pairs.choose_pair(kept[:2])] == [0, 2]  # no hollow: as before
+
+
 def test_choose_pairs_disjoint_up_to_n():
     from prefloop.config import PairsConfig
 

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -494,9 +494,23 @@ def read_jsonl(path: Path, *, allow_partial_tail: bool = False) -> list[dict]:
     return [obj for _, obj in iter_jsonl(path, allow_partial_tail=allow_partial_tail)]
 
 
+def hashable(obj: Any) -> Any:
+    """to_jsonable, less the dataclass fields marked `field(metadata={"added": version})` that
+    hold their default: a setting added in a later version leaves the hash of a stage that ran
+    before it unchanged, so an upgrade neither refuses nor redoes finished work."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: hashable(getattr(obj, f.name)) for f in fields(obj)
+                if not (f.metadata.get("added") and getattr(obj, f.name) == f.default)}
+    if isinstance(obj, dict):
+        return {k: hashable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [hashable(v) for v in obj]
+    return to_jsonable(obj)
+
+
 def config_hash(obj: Any) -> str:
     # credentials are not configuration: a recorded (redacted) recipe hashes as the one it records
-    blob = redact_url(json.dumps(to_jsonable(obj), sort_keys=True, ensure_ascii=False))
+    blob = redact_url(json.dumps(hashable(obj), sort_keys=True, ensure_ascii=False))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -80,6 +80,10 @@ class GenerateConfig:
     max_new_tokens: int = 256  # a response is cut at this many tokens
     seed: int = 0  # sampling seed (each response has its own stream from it)
     batch_size: int | None = None  # None: automatic
+    # true: one more candidate per instruction, the policy's own greedy answer (what compare and
+    # a user see), so that a greedy failure such as a repetition loop can be ranked and rejected
+    # on-policy; it is sample k, marked "greedy" (docs/findings.md §2.8)
+    greedy_candidate: bool = field(default=False, metadata={"added": "0.2"})
 
 
 @dataclass(frozen=True)

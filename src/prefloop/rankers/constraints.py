@@ -5,9 +5,9 @@ satisfies (IFEval's strict reading; the loose reading is recorded beside it).
 
 No model judges anything, so the reward cannot drift with the policy. What it cannot see is
 substance, which is how a constraints-only reward gets hacked (docs/constraints.md): a response
-that is empty, a refusal, a copy of its instruction, or bare (only the postscript or closing
-phrase it demands) scores 0 whatever it satisfies, and the pairs stage can match lengths and
-consult a quality ranker (rank.quality) on top.
+that is empty, a refusal, a copy of its instruction, bare (only the postscript or closing
+phrase it demands) or degenerate repetition scores 0 whatever it satisfies, and the pairs stage
+can match lengths and consult a quality ranker (rank.quality) on top.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ LENGTH_KINDS = frozenset({"length_constraints:number_words", "length_constraints
 
 
 def hollow(response: str, instruction: str, constraints: list[Constraint]) -> str | None:
-    """Why a response answers nothing (empty, refusal, copy of the instruction, or bare: only the
-    postscript or closing phrase its constraints demand), else None."""
+    """Why a response answers nothing (empty, refusal, copy of the instruction, bare: only the
+    postscript or closing phrase its constraints demand, or degenerate repetition), else None."""
     if guards.is_empty(response):
         return "empty"
     if guards.is_refusal(response):
@@ -40,6 +40,8 @@ def hollow(response: str, instruction: str, constraints: list[Constraint]) -> st
         return "copy"
     if guards.is_bare(answer_body(response, constraints)):
         return "bare"
+    if guards.is_degenerate(response):
+        return "degenerate"
     return None
 
 
@@ -94,8 +96,8 @@ class ConstraintsRanker:
         return [
             "- Ranker: verifiable constraints (IFEval-style checks, `prefloop.constraints`); "
             "score = share of the instruction's constraints satisfied (strict reading), 0 for "
-            "an empty answer, a refusal, a copy of the instruction, or a bare postscript or "
-            "closing phrase with no answer before it",
+            "an empty answer, a refusal, a copy of the instruction, a bare postscript or "
+            "closing phrase with no answer before it, or degenerate repetition",
             "- Per-candidate results: `checks` (kind, strict, loose per constraint) and "
             "`hollow` in pairs/dropped.jsonl and rank/scores.jsonl",
         ]
@@ -113,15 +115,16 @@ class ConstraintsRanker:
             "strict_mean": round(sum(f["strict"] for f in fields) / len(fields), 4),
             "loose_mean": round(sum(f["loose"] for f in fields) / len(fields), 4),
             "hollow": {k: sum(f["hollow"] == k for f in fields)
-                       for k in ("empty", "refusal", "copy", "bare")},
+                       for k in ("empty", "refusal", "copy", "bare", "degenerate")},
         }
 
     def summary(self, counts: dict) -> str | None:
         h = counts["hollow"]
         return (f"{counts['responses']} responses checked against their constraints "
                 f"(no model): mean satisfied {counts['strict_mean']:.3f} strict, "
-                f"{counts['loose_mean']:.3f} loose; scored 0 as empty/refusal/copy/bare: "
-                f"{h['empty']}/{h['refusal']}/{h['copy']}/{h.get('bare', 0)}")
+                f"{counts['loose_mean']:.3f} loose; scored 0 as empty/refusal/copy/bare/"
+                f"degenerate: {h['empty']}/{h['refusal']}/{h['copy']}/{h.get('bare', 0)}/"
+                f"{h.get('degenerate', 0)}")
 
     def compare(self, instructions: list[str], a: list[str], b: list[str]) -> list[float]:
         raise PrefloopError("the constraints ranker compares responses through their "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -24,10 +25,12 @@ CARRIED = ("constraints", "task")  # instruction fields a ranker or an evaluatio
 
 
 def complete_groups(records: list[dict], k: int) -> dict[str, list[dict]]:
-    """The ids whose k samples 0..k-1 are all present, each group sorted by sample."""
+    """The ids whose k samples 0..k-1 are all present, each group sorted by sample. A greedy
+    candidate (sample k, `add_greedy`) that a finished file holds is not one of the k."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        groups[r["id"]].append(r)
+        if r["sample"] < k:
+            groups[r["id"]].append(r)
     return {i: sorted(g, key=lambda r: r["sample"]) for i, g in groups.items()
             if sorted(r["sample"] for r in g) == list(range(k))}
 
@@ -88,16 +91,44 @@ def render_all(tokenizer, items: list[dict], system: str | None, max_new_tokens:
     return rendered
 
 
+def greedy_path(out_path: Path) -> Path:
+    """Where `generate_responses(greedy_candidate=True)` keeps the greedy answers."""
+    return out_path.with_name(f"{out_path.stem}.greedy{out_path.suffix}")
+
+
+def add_greedy(records: list[dict], greedy: list[dict], k: int) -> list[dict]:
+    """Each instruction's k sampled records, then its greedy answer as sample k, "greedy": true."""
+    by_id = {g["id"]: g for g in greedy}
+    out: list[dict] = []
+    for r in records:  # grouped by item, each group sorted by sample
+        out.append(r)
+        if r["sample"] == k - 1:
+            out.append({**by_id[r["id"]], "sample": k, "greedy": True})
+    return out
+
+
 def generate_responses(backend: Backend, items: list[dict], out_path: Path, *, k: int,
                        sampling: Sampling, system: str | None = None,
                        batch_size: int | None = None, where: str = "generate",
-                       extra: dict | None = None, desc: str = "generate") -> list[dict]:
+                       extra: dict | None = None, desc: str = "generate",
+                       greedy_candidate: bool = False) -> list[dict]:
     """Generate k responses per item into `out_path` (JSONL), resuming from what it holds.
 
     Under `accelerate launch` every process generates its round-robin shard of `items` into its
     own file and the main process merges them into `out_path` in item order; every process
-    returns all records, in item order.
+    returns all records, in item order. greedy_candidate: also one greedy answer per item (in
+    `greedy_path(out_path)`, resumable the same way), returned after the item's k samples as
+    sample k.
     """
+    if greedy_candidate:
+        sampled = generate_responses(backend, items, out_path, k=k, sampling=sampling,
+                                     system=system, batch_size=batch_size, where=where,
+                                     extra=extra, desc=desc)
+        greedy = generate_responses(backend, items, greedy_path(out_path), k=1,
+                                    sampling=replace(sampling, temperature=0.0),
+                                    system=system, batch_size=batch_size, where=where,
+                                    extra=extra, desc=f"{desc} (greedy)")
+        return add_greedy(sampled, greedy, k)
     opts = {"k": k, "sampling": sampling, "system": system, "batch_size": batch_size,
             "where": where, "extra": extra}
     topo = distributed.topology()
@@ -212,14 +243,16 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     records = generate_responses(backend, items, run.generations, k=cfg.k,
                                  sampling=sampling, system=recipe.model.system_prompt,
                                  batch_size=cfg.batch_size, where=str(run.stage("instructions")),
-                                 extra={"model": recipe.model.name})
+                                 extra={"model": recipe.model.name},
+                                 greedy_candidate=cfg.greedy_candidate)
     if distributed.is_main():
         write_jsonl(run.generations, records)  # completion order -> instruction order
     return stage.finish({
         "instructions": len(items), "responses": len(records),
         "eos": sum(r["finish_reason"] == "eos" for r in records),
         "length": sum(r["finish_reason"] == "length" for r in records),
-        "response_tokens": sum(r["response_tokens"] for r in records)},
+        "response_tokens": sum(r["response_tokens"] for r in records),
+        **({"greedy": len(items)} if cfg.greedy_candidate else {})},
         extra={"processes": distributed.topology().world_size,
                **({} if backend.name == "local" else {"backend": backend.name}),
                **(dtype_record(recipe.model) if backend.name == "local" else {})})

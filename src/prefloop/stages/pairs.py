@@ -1,11 +1,13 @@
 """Stage 4: best-vs-worst preference pairs per instruction -> a Hub-ready dataset with its card.
 
 Per instruction (Yuan et al. 2024; docs/self_rewarding.md §6): candidates are the responses with a
-score (and, with pairs.require_eos, that ended with EOS), byte-identical duplicates removed;
+score (and, with pairs.require_eos, that ended with EOS or that the ranker found to be a
+repetition loop), byte-identical duplicates removed;
 chosen = the highest score, rejected = the lowest; instructions with fewer than two candidates,
 all-equal scores (the paper discards ties) or a margin below pairs.min_margin are dropped.
 Tie-break among equal best (worst) scores, which the paper leaves open: the lowest judge variance
-(as NeMo-Aligner), then the shorter (longer) response in tokens, then the lower sample index.
+(as NeMo-Aligner; for the worst, a hollow response first), then the shorter (longer) response in
+tokens, then the lower sample index.
 With pairs.per_instruction = n > 1 (not the paper), up to n disjoint pairs per instruction: the
 same choice is repeated on the candidates not yet paired, while a pair with a margin remains.
 """
@@ -47,13 +49,16 @@ def candidates_of(group: list[dict], require_eos: bool) -> tuple[list[dict], Cou
 
     group: one instruction's responses, each {"sample","response","score","scores",
     "response_tokens","finish_reason"}; returns (candidates, counts of what was removed).
+    A repetition loop cut at the token limit (the ranker's hollow "degenerate") stays with
+    require_eos: a loop never ends, so dropping it would keep it out of every pair, and as a
+    hollow answer it scores 0, so it can be rejected but never chosen over a real answer.
     """
     removed: Counter = Counter()
     kept, seen = [], set()
     for c in sorted(group, key=lambda c: c["sample"]):
         if c["score"] is None:
             removed["unscored"] += 1
-        elif require_eos and c["finish_reason"] != "eos":
+        elif require_eos and c["finish_reason"] != "eos" and c.get("hollow") != "degenerate":
             removed["not_eos"] += 1
         elif c["response"] in seen:
             removed["duplicate"] += 1
@@ -69,10 +74,12 @@ def choose_pair(cands: list[dict], min_margin: float = 0.0, length_match: float 
     """(chosen, rejected) = (argmax, argmin) of score, or the drop reason.
 
     Ties: chosen = min (−quality, variance, tokens, sample) over the best; rejected = min
-    (quality, variance, −tokens, sample) over the worst, variance being that of the valid judge
-    samples and quality the rank.quality score (when there is one). With length_match > 0 (and
+    (quality, not hollow, variance, −tokens, sample) over the worst, variance being that of the
+    valid judge samples, quality the rank.quality score (when there is one) and hollow the
+    constraints ranker's verdict that a response answers nothing (a loop, a refusal, ...): of
+    equally scored failures the hollow one is the clearest to reject. With length_match > 0 (and
     no length constraint on the instruction, or with length_match_all) the pair is the
-    largest-margin one whose lengths are within that ratio.
+    largest-margin one whose lengths are within that ratio, a hollow rejected one first.
     """
     if len(cands) < 2:
         return "too_few_scored"
@@ -89,8 +96,9 @@ def choose_pair(cands: list[dict], min_margin: float = 0.0, length_match: float 
                      key=lambda c: (-_quality(c), score_variance(c["scores"]),
                                     c["response_tokens"], c["sample"]))
         rejected = min((c for c in cands if c["score"] == lo),
-                       key=lambda c: (_quality(c), score_variance(c["scores"]),
-                                      -c["response_tokens"], c["sample"]))
+                       key=lambda c: (_quality(c), not c.get("hollow"),
+                                      score_variance(c["scores"]), -c["response_tokens"],
+                                      c["sample"]))
         picked = chosen, rejected
     if quality_gate and not isinstance(picked, str) and _quality(picked[0]) < _quality(picked[1]):
         return "quality_gate"
@@ -131,8 +139,8 @@ def _matched_pair(cands: list[dict], min_margin: float, ratio: float) -> tuple[d
              and length_ratio(c, r) >= ratio]
     if not pairs:
         return "length_unmatched"
-    return max(pairs, key=lambda p: (p[0]["score"] - p[1]["score"], length_ratio(*p),
-                                     _quality(p[0]) - _quality(p[1]),
+    return max(pairs, key=lambda p: (p[0]["score"] - p[1]["score"], bool(p[1].get("hollow")),
+                                     length_ratio(*p), _quality(p[0]) - _quality(p[1]),
                                      -p[0]["sample"], -p[1]["sample"]))
 
 
