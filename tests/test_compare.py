@@ -570,12 +570,23 @@ def test_a_source_without_splits_is_refused_for_the_transfer_check(tmp_path):
     recipe = apply_overrides(Recipe(), [f"instructions.source={path}",
                                         "instructions.kinds=punctuation:no_comma",
                                         "compare.transfer_n=1"])
-    with pytest.raises(PrefloopError) as e:
-        transfer_items(recipe)
-    assert str(e.value) == (
+    message = (
         f"compare.transfer_n: instructions.source {path} has records without a split, and the "
         "transfer check needs held-out topics; use a source whose records name their split and "
         "topic (instructions.source=verifiable) or set compare.transfer_n=0")
+    with pytest.raises(PrefloopError) as e:
+        transfer_items(recipe)
+    assert str(e.value) == message
+    # the instructions stage refuses it too (a Hub source is read there first), writing nothing
+    from prefloop.stages import instructions
+
+    with pytest.raises(PrefloopError) as e:
+        instructions.run(apply_overrides(recipe, ["instructions.n_train=1",
+                                                  "instructions.n_heldout=0",
+                                                  "instructions.kinds=change_case:"
+                                                  "english_lowercase"]), tmp_path / "run")
+    assert str(e.value) == message
+    assert not (tmp_path / "run" / "instructions" / "train.jsonl").exists()
 
 
 @pytest.mark.parametrize("ci, reading", [

@@ -404,21 +404,23 @@ def transfer_pool(items: list[dict], cfg: InstructionsConfig, where: str) -> lis
             and not {c["kind"] for c in it["constraints"]} & trained]
 
 
-def transfer_items(recipe: Recipe, n: int | None = None) -> list[dict]:
+def transfer_items(recipe: Recipe, n: int | None = None,
+                   items: list[dict] | None = None) -> list[dict]:
     """The transfer set: a draw of compare.transfer_n (or `n`) from `transfer_pool`, seeded by
-    instructions.seed (a larger n extends a smaller one's draw); [] when it is 0. The source is
-    read, de-duplicated and length-filtered as the instructions stage reads it."""
+    instructions.seed (a larger n extends a smaller one's draw); [] when it is 0. `items`: the
+    source as the instructions stage reads it (de-duplicated, length-filtered), else read here."""
     cfg = recipe.instructions
     n = recipe.compare.transfer_n if n is None else n
     if n == 0:
         return []
     where = f"instructions.source {cfg.source}"
-    items = dedupe(load_source(cfg))
-    if cfg.min_tokens is not None or cfg.max_tokens is not None:
-        from prefloop.models import load_tokenizer
+    if items is None:
+        items = dedupe(load_source(cfg))
+        if cfg.min_tokens is not None or cfg.max_tokens is not None:
+            from prefloop.models import load_tokenizer
 
-        items = length_filter(items, cfg, load_tokenizer(recipe.model.name,
-                                                         recipe.model.revision))
+            items = length_filter(items, cfg, load_tokenizer(recipe.model.name,
+                                                             recipe.model.revision))
     pool = transfer_pool(items, cfg, where)
     if n > len(pool):
         side = "validation" if cfg.validation else "held-out"
@@ -447,8 +449,10 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
         from prefloop.models import load_tokenizer
 
         items = length_filter(items, cfg, load_tokenizer(recipe.model.name, recipe.model.revision))
+    loaded = items
     items = keep_kinds(items, cfg.kinds, f"instructions.source {cfg.source}",
                        cfg.strip_other_kinds)
+    transfer_items(recipe, items=loaded)  # compare's transfer set can be drawn: refused now if not
     train, heldout = split_items(items, cfg, "instructions")
     write_jsonl(run.train_instructions, train)
     write_jsonl(run.heldout_instructions, heldout)
