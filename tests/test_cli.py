@@ -164,16 +164,16 @@ def test_plan_shows_the_recipe_each_stage_and_the_time_and_writes_nothing(tmp_pa
     recipe = dump_recipe(load_recipe("default", ["model.device=cpu"]))
     assert "\n".join("  " + line for line in recipe.rstrip().splitlines()) in out
     # the default's sizes at the measured rates: 48 x 6 x 128 tokens, 29 pairs x 2 epochs, 60
-    # held-out instructions (plan.EMBEDDED_CPU)
+    # held-out instructions, and 48 x 2 transfer answers at generate's rate (plan.EMBEDDED_CPU)
     assert _plan_lines(out) == [
         "  instructions  to run; estimate 0.0s (measured rates)",
         "  generate      to run; estimate 1m56s (measured rates)",
         "  rank          to run; estimate 0.0s (measured rates)",
         "  pairs         to run; estimate 0.4s (measured rates)",
         "  train         to run; estimate 1m40s (measured rates)",
-        "  compare       to run; estimate 2m07s (measured rates)",
+        "  compare       to run; estimate 2m46s (measured rates)",
         "",
-        "estimated time: 5m43s (rates: BENCHMARKS.md, embedded model on 2 idle CPU cores, "
+        "estimated time: 6m22s (rates: BENCHMARKS.md, embedded model on 2 idle CPU cores, "
         "2026-12-03; several times that when other jobs share the cores, less on more cores)"]
     assert not run.exists()
     assert main(["run", "--dry-run", *argv]) == 0  # the same plan

@@ -156,6 +156,8 @@ def test_compare_tables_and_verdict(run_dir, capsys):
     compare.run(_recipe(run_dir), run_dir, ranker=FakeRanker([0.0] * 5), force=True)
     assert json.loads((out / "manifest.json").read_text())["counts"]["original_from_cache"] == 5
     assert in_item_order("original.jsonl") == original
+    # compare.transfer_n 0 (the default): no transfer check, nothing of it written
+    assert not [p.name for p in out.iterdir() if p.name.startswith("transfer")]
 
 
 def test_default_judge_is_the_original_model(run_dir, monkeypatch):
@@ -434,6 +436,15 @@ def test_compare_stage_line_leads_with_the_objective_accuracy_and_who_won():
     assert LINES["compare"](no_constraints, {}) == (
         "60 held-out instructions; judge:smollm2 win-rate 0.200 (95% CI 0.050-0.450; 28 wins, "
         "3 ties, 29 losses): original better")
+    transfer = {**counts, "transfer": {"n": 48, "strict": {"original": 0.25, "dpo": 0.2},
+                                       "ci95": [-0.125, 0.0208], "reading": "inconclusive",
+                                       "guards_fired": 1, "original_from_cache": 48}}
+    assert LINES["compare"](transfer, {}) == (
+        "60 held-out instructions; strict accuracy original 0.250, DPO 0.317, difference +0.067 "
+        "(95% CI -0.033 to +0.167): no detectable difference; transfer (48 instructions of "
+        "untrained kinds): original 0.250, DPO 0.200, difference -0.050 (95% CI -0.125 to "
+        "+0.021): inconclusive, 1 guard fired; judge:smollm2 win-rate 0.492 (95% CI 0.370-0.615; "
+        "28 wins, 3 ties, 29 losses)")
     assert LINES["compare"]({"heldout": 3}, {}) == (
         "3 held-out instructions; original vs DPO, not evaluated (no constraints on the held-out "
         "instructions and no ranker verdict)")
@@ -457,3 +468,212 @@ def test_error_bars_at_a_rate_of_one_or_zero_are_never_negative():
     with tempfile.TemporaryDirectory() as d:
         out = plot_per_kind(kinds, Path(d) / "per_kind.png")
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- the transfer check: held-out topics, constraint kinds that were not trained ------------
+
+def _trained_kinds() -> str:
+    from prefloop.config import load_recipe
+
+    return load_recipe("default").instructions.kinds
+
+
+def test_transfer_set_holds_only_untrained_kinds_on_heldout_topics_and_is_seeded():
+    import random
+
+    from prefloop.config import load_recipe
+    from prefloop.stages.instructions import builtin_path, transfer_items
+
+    recipe = load_recipe("default")
+    trained = set(recipe.instructions.kinds.split(","))
+    source = read_jsonl_lines(builtin_path("verifiable_instructions"))
+    train_topics = {r["topic"] for r in source if r["split"] == "train"}
+    pool = [r for r in source if r["split"] == "heldout"
+            and not {c["kind"] for c in r["constraints"]} & trained]
+    assert len(pool) == 54
+    items = transfer_items(recipe, 54)
+    assert sorted(it["id"] for it in items) == sorted(r["id"] for r in pool)
+    assert all(it["split"] == "heldout" and it["topic"] not in train_topics for it in items)
+    assert all(c["kind"] not in trained for it in items for c in it["constraints"])
+    # seeded by instructions.seed: the same draw every time, a larger one extends a smaller one
+    first = [it["id"] for it in transfer_items(recipe, 4)]
+    assert first == ["vi-640", "vi-256", "vi-720", "vi-731"]
+    assert [it["id"] for it in transfer_items(recipe, 54)][:4] == first
+    assert [it["id"] for it in transfer_items(recipe, 4)] == first
+    expected = [r["id"] for r in pool]
+    random.Random(0).shuffle(expected)
+    assert [it["id"] for it in items] == expected
+    other = apply_overrides(recipe, ["instructions.seed=1"])
+    assert [it["id"] for it in transfer_items(other, 4)] == ["vi-214", "vi-694", "vi-254",
+                                                             "vi-620"]
+    # the default recipe's own draw: compare.transfer_n of them
+    assert len(transfer_items(recipe)) == recipe.compare.transfer_n == 48
+    assert transfer_items(apply_overrides(recipe, ["compare.transfer_n=0"])) == []
+
+
+def test_transfer_n_zero_leaves_every_stage_hash_as_it_was():
+    """A recipe without the transfer check hashes its compare section as before the setting
+    existed; the instructions stage never depends on it."""
+    import dataclasses
+
+    from prefloop.artifacts import config_hash
+    from prefloop.stages import instructions
+
+    recipe = Recipe()
+
+    def upstream(stage):
+        return f"{stage}-hash"
+
+    cfg = compare.stage_config(recipe, upstream)
+    before = dataclasses.asdict(recipe.compare)
+    del before["transfer_n"]  # the compare section as it was
+    assert cfg["compare"] == before
+    on = apply_overrides(recipe, ["compare.transfer_n=3"])
+    assert compare.stage_config(on, upstream)["compare"]["transfer_n"] == 3
+    assert config_hash(compare.stage_config(on, upstream)) != config_hash(cfg)
+    assert (config_hash(instructions.stage_config(on, upstream))
+            == config_hash(instructions.stage_config(recipe, upstream)))
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["compare.transfer_n=-1"], "--set: compare.transfer_n: must be >= 0, got -1"),
+    (["compare.transfer_n=2.5"], "--set: compare.transfer_n: expected an integer, got 2.5"),
+    (["compare.transfer_n=55"],
+     "compare.transfer_n: is 55, but the held-out topics of instructions.source verifiable hold "
+     "only 54 instructions whose constraints are all of kinds outside instructions.kinds; lower "
+     "compare.transfer_n to at most 54 (0: no transfer check)"),
+    (["compare.transfer_n=4", "instructions.kinds=null"],
+     "compare.transfer_n: the transfer check needs instructions.kinds (the trained kinds; it "
+     "uses the other ones); set instructions.kinds or compare.transfer_n=0"),
+    (["compare.transfer_n=4", "instructions.source=builtin", "instructions.kinds=null"],
+     "compare.transfer_n: the transfer check needs instructions.kinds (the trained kinds; it "
+     "uses the other ones); set instructions.kinds or compare.transfer_n=0"),
+])
+def test_a_bad_transfer_n_is_refused_in_one_line(tmp_path, sets, message):
+    from prefloop import preflight
+    from prefloop.config import load_recipe
+
+    with pytest.raises(PrefloopError) as e:
+        recipe = load_recipe("default", sets)
+        preflight.check(recipe, ["compare"], "compare", tmp_path / "run")
+    assert str(e.value) == message
+    assert "\n" not in str(e.value)
+
+
+def test_a_source_without_splits_is_refused_for_the_transfer_check(tmp_path):
+    from prefloop.artifacts import write_jsonl
+    from prefloop.stages.instructions import transfer_items
+
+    path = tmp_path / "mine.jsonl"
+    write_jsonl(path, [{"instruction": "say hi", "constraints": [
+        {"kind": "change_case:english_lowercase", "args": {}}]}])
+    recipe = apply_overrides(Recipe(), [f"instructions.source={path}",
+                                        "instructions.kinds=punctuation:no_comma",
+                                        "compare.transfer_n=1"])
+    message = (
+        f"compare.transfer_n: instructions.source {path} has records without a split, and the "
+        "transfer check needs held-out topics; use a source whose records name their split and "
+        "topic (instructions.source=verifiable) or set compare.transfer_n=0")
+    with pytest.raises(PrefloopError) as e:
+        transfer_items(recipe)
+    assert str(e.value) == message
+    # the instructions stage refuses it too (a Hub source is read there first), writing nothing
+    from prefloop.stages import instructions
+
+    with pytest.raises(PrefloopError) as e:
+        instructions.run(apply_overrides(recipe, ["instructions.n_train=1",
+                                                  "instructions.n_heldout=0",
+                                                  "instructions.kinds=change_case:"
+                                                  "english_lowercase"]), tmp_path / "run")
+    assert str(e.value) == message
+    assert not (tmp_path / "run" / "instructions" / "train.jsonl").exists()
+
+
+@pytest.mark.parametrize("ci, reading", [
+    ([-0.04, 0.10], "no regression"), ([0.01, 0.2], "no regression"),
+    ([-0.05, 0.10], "inconclusive"), ([-0.20, 0.0], "inconclusive"),
+    ([-0.20, -0.01], "regression"), ([-0.04, -0.01], "regression")])
+def test_transfer_reading_rule(ci, reading):
+    assert compare.transfer_reading({"difference": {"ci95": ci}}) == reading
+
+
+def test_compare_runs_the_transfer_check(run_dir, capsys):
+    """Both models answer compare.transfer_n instructions of untrained kinds, greedy as on the
+    held-out set; transfer.json, the manifest, report.md, eval_results.json, the printed result
+    and `prefloop show` carry the check; the ranker sees only the held-out set."""
+    from prefloop import cli
+    from prefloop.artifacts import write_jsonl
+    from prefloop.config import dump_recipe
+    from prefloop.stages.instructions import transfer_items
+
+    no_comma = [{"kind": "punctuation:no_comma", "args": {}}]
+    write_jsonl(run_dir / "instructions" / "heldout.jsonl",
+                [{"id": f"ho-{i}", "instruction": t, "constraints": no_comma}
+                 for i, t in enumerate(HELDOUT)])
+    recipe = _recipe(run_dir, "compare.max_new_tokens=4", "rank.ranker=constraints",
+                     "compare.ranker=judge", "instructions.source=verifiable",
+                     f"instructions.kinds={_trained_kinds()}", "compare.transfer_n=4")
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    ranker = FakeRanker([1.0] * 5)
+    out = compare.run(recipe, run_dir, ranker=ranker)
+    printed = capsys.readouterr().out
+    assert [len(c[0]) for c in ranker.calls] == [5]  # the held-out set only
+
+    drawn = transfer_items(recipe)
+    ids = ["vi-640", "vi-256", "vi-720", "vi-731"]
+    assert [it["id"] for it in drawn] == ids
+    assert read_jsonl_lines(out / "transfer_instructions.jsonl") == drawn
+    for side in ("original", "dpo"):
+        records = read_jsonl_lines(out / f"transfer_{side}.jsonl")
+        assert sorted(r["id"] for r in records) == sorted(ids)
+        assert {r["model"] for r in records} == {side}
+    t = json.loads((out / "transfer.json").read_text())
+    assert t["n"] == 4
+    assert {k: v["n"] for k, v in t["per_kind"].items()} == {
+        "change_case:english_lowercase": 1, "length_constraints:number_paragraphs": 1,
+        "startend:quotation": 3}
+    original = {r["id"]: r["response"] for r in read_jsonl_lines(out / "transfer_original.jsonl")}
+    dpo = {r["id"]: r["response"] for r in read_jsonl_lines(out / "transfer_dpo.jsonl")}
+    from prefloop.constraints.evaluate import evaluate
+
+    expected = evaluate(drawn, [original[i] for i in ids], [dpo[i] for i in ids], seed=0)
+    assert {k: t[k] for k in expected} == json.loads(json.dumps(expected))
+    assert t["reading"] == compare.transfer_reading(t)
+
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["transfer"] == {
+        "n": 4, "strict": {"original": t["original"]["prompt_strict"],
+                           "dpo": t["dpo"]["prompt_strict"]},
+        "ci95": t["difference"]["ci95"], "reading": t["reading"],
+        "guards_fired": len(t["guards_fired"]), "original_from_cache": 0}
+    assert m["counts"]["heldout"] == 5 and m["counts"]["original_from_cache"] == 0
+
+    assert "Transfer check (held-out topics, only constraint kinds that were not trained), 4 " \
+           "instructions:" in printed
+    assert f"\nTransfer: {t['reading']} (" in printed
+    assert "  per kind (strict): english_lowercase " in printed
+    assert printed.rstrip().splitlines()[-1].startswith("Verdict: ")
+    e = json.loads((out / "eval_results.json").read_text())
+    assert e["transfer"]["instructions"] == 4 and e["transfer"]["reading"] == t["reading"]
+    assert e["transfer"]["original_words_median"] == t["original"]["words_median"]
+    assert e["transfer"]["prompt_sound_accuracy_difference_ci95"] == \
+        t["difference_sound"]["ci95"]
+    assert set(e["transfer"]["per_kind_strict_accuracy"]) == set(t["per_kind"])
+    assert e["original_words_median"] == json.loads(
+        (out / "objective.json").read_text())["original"]["words_median"]
+    report = (out / "report.md").read_text()
+    assert "## Transfer check: constraint kinds that were not trained\n\n" \
+           f"**{t['reading'].capitalize()}** (rule: no regression when the 95% interval's " \
+           "lower end is above -0.05" in report
+    assert "| startend:quotation | 3 |" in report
+
+    assert cli.main(["show", "--output-dir", str(run_dir)]) == 0
+    assert capsys.readouterr().out == printed
+
+    # again: the original's transfer answers come from the answer cache, the same ones
+    compare.run(recipe, run_dir, ranker=FakeRanker([1.0] * 5), force=True)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["transfer"]["original_from_cache"] == 4
+    assert m["counts"]["original_from_cache"] == 5
+    again = {r["id"]: r["response"] for r in read_jsonl_lines(out / "transfer_original.jsonl")}
+    assert again == original

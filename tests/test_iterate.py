@@ -27,8 +27,9 @@ from prefloop.config import (
     load_recipe,
     shipped_recipe_path,
 )
+from prefloop.constraints import Constraint, check
 from prefloop.errors import PrefloopError
-from prefloop.stages import iterate, report, train
+from prefloop.stages import compare, instructions, iterate, report, train
 from prefloop.stages.compare import wilson_interval
 
 # -- fast: pure pieces -----------------------------------------------------------------------------
@@ -151,6 +152,29 @@ def test_summary_table_formats_one_line_per_model():
     ]
 
 
+def test_summary_table_adds_the_transfer_check_only_when_there_is_one():
+    m1 = {"round": 0, "model": "M1", "eval_score": None, "eval_tokens": 40.0,
+          "eval_judge_fail": None, "vs_prev": None, "vs_m1": None, "objective": 0.25,
+          "transfer": 0.5}
+    m2 = {"round": 1, "model": "M2", "eval_score": None, "eval_tokens": 38.0,
+          "eval_judge_fail": None, "vs_prev": None, "vs_m1": None, "objective": 0.3,
+          "prompts": {"train": 4}, "pairs": 3, "dropped": {}, "step0": {},
+          "transfer": 0.25,
+          "transfer_vs_m1": {"difference": -0.25, "ci95": [-0.5, 0.0], "mcnemar_p": 0.5,
+                             "words_median": [40, 38], "guards_fired": [],
+                             "reading": "inconclusive"}}
+    lines = report.summary_table([m1, m2]).splitlines()
+    assert lines[0].endswith(" guards vs M1 | transfer accuracy | transfer vs M1 (95% CI), "
+                             "McNemar p: reading |")
+    assert lines[2].endswith("| 25.0% | – | – | 50.0% | – |")
+    assert lines[3].endswith("| 30.0% | – | – | 25.0% | -25.0% (-50.0%, +0.0%), p 0.5: "
+                             "inconclusive; median words 40 → 38 |")
+    without = [{k: v for k, v in r.items() if not k.startswith("transfer")} for r in (m1, m2)]
+    assert "transfer" not in report.summary_table(without)
+    fired = {**m2, "transfer_vs_m1": {**m2["transfer_vs_m1"], "guards_fired": ["more refusals"]}}
+    assert report.guard_lines([m1, fired]) == ["- M2 vs M1, transfer check: more refusals"]
+
+
 def test_report_of_a_round_that_stopped(tmp_path):
     from prefloop.artifacts import write_manifest
 
@@ -224,11 +248,17 @@ def loop(tmp_path_factory):
     tok.save_pretrained(m1)
     rng = random.Random(0)
     source = root / "prompts.jsonl"
-    # every prompt carries one constraint, so each round's eval is also checked by the program
+    # every prompt carries one constraint, so each round's eval is also checked by the program;
+    # records name their split, and 3 held-out ones carry an untrained kind: the transfer check
     write_jsonl(source, [{"id": f"q{i}", "instruction": " ".join(rng.choices(WORDS[:80], k=6)),
-                          "constraints": [{"kind": "punctuation:no_comma"}]}
-                         for i in range(14)])
-    recipe = tiny_recipe(m1, source)
+                          "constraints": [{"kind": "punctuation:no_comma"} if i < 14 else
+                                          {"kind": "change_case:english_lowercase"}],
+                          "split": "train" if i < 10 else "heldout"}
+                         for i in range(17)])
+    recipe = replace(tiny_recipe(m1, source),
+                     instructions=InstructionsConfig(source=str(source), n_train=8,
+                                                     kinds="punctuation:no_comma"),
+                     compare=CompareConfig(max_new_tokens=6, transfer_n=2))
     run_dir = root / "run"
     real_train, real_generate, real_build = train.run, engine.generate, train.build_trainer
     seen = {"train_calls": 0, "engine_calls": 0, "trainers": 0}
@@ -312,11 +342,29 @@ def test_each_round_writes_its_artifacts(loop):
         assert (vs["only_new_right"], vs["only_m1_right"]) == (
             sum(new[i] and not first[i] for i in new), sum(first[i] and not new[i] for i in new))
         assert json.loads((rdir / "eval/objective_vs_M1.json").read_text())["n"] == 3
+        # the transfer check: the 2 drawn prompts of the untrained kind, M_t against M1
+        drawn = [it["id"] for it in instructions.transfer_items(recipe)]
+        assert drawn == ["q14", "q16"]  # q14-q16 shuffled by instructions.seed 0
+        tgens = read_jsonl_lines(rdir / "eval/transfer_generations.jsonl")
+        assert sorted(g["id"] for g in tgens) == sorted(drawn)
+        lowercase = Constraint("change_case:english_lowercase", {})
+        low = {g["id"]: check(g["response"], lowercase).strict for g in tgens}
+        assert ev["transfer_strict"] == round(sum(low.values()) / 2, 4)
+        tv = json.loads((rdir / "eval/transfer_vs_M1.json").read_text())
+        assert tv["n"] == 2 and set(tv["per_kind"]) == {"change_case:english_lowercase"}
+        assert ev["transfer_vs_M1"]["reading"] == tv["reading"] == \
+            compare.transfer_reading(tv)
+        assert ev["transfer_vs_M1"]["difference"] == round(tv["difference"]["prompt_strict"], 4)
     assert "objective_vs_M1" not in read_manifest(run_dir / "rounds/0/eval")["counts"]
+    assert "transfer_vs_M1" not in read_manifest(run_dir / "rounds/0/eval")["counts"]
+    assert len(read_jsonl_lines(run_dir / "rounds/0/eval/transfer_generations.jsonl")) == 2
     assert len(set(trained_prompts)) == 8  # seed mode: disjoint rounds
     report = (run_dir / "report.md").read_text()
     assert [line.split(" | ")[0] for line in report.splitlines() if line.startswith("| M")] == [
         "| M1", "| M2", "| M3"]
+    assert "| transfer accuracy | transfer vs M1 (95% CI), McNemar p: reading |" in report
+    assert "- Transfer check: 2 held-out-topic prompts whose constraint kinds no round trained" \
+        in report
     assert {p.name for p in (run_dir / "plots").iterdir()} == {
         "win_rate.png", "score.png", "length.png", "objective.png", "pairs.png"}
     assert [r["model"] for r in json.loads((run_dir / "report.json").read_text())] == [
@@ -349,9 +397,10 @@ def test_resume_after_a_kill_recomputes_nothing_saved(loop):
     assert loop["killed"] == {"train_calls": 2, "round2_train_started": False}
     assert loop["before"] == loop["after"]  # round 0/1 and round 2's finished steps untouched
     assert len(loop["before"]) > 40
-    # the resumed run trained once (round 2) and generated only M3's eval responses + judgments
+    # the resumed run trained once (round 2) and generated only M3's eval responses, its
+    # transfer-check responses and judgments
     assert loop["seen"]["trainers"] == 1
-    assert loop["seen"]["engine_calls"] == 2
+    assert loop["seen"]["engine_calls"] == 3
 
 
 @pytest.mark.slow

@@ -18,7 +18,8 @@ SETTINGS = ["instructions.n_train=6", "instructions.n_heldout=2", "generate.k=4"
             "compare.max_new_tokens=8", "rank.judge_samples=1", "rank.judge_max_new_tokens=4",
             # random 8-token answers sometimes hold a comma: pairs exist whatever the default's
             # kinds are
-            "instructions.kinds=punctuation:no_comma"]
+            "instructions.kinds=punctuation:no_comma",
+            "compare.transfer_n=2"]  # the transfer check: instructions of the other kinds
 
 FP32 = r"; float32 \(auto: this CPU has no native bf16 units\)"  # PREFLOOP_CPU_BF16=0 below
 TIME = r"; (took \d+\.\ds|took \d+m\d\ds|took \d+h\d\dm)$"
@@ -35,7 +36,10 @@ SUMMARY = {  # stage -> the line's pattern, before its time
     # the objective accuracy of both models and who won first, the judge's win-rate after it
     "compare": r"2 held-out instructions; strict accuracy original [\d.]+, DPO [\d.]+, difference "
                r"[+-][\d.]+ \(95% CI [+-][\d.]+ to [+-][\d.]+\): (DPO better|original better|"
-               r"no detectable difference)( but hollow \(\d guards? fired\))?; judge:\S+ win-rate "
+               r"no detectable difference)( but hollow \(\d guards? fired\))?; transfer \(2 "
+               r"instructions of untrained kinds\): original [\d.]+, DPO [\d.]+, difference "
+               r"[+-][\d.]+ \(95% CI [+-][\d.]+ to [+-][\d.]+\): (no regression|regression|"
+               r"inconclusive)(, \d guards? fired)?; judge:\S+ win-rate "
                r"[\d.]+ \(95% CI [\d.]+-[\d.]+; \d+ wins, \d+ ties, \d+ losses\)" + FP32,
 }
 
@@ -66,6 +70,7 @@ def test_stdout_is_one_summary_line_per_stage_and_what_compare_prints(tmp_path):
     compare = "\n".join(lines[5:-1])
     assert "instruction" in lines[5] and "original" in lines[5] and "dpo" in lines[5]
     assert "Verdict:" in compare
+    assert re.search(r"^Transfer: (no regression|regression|inconclusive) \(", compare, re.M)
     for noise in ("{'loss'", "'grad_norm'", "train_runtime", "%|", "it/s", "Warning",
                   "warn", "Tokenizing"):
         assert noise not in done.stdout, noise

@@ -185,6 +185,13 @@ class CompareConfig:
     ranker: Literal["judge", "pairrm", "constraints"] | None = None
     view: Literal["dataframe", "blocks"] = "dataframe"  # how the table is printed
     show_rows: int = 10  # rows of the table printed (comparison.csv/.md keep every row)
+    # transfer check: this many held-out-topic instructions whose constraints are all of kinds
+    # NOT in instructions.kinds (untrained kinds), a seeded draw, answered by both models and
+    # checked like the held-out set; 0: no transfer check. Needs instructions.kinds and a source
+    # whose records name their split (instructions.source=verifiable: 54 such records). Each one
+    # costs two greedy answers (original and DPO; the original's come from the answer cache
+    # after the first run); the recipes give their own value and say why
+    transfer_n: int = 0
 
 
 @dataclass(frozen=True)
@@ -356,7 +363,7 @@ RANGES: dict[str, tuple] = {
                      "per_instruction", "min_tokens", "max_tokens", "min_words", "max_words",
                      "fewshot_seed", "prompt_max_new_tokens", "eval_steps"], _POS_INT),
     **dict.fromkeys(["seed", "n_heldout", "min_margin", "fast_activation_budget_gb",
-                     "fewshot_generated", "save_steps"], _NONNEG),  # save_steps 0: no checkpoints
+                     "fewshot_generated", "save_steps", "transfer_n"], _NONNEG),  # save_steps 0: no checkpoints
     **dict.fromkeys(["temperature", "judge_temperature", "prompt_temperature"], _NONNEG),
     **dict.fromkeys(["top_p", "judge_top_p", "prompt_top_p", "rouge_threshold"],
                     (0, False, 1, True)),

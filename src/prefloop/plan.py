@@ -187,9 +187,10 @@ def rate_estimate(recipe: Recipe, run_dir: Path, stage: str) -> float | None:
     if stage == "train":
         return (_pairs_count(recipe, run_dir) * recipe.train.epochs
                 * r["train_s_per_pair_epoch"])
-    if stage == "compare":
-        return (recipe.instructions.n_heldout * recipe.compare.max_new_tokens
-                * r["compare_s_per_item_token"])
+    if stage == "compare":  # + the transfer check's 2 answers each, at generate's rate (no judge)
+        c = recipe.compare
+        return (recipe.instructions.n_heldout * c.max_new_tokens * r["compare_s_per_item_token"]
+                + 2 * c.transfer_n * c.max_new_tokens * r["generate_s_per_token"])
     return None
 
 

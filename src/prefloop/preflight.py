@@ -136,6 +136,20 @@ def check_instructions(recipe: Recipe, stages: list[str], command: str) -> None:
         instructions.split(items, cfg.n_train, heldout, cfg.seed)  # raises its own message
 
 
+def check_transfer(recipe: Recipe, stages: list[str], command: str) -> None:
+    """compare.transfer_n fits the source (instructions.kinds set, records that name their
+    split, enough held-out-topic instructions of untrained kinds) when compare or iterate will
+    evaluate; checked here when the source is a local file read as it is (no token filter)."""
+    cfg = recipe.instructions
+    if not recipe.compare.transfer_n or ("compare" not in stages and command != "iterate"):
+        return
+    readable = cfg.source in ("builtin", "verifiable") or is_local_source(cfg.source)
+    if readable and cfg.min_tokens is None and cfg.max_tokens is None:
+        from prefloop.stages.instructions import transfer_items
+
+        transfer_items(recipe)  # raises its own one-line message
+
+
 def check(recipe: Recipe, stages: list[str], command: str, run_dir: Path, *,
           todo: list[str] | None = None, repo_id: str | None = None) -> None:
     """Everything checkable without a model, before the command changes anything; `todo`:
@@ -144,6 +158,7 @@ def check(recipe: Recipe, stages: list[str], command: str, run_dir: Path, *,
     check_models(recipe, stages, command)
     check_hub_ids(recipe, command, repo_id)
     check_instructions(recipe, stages if todo is None else todo, command)
+    check_transfer(recipe, stages if todo is None else todo, command)
     if command == "iterate":
         from prefloop.stages.iterate import check_recipe
 

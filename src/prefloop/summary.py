@@ -85,6 +85,8 @@ def _compare(c: dict, m: dict) -> str:
         parts.append(f"strict accuracy original {acc['original']:.3f}, DPO {acc['dpo']:.3f}, "
                      f"difference {acc['dpo'] - acc['original']:+.3f} (95% CI {lo:+.3f} to "
                      f"{hi:+.3f}): {who}")
+    if "transfer" in c:
+        parts.append(transfer_part(c["transfer"]))
     if "wins" in c:
         wtl = f"{c['wins']} wins, {c['ties']} ties, {c['losses']} losses"
         if c.get("win_rate_ci95"):
@@ -98,6 +100,17 @@ def _compare(c: dict, m: dict) -> str:
         parts.append("original vs DPO, not evaluated (no constraints on the held-out "
                      "instructions and no ranker verdict)")
     return "; ".join(parts)
+
+
+def transfer_part(t: dict) -> str:
+    """The transfer check in a stage line: both accuracies, the difference and its reading."""
+    acc, (lo, hi) = t["strict"], t["ci95"]
+    guards = (f", {_plural(t['guards_fired'], 'guard')} fired" if t.get("guards_fired")
+              else "")
+    return (f"transfer ({_plural(t['n'], 'instruction')} of untrained kinds): original "
+            f"{acc['original']:.3f}, DPO {acc['dpo']:.3f}, difference "
+            f"{acc['dpo'] - acc['original']:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}): "
+            f"{t['reading']}{guards}")
 
 
 LINES = {"instructions": _instructions, "generate": _generate, "rank": _rank, "pairs": _pairs,

@@ -14,6 +14,7 @@ Identical responses are ties without asking the ranker; a margin the ranker coul
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import sys
@@ -23,8 +24,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from prefloop.artifacts import RunDir, Stage, atomic_write_json, atomic_write_text, read_jsonl
-from prefloop.config import Recipe
+from prefloop.artifacts import (
+    RunDir,
+    Stage,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+    write_jsonl,
+)
+from prefloop.config import CompareConfig, Recipe
 from prefloop.constraints.evaluate import evaluate
 from prefloop.errors import PrefloopError
 from prefloop.rankers import make_ranker, ranker_class
@@ -71,6 +79,23 @@ def heldout_items(run_dir: Path) -> list[dict]:
                             f"pairs dataset {run.dataset} (first: "
                             f"'{first}'); held-out instructions must be unseen, re-run "
                             "`prefloop pairs --force` and `prefloop train --force`")
+    return items
+
+
+def transfer_set(recipe: Recipe, run_dir: Path) -> list[dict]:
+    """compare.transfer_n held-out-topic instructions of untrained kinds (instructions.
+    transfer_items), refusing any that the model was trained on; [] when the check is off."""
+    from prefloop.stages.instructions import transfer_items
+
+    items = transfer_items(recipe)
+    train_path = RunDir(run_dir).train_instructions
+    if items and train_path.exists():
+        n, first = _first_overlap(items, {normalize(t["instruction"])
+                                          for t in read_jsonl(train_path)})
+        if n:
+            raise PrefloopError(f"compare.transfer_n: {n} transfer instruction(s) also in "
+                                f"{train_path} (first: '{first}'); set compare.transfer_n=0 or "
+                                "de-duplicate the source")
     return items
 
 
@@ -266,16 +291,22 @@ def verdict_text(v: dict) -> str:
 def objective_text(o: dict, training_ranker: str, same_checks: bool) -> str:
     """The objective result: both models' accuracies, the paired difference, the guards;
     `same_checks`: the training ranker scored by these very checks (its `checks_constraints`)."""
-    so, sd, d, ds = o["original"], o["dpo"], o["difference"], o["difference_sound"]
-    lo, hi = d["ci95"]
     same = ("the same checks ranked the training pairs (on other instructions): the model was "
             "trained toward exactly this metric" if same_checks
             else f"independent of the training ranker ({training_ranker})")
+    return "\n".join([
+        f"Objective evaluation (program checks of each held-out instruction's constraints; "
+        f"{same}), {o['n']} instructions:", *detail_lines(o)])
+
+
+def detail_lines(o: dict) -> list[str]:
+    """An `evaluate` result's lines: strict accuracy and its paired difference, the sound
+    reading, loose and constraint-level accuracy, per kind, and the guards with median words."""
+    so, sd, d, ds = o["original"], o["dpo"], o["difference"], o["difference_sound"]
+    lo, hi = d["ci95"]
     kinds = "; ".join(f"{k.split(':')[-1]} {v['original']:.2f}→{v['dpo']:.2f} (n {v['n']})"
                       for k, v in o["per_kind"].items())
-    lines = [
-        f"Objective evaluation (program checks of each held-out instruction's constraints; "
-        f"{same}), {o['n']} instructions:",
+    return [
         f"  prompt-level strict accuracy: original {so['prompt_strict']:.3f}, DPO "
         f"{sd['prompt_strict']:.3f}; difference {d['prompt_strict']:+.3f} (95% CI {lo:+.3f} to "
         f"{hi:+.3f}, {d['ci_method']}; only DPO right {d['only_dpo_right']}, only original right "
@@ -295,7 +326,39 @@ def objective_text(o: dict, training_ranker: str, same_checks: bool) -> str:
         f"{sd['degenerate']}; relevance to the task "
         f"{so['relevance_mean']:.2f} → {sd['relevance_mean']:.2f}",
     ]
-    return "\n".join(lines)
+
+
+# The transfer check's reading of the paired difference (DPO minus original) of strict accuracy
+# on instructions of untrained kinds: a drop of at most TRANSFER_MARGIN is not a regression.
+TRANSFER_MARGIN = 0.05
+
+
+def transfer_reading(o: dict) -> str:
+    """'regression' when the 95% interval of the difference lies below zero (a detectable drop,
+    however small), else 'no regression' when its lower end is above -TRANSFER_MARGIN, else
+    'inconclusive'."""
+    lo, hi = o["difference"]["ci95"]
+    if hi < 0:
+        return "regression"
+    if lo > -TRANSFER_MARGIN:
+        return "no regression"
+    return "inconclusive"
+
+
+def transfer_text(o: dict) -> str:
+    """The transfer check as compare prints it: the evaluation's lines, then its reading."""
+    lo, hi = o["difference"]["ci95"]
+    why = {"regression": f"the 95% interval {lo:+.3f} to {hi:+.3f} lies below zero",
+           "no regression": f"the 95% interval's lower end {lo:+.3f} is above "
+                            f"-{TRANSFER_MARGIN:.2f}",
+           "inconclusive": f"the 95% interval {lo:+.3f} to {hi:+.3f} allows both a drop of "
+                           f"{TRANSFER_MARGIN:.2f} or more and none"}
+    reading = transfer_reading(o)
+    fired = f"; guards: {'; '.join(o['guards_fired'])}" if o["guards_fired"] else ""
+    return "\n".join([
+        "Transfer check (held-out topics, only constraint kinds that were not trained), "
+        f"{o['n']} instructions:", *detail_lines(o),
+        f"Transfer: {reading} ({why[reading]}){fired}."])
 
 
 def ranker_line(v: dict, caveat: str = "") -> str:
@@ -340,11 +403,28 @@ def format_frame(df: pd.DataFrame, width: int | None = None) -> str:
                         formatters={c: _one_line for c in df.columns})
 
 
+def transfer_counts(o: dict) -> dict:
+    """The transfer check's numbers in the manifest (what the stage line reads)."""
+    return {"n": o["n"], "strict": {"original": o["original"]["prompt_strict"],
+                                    "dpo": o["dpo"]["prompt_strict"]},
+            "ci95": o["difference"]["ci95"], "reading": o["reading"],
+            "guards_fired": len(o["guards_fired"])}
+
+
 # --- stage -----------------------------------------------------------------------------------
+
+def hashed(cfg: CompareConfig) -> dict:
+    """The compare section as stage hashes cover it: transfer_n only when the transfer check is
+    on, so a run without it keeps the hash it had before the setting existed."""
+    d = dataclasses.asdict(cfg)
+    if not cfg.transfer_n:
+        del d["transfer_n"]
+    return d
+
 
 def stage_config(recipe: Recipe, upstream) -> dict:
     """What the stage's manifest hash covers (prefloop.plan predicts it before a run)."""
-    return {"compare": recipe.compare, "model": recipe.model,
+    return {"compare": hashed(recipe.compare), "model": recipe.model,
             "rank": recipe.rank if recipe.compare.verdict else None,
             "instructions": upstream("instructions"), "upstream": upstream("train")}
 
@@ -367,6 +447,7 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
     adapter = adapter_dir(run_dir)
     stage = Stage(out, "compare", stage_config(recipe, run.upstream))
     items = heldout_items(run_dir)
+    transfer = transfer_set(recipe, run_dir)
     if stage.begin(force=force):
         return out
     model, tok = load_with_adapter(recipe, adapter)
@@ -391,6 +472,23 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
     counts = {"heldout": len(items), "identical": sum(a["response"] == b["response"]
                                                       for a, b in zip(original, dpo, strict=True)),
               "original_from_cache": getattr(cached, "hits", 0)}
+    transferred = None
+    if transfer:  # the same greedy answers to instructions of kinds that were not trained
+        where = out / "transfer_instructions.jsonl"
+        write_jsonl(where, transfer)
+        common["where"], hits = str(where), getattr(cached, "hits", 0)
+        with model.disable_adapter():
+            t_original = generate_responses(cached, transfer, out / "transfer_original.jsonl",
+                                            extra={"model": "original"},
+                                            desc="compare: transfer original", **common)
+        t_dpo = generate_responses(backend, transfer, out / "transfer_dpo.jsonl",
+                                   extra={"model": "dpo"}, desc="compare: transfer dpo", **common)
+        transferred = evaluate(transfer, [r["response"] for r in t_original],
+                               [r["response"] for r in t_dpo], seed=cfg.seed)
+        transferred["reading"] = transfer_reading(transferred)
+        atomic_write_json(out / "transfer.json", transferred)
+        counts["transfer"] = transfer_counts(transferred)
+        counts["transfer"]["original_from_cache"] = getattr(cached, "hits", 0) - hits
     objective = v = None
     if all(it.get("constraints") for it in items):
         objective = evaluate(items, [r["response"] for r in original],
@@ -413,9 +511,9 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
         atomic_write_json(out / "verdict.json", v)
         counts.update({k: v[k] for k in ("wins", "ties", "losses", "invalid")})
         counts.update(win_rate=v["win_rate"], win_rate_ci95=v["ci95"], ranker=v["ranker"])
-    text = results.result_text(objective, v, recipe.rank.ranker)
+    text = results.result_text(objective, v, recipe.rank.ranker, transferred)
     print(text)
-    results.write_results(recipe, run_dir, df, objective, v, text)
+    results.write_results(recipe, run_dir, df, objective, v, text, transferred)
     print(f"[prefloop] compare: result -> {out / results.REPORT} (`prefloop show --output-dir "
           f"{run_dir}` prints it again)", file=sys.stderr)
     from prefloop.models import dtype_record

@@ -290,13 +290,7 @@ def keep_kinds(items: list[dict], kinds: str | None, where: str,
     the answer, would already meet every kept constraint is left out (a copy must never win)."""
     if not kinds:
         return items
-    from prefloop.constraints import KINDS
-
-    wanted = {k.strip() for k in kinds.split(",") if k.strip()}
-    unknown = sorted(wanted - set(KINDS))
-    if unknown:
-        raise PrefloopError(f"instructions.kinds: unknown constraint kind '{unknown[0]}'; use ids "
-                            "such as punctuation:no_comma (see docs/constraints.md)")
+    wanted = kind_set(kinds)
     if not any(it.get("constraints") for it in items):
         raise PrefloopError(f"{where}: its instructions carry no constraints, so "
                             "instructions.kinds cannot select any; set instructions.kinds=null "
@@ -312,6 +306,18 @@ def keep_kinds(items: list[dict], kinds: str | None, where: str,
         raise PrefloopError(f"{where}: no instruction {which} of the kinds "
                             f"{', '.join(sorted(wanted))}; widen instructions.kinds")
     return kept
+
+
+def kind_set(kinds: str) -> set[str]:
+    """The kind ids of instructions.kinds (comma-separated), each checked."""
+    from prefloop.constraints import KINDS
+
+    wanted = {k.strip() for k in kinds.split(",") if k.strip()}
+    unknown = sorted(wanted - set(KINDS))
+    if unknown:
+        raise PrefloopError(f"instructions.kinds: unknown constraint kind '{unknown[0]}'; use ids "
+                            "such as punctuation:no_comma (see docs/constraints.md)")
+    return wanted
 
 
 def strip_other_kinds(items: list[dict], wanted: set[str], where: str) -> list[dict]:
@@ -376,6 +382,56 @@ def split_items(items: list[dict], cfg: InstructionsConfig,
     return disjoint(train, heldout, where)
 
 
+def transfer_pool(items: list[dict], cfg: InstructionsConfig, where: str) -> list[dict]:
+    """The held-out side's instructions (the source's held-out records, or the validation topics
+    with instructions.validation) whose constraints are all of kinds outside instructions.kinds:
+    kinds the model was not trained on, on topics it was not trained on."""
+    if not cfg.kinds:
+        raise PrefloopError("compare.transfer_n: the transfer check needs instructions.kinds (the "
+                            "trained kinds; it uses the other ones); set instructions.kinds or "
+                            "compare.transfer_n=0")
+    if not items or any("split" not in it for it in items):
+        raise PrefloopError(f"compare.transfer_n: {where} has records without a split, and the "
+                            "transfer check needs held-out topics; use a source whose records "
+                            "name their split and topic (instructions.source=verifiable) or set "
+                            "compare.transfer_n=0")
+    trained = kind_set(cfg.kinds)
+    if cfg.validation:  # as split_items: the held-out side is a split of the training topics
+        side = validation_split([it for it in items if it["split"] == "train"], where)[1]
+    else:
+        side = [it for it in items if it["split"] == "heldout"]
+    return [it for it in side if it.get("constraints")
+            and not {c["kind"] for c in it["constraints"]} & trained]
+
+
+def transfer_items(recipe: Recipe, n: int | None = None,
+                   items: list[dict] | None = None) -> list[dict]:
+    """The transfer set: a draw of compare.transfer_n (or `n`) from `transfer_pool`, seeded by
+    instructions.seed (a larger n extends a smaller one's draw); [] when it is 0. `items`: the
+    source as the instructions stage reads it (de-duplicated, length-filtered), else read here."""
+    cfg = recipe.instructions
+    n = recipe.compare.transfer_n if n is None else n
+    if n == 0:
+        return []
+    where = f"instructions.source {cfg.source}"
+    if items is None:
+        items = dedupe(load_source(cfg))
+        if cfg.min_tokens is not None or cfg.max_tokens is not None:
+            from prefloop.models import load_tokenizer
+
+            items = length_filter(items, cfg, load_tokenizer(recipe.model.name,
+                                                             recipe.model.revision))
+    pool = transfer_pool(items, cfg, where)
+    if n > len(pool):
+        side = "validation" if cfg.validation else "held-out"
+        raise PrefloopError(f"compare.transfer_n: is {n}, but the {side} topics of {where} hold "
+                            f"only {len(pool)} instructions whose constraints are all of kinds "
+                            "outside instructions.kinds; lower compare.transfer_n to at most "
+                            f"{len(pool)} (0: no transfer check)")
+    random.Random(cfg.seed).shuffle(pool)
+    return pool[:n]
+
+
 def stage_config(recipe: Recipe, upstream) -> dict:
     """What the stage's manifest hash covers (prefloop.plan predicts it before a run)."""
     return {"instructions": recipe.instructions, "model": recipe.model.name}
@@ -393,8 +449,10 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
         from prefloop.models import load_tokenizer
 
         items = length_filter(items, cfg, load_tokenizer(recipe.model.name, recipe.model.revision))
+    loaded = items
     items = keep_kinds(items, cfg.kinds, f"instructions.source {cfg.source}",
                        cfg.strip_other_kinds)
+    transfer_items(recipe, items=loaded)  # compare's transfer set can be drawn: refused now if not
     train, heldout = split_items(items, cfg, "instructions")
     write_jsonl(run.train_instructions, train)
     write_jsonl(run.heldout_instructions, heldout)

@@ -71,7 +71,8 @@ from prefloop.constraints.evaluate import compare_reports, reports, side_summary
 from prefloop.errors import PrefloopError
 from prefloop.rankers import make_ranker, ranker_class, self_judging
 from prefloop.stages import generate, instructions, pairs, rank, selfinstruct, train
-from prefloop.stages.compare import win_rate
+from prefloop.stages.compare import hashed as compare_settings
+from prefloop.stages.compare import transfer_reading, win_rate
 from prefloop.stages.report import label, round_row, summary_table, write_report
 from prefloop.summary import stage_line
 
@@ -160,16 +161,24 @@ def merge(recipe_t: Recipe, rdir: Path, *, force: bool = False) -> Path:
 # -- evaluation on the fixed held-out prompts ------------------------------------------------------
 
 
-def _eval_responses(recipe: Recipe, name: str, t: int, items: list[dict], out: Path) -> list[dict]:
-    """One response per eval prompt from model `name` (compare-section decoding), resumable."""
+TRANSFER_GENERATIONS = "transfer_generations.jsonl"  # the transfer check's answers, per eval
+
+
+def _eval_responses(recipe: Recipe, name: str, t: int, items: list[dict], out: Path,
+                    transfer: list[dict] | None = None) -> tuple[list[dict], list[dict]]:
+    """One response per eval prompt (generations.jsonl) and per transfer prompt
+    (TRANSFER_GENERATIONS) from model `name` (compare-section decoding), resumable; one load."""
     from prefloop.engine import Sampling
     from prefloop.engine.backends import load_backend
     from prefloop.engine.cache import answer_cache
 
-    path = out / "generations.jsonl"
-    done = generate.completed_groups(path, 1)
-    if all(it["id"] in done for it in items):
-        return [done[it["id"]][0] for it in items]
+    jobs = [(items, out / "generations.jsonl", ""),
+            (transfer or [], out / TRANSFER_GENERATIONS, " transfer")]
+    done = [generate.completed_groups(path, 1) for _, path, _ in jobs]
+    if all(it["id"] in d for (group, _, _), d in zip(jobs, done, strict=True) for it in group):
+        gens, transfer_gens = ([d[it["id"]][0] for it in group]
+                               for (group, _, _), d in zip(jobs, done, strict=True))
+        return gens, transfer_gens
     c = recipe.compare
     model = replace(recipe.model, name=name, revision=recipe.model.revision if t == 0 else None)
     backend = load_backend(model)
@@ -177,13 +186,13 @@ def _eval_responses(recipe: Recipe, name: str, t: int, items: list[dict], out: P
         backend = answer_cache(backend, model)
     sampling = Sampling(temperature=c.temperature, top_p=c.top_p,
                         max_new_tokens=c.max_new_tokens, seed=c.seed)
-    records = generate.generate_responses(
-        backend, items, path, k=1, sampling=sampling, system=recipe.model.system_prompt,
+    gens, transfer_gens = (generate.generate_responses(
+        backend, group, path, k=1, sampling=sampling, system=recipe.model.system_prompt,
         batch_size=recipe.generate.batch_size, where=str(out), extra={"model": label(t)},
-        desc=f"eval {label(t)}")
+        desc=f"eval {label(t)}{what}") if group else [] for group, path, what in jobs)
     del backend
     _free()
-    return records
+    return gens, transfer_gens
 
 
 def _eval_scores(judge, gens: list[dict], out: Path) -> dict[str, dict]:
@@ -285,14 +294,15 @@ def evaluate(recipe: Recipe, run_dir: Path, t: int, *, force: bool = False) -> P
     out = rnd.stage("eval")
     name = model_name(recipe, run_dir, t)
     stage = Stage(out, "eval", {
-        "compare": recipe.compare, "judge": recipe.rank, "start": recipe.model, "model": name,
+        "compare": compare_settings(recipe.compare), "judge": recipe.rank, "start": recipe.model, "model": name,
         "upstream": run.upstream("instructions"),
         "trained": rnd.upstream("model") if t else None,
         "previous": run.round(t - 1).upstream("eval") if t else None})
     if stage.begin(force=force):
         return out
     items = read_jsonl(run.heldout_instructions)
-    gens = _eval_responses(recipe, name, t, items, out)
+    transfer = instructions.transfer_items(recipe)  # compare.transfer_n of untrained kinds
+    gens, transfer_gens = _eval_responses(recipe, name, t, items, out, transfer)
     judge = make_ranker(recipe)  # fixed: the starting model, rank.judge_model or PairRM (lazy)
     scores = _eval_scores(judge, gens, out)
     objective = objective_reports(items, gens)
@@ -308,6 +318,16 @@ def evaluate(recipe: Recipe, run_dir: Path, t: int, *, force: bool = False) -> P
         if vs is not None:
             atomic_write_json(out / "objective_vs_M1.json", vs["report"])
             counts["objective_vs_M1"] = vs["summary"]
+    if transfer:  # the transfer check: M_t against M1 on kinds no round trained
+        reports_t = objective_reports(transfer, transfer_gens)
+        counts["transfer_strict"] = round(side_summary(reports_t)["prompt_strict"], 4)
+        if t:
+            vs = objective_vs_start(transfer, read_jsonl(run.round(0).stage("eval")
+                                                         / TRANSFER_GENERATIONS),
+                                    reports_t, seed=recipe.compare.seed)
+            vs["report"]["reading"] = transfer_reading(vs["report"])
+            atomic_write_json(out / "transfer_vs_M1.json", vs["report"])
+            counts["transfer_vs_M1"] = {**vs["summary"], "reading": vs["report"]["reading"]}
     return stage.finish(counts, extra={"model": label(t), "model_path": name,
                                        "judge": judge.name})
 
@@ -381,6 +401,7 @@ def loop_config(recipe: Recipe) -> dict:
     d = recipe_to_dict(recipe)
     d.pop("push", None)
     d["iterate"].pop("rounds", None)
+    d["compare"] = compare_settings(recipe.compare)  # a loop without the transfer check: as before
     return d
 
 

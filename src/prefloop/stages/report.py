@@ -54,6 +54,8 @@ def round_row(run_dir: Path, t: int) -> dict:
            "eval_judge_fail": ev.get("judge_parse_failure_rate"),
            "objective": ev.get("objective_strict"),
            "objective_vs_m1": ev.get("objective_vs_M1") if t else None,
+           "transfer": ev.get("transfer_strict"),
+           "transfer_vs_m1": ev.get("transfer_vs_M1") if t else None,
            "vs_prev": ev.get(f"vs_{label(t - 1)}") if t else None,
            "vs_m1": ev.get("vs_M1") if t else None}
     if t == 0:
@@ -138,8 +140,17 @@ def _guards(v: dict | None) -> str:
 def guard_lines(rows: list[dict]) -> list[str]:
     """One bullet per guard that fires for a model against M1: a gain that comes with it is
     hollow, not a success (docs/constraints.md)."""
-    return [f"- {r['model']} vs M1: {g}" for r in rows
-            for g in (r.get("objective_vs_m1") or {}).get("guards_fired", [])]
+    return [f"- {r['model']} vs M1{where}: {g}" for r in rows
+            for key, where in (("objective_vs_m1", ""), ("transfer_vs_m1", ", transfer check"))
+            for g in (r.get(key) or {}).get("guards_fired", [])]
+
+
+def _transfer(v: dict | None) -> str:
+    """'-2.1% (-12.5%, +8.3%), p 0.75: inconclusive; median words 40 → 38'."""
+    if not v:
+        return "–"
+    words = "; median words {:g} → {:g}".format(*v["words_median"])
+    return f"{_vs_m1(v)}: {v['reading']}{words}"
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -149,6 +160,10 @@ def summary_table(rows: list[dict]) -> str:
              "eval score | eval tokens | eval judge parse fail | objective accuracy | "
              "objective vs M1 (95% CI), McNemar p | guards vs M1 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    transfer = any(r.get("transfer") is not None for r in rows)
+    if transfer:  # the transfer check (compare.transfer_n > 0): two more columns
+        lines[0] += " transfer accuracy | transfer vs M1 (95% CI), McNemar p: reading |"
+        lines[1] += "---|---|"
     for r in rows:
         d, s0 = r.get("dropped") or {}, r.get("step0") or {}
         prompts = (r.get("prompts") or {}).get("train")
@@ -162,7 +177,9 @@ def summary_table(rows: list[dict]) -> str:
             f"{_fmt(reward)} | {_wtl(r['vs_prev'])} | {_wtl(r['vs_m1'])} | "
             f"{_fmt(r['eval_score'])} | {_fmt(r['eval_tokens'])} | "
             f"{_fmt(r['eval_judge_fail'], pct=True)} | {_fmt(r.get('objective'), pct=True)} | "
-            f"{_vs_m1(r.get('objective_vs_m1'))} | {_guards(r.get('objective_vs_m1'))} |")
+            f"{_vs_m1(r.get('objective_vs_m1'))} | {_guards(r.get('objective_vs_m1'))} |"
+            + (f" {_fmt(r.get('transfer'), pct=True)} | {_transfer(r.get('transfer_vs_m1'))} |"
+               if transfer else ""))
     return "\n".join(lines)
 
 
@@ -330,7 +347,11 @@ def write_report(recipe: Recipe, run_dir: Path, stopped: str | None = None) -> P
         f" LoRA r {recipe.train.lora_r}; reference = M_t (merged, adapter disabled)",
         f"- Evaluation: {it.eval_prompts} held-out prompts, decoding T "
         f"{recipe.compare.temperature}, ≤ {recipe.compare.max_new_tokens} tokens; fixed judge "
-        f"`{judge}`; win rate = (W + T/2)/(W + T + L)", "",
+        f"`{judge}`; win rate = (W + T/2)/(W + T + L)",
+        *([f"- Transfer check: {recipe.compare.transfer_n} held-out-topic prompts whose "
+           "constraint kinds no round trained, each M_t against M1: no regression when the 95% "
+           "interval's lower end is above -5 points, a regression when its upper end is below "
+           "zero, else inconclusive (docs/cli.md)"] if recipe.compare.transfer_n else []), "",
         "## Summary", "", summary_table(rows), "",
         *(["Guards of the objective evaluation (a gain that comes with one of these is hollow):",
            "", *guards, ""] if guards else []),

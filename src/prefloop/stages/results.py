@@ -28,16 +28,20 @@ REPORT, METRICS, PLOT = "report.md", "eval_results.json", "per_kind.png"
 
 # -- what compare prints ---------------------------------------------------------------------
 
-def result_text(objective: dict | None, verdict: dict | None, training_ranker: str) -> str:
-    """The evaluation as compare prints it: the objective result, the ranker's win-rate (with
-    that ranker's caveat, kept in the verdict) and the verdict (the ranker's verdict alone when
-    the instructions carry no constraints)."""
+def result_text(objective: dict | None, verdict: dict | None, training_ranker: str,
+                transfer: dict | None = None) -> str:
+    """The evaluation as compare prints it: the objective result, the transfer check (when
+    compare.transfer_n > 0), the ranker's win-rate (with that ranker's caveat, kept in the
+    verdict) and the verdict (the ranker's verdict alone when the instructions carry no
+    constraints)."""
     from prefloop.rankers import ranker_class
 
     texts = []
     if objective is not None:
         texts.append(compare.objective_text(objective, training_ranker,
                                             ranker_class(training_ranker).checks_constraints))
+    if transfer is not None:
+        texts.append(compare.transfer_text(transfer))
     if verdict is not None:
         texts.append(compare.verdict_text(verdict) if objective is None
                      else compare.ranker_line(verdict, verdict.get("caveat", "")))
@@ -89,6 +93,8 @@ def _objective_metrics(o: dict) -> dict:
         "prompt_sound_accuracy_difference_ci95": ds["ci95"],
         "prompt_sound_accuracy_difference_mcnemar_p": ds["mcnemar_p"],
         "difference_ci_method": d["ci_method"],
+        "original_words_median": o["original"]["words_median"],
+        "dpo_words_median": o["dpo"]["words_median"],
         "objective_winner": winner(*d["ci95"], 0.0),
         "guards_fired": o["guards_fired"],
         "per_kind_strict_accuracy": per_kind(o),
@@ -105,13 +111,23 @@ def _ranker_metrics(v: dict) -> dict:
     return out
 
 
-def eval_results(n: int, objective: dict | None, verdict: dict | None, text: str) -> dict:
-    """Every number of the result under a plain name; `verdict`: the printed verdict line."""
+def transfer_metrics(o: dict) -> dict:
+    """The transfer check's numbers, named as the held-out set's, and its reading."""
+    return {"instructions": o["n"], **_objective_metrics(o), "reading": o["reading"],
+            "no_regression_margin": compare.TRANSFER_MARGIN}
+
+
+def eval_results(n: int, objective: dict | None, verdict: dict | None, text: str,
+                 transfer: dict | None = None) -> dict:
+    """Every number of the result under a plain name; `verdict`: the printed verdict line;
+    the transfer check's under "transfer"."""
     out: dict = {"heldout_instructions": n}
     if objective is not None:
         out.update(_objective_metrics(objective))
     if verdict is not None:
         out.update(_ranker_metrics(verdict))
+    if transfer is not None:
+        out["transfer"] = transfer_metrics(transfer)
     out["verdict"] = next((line for line in text.splitlines() if line.startswith("Verdict")),
                           None)
     return out
@@ -153,6 +169,31 @@ def plot_per_kind(kinds: dict[str, dict], path: Path) -> Path:
     return path
 
 
+def transfer_section(t: dict) -> list[str]:
+    """report.md's transfer check: the reading, both accuracies and the paired difference (strict
+    and sound), median words, guards, and the per-kind table."""
+    lo, hi = t["prompt_strict_accuracy_difference_ci95"]
+    slo, shi = t["prompt_sound_accuracy_difference_ci95"]
+    fired = t["guards_fired"]
+    return [
+        "## Transfer check: constraint kinds that were not trained", "",
+        f"**{t['reading'].capitalize()}** (rule: no regression when the 95% interval's lower end "
+        f"is above -{t['no_regression_margin']:.2f}, a regression when its upper end is below "
+        "zero, else inconclusive).", "",
+        f"{t['instructions']} held-out-topic instructions whose constraints are all of kinds "
+        "outside instructions.kinds. Strict prompt-level accuracy: original "
+        f"{t['original_prompt_strict_accuracy']:.3f}, DPO {t['dpo_prompt_strict_accuracy']:.3f}; "
+        f"difference {t['prompt_strict_accuracy_difference']:+.3f} (95% CI {lo:+.3f} to "
+        f"{hi:+.3f}, McNemar p {t['prompt_strict_accuracy_difference_mcnemar_p']:.3g}). "
+        "Hollow answers counted wrong (sound): original "
+        f"{t['original_prompt_sound_accuracy']:.3f}, DPO {t['dpo_prompt_sound_accuracy']:.3f}; "
+        f"difference {t['prompt_sound_accuracy_difference']:+.3f} (95% CI {slo:+.3f} to "
+        f"{shi:+.3f}). Median words: original {t['original_words_median']:g}, DPO "
+        f"{t['dpo_words_median']:g}.", "",
+        kind_table(t["per_kind_strict_accuracy"]), "",
+        "Guards: " + ("; ".join(fired) + "." if fired else "none fired."), ""]
+
+
 def report_md(recipe: Recipe, run_dir: Path, metrics: dict, text: str, table_md: str,
               plot: Path | None) -> str:
     o = metrics.get("per_kind_strict_accuracy")
@@ -169,6 +210,8 @@ def report_md(recipe: Recipe, run_dir: Path, metrics: dict, text: str, table_md:
                   *([f"![per kind]({plot.name})", ""] if plot else []),
                   "## Guards", "", *([f"- {g}" for g in fired] if fired else
                                      ["None fired (a gain that comes with one is hollow)."]), ""]
+    if "transfer" in metrics:
+        parts += transfer_section(metrics["transfer"])
     if "ranker_win_rate" in metrics:
         parts += ["## Second opinion: the ranker", "",
                   f"`{metrics['ranker']}`: DPO wins {metrics['ranker_wins']}, ties "
@@ -182,10 +225,10 @@ def report_md(recipe: Recipe, run_dir: Path, metrics: dict, text: str, table_md:
 
 
 def write_results(recipe: Recipe, run_dir: Path, df, objective: dict | None,
-                  verdict: dict | None, text: str) -> dict:
+                  verdict: dict | None, text: str, transfer: dict | None = None) -> dict:
     """compare/report.md, eval_results.json and (with constraints) per_kind.png."""
     out = RunDir(run_dir).stage("compare")
-    metrics = eval_results(len(df), objective, verdict, text)
+    metrics = eval_results(len(df), objective, verdict, text, transfer)
     atomic_write_json(out / METRICS, metrics)
     plot = None
     if objective is not None and objective["per_kind"]:
@@ -210,7 +253,7 @@ def show(recipe: Recipe, run_dir: Path) -> str:
     if m is not None and m.get("status") == "done":
         df = compare.comparison(run_dir)
         text = result_text(_read_json(out / "objective.json"), _read_json(out / "verdict.json"),
-                           recipe.rank.ranker)
+                           recipe.rank.ranker, _read_json(out / "transfer.json"))
         return "\n".join(s for s in (table_text(df, recipe.compare, out), text) if s)
     if (run_dir / "report.md").exists():  # an iterate loop: its summary table
         return (run_dir / "report.md").read_text(encoding="utf-8").rstrip()
