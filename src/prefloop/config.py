@@ -191,7 +191,7 @@ class CompareConfig:
     # whose records name their split (instructions.source=verifiable: 54 such records). Each one
     # costs two greedy answers (original and DPO; the original's come from the answer cache
     # after the first run); the recipes give their own value and say why
-    transfer_n: int = 0
+    transfer_n: int = field(default=0, metadata={"added": "0.2"})
 
 
 @dataclass(frozen=True)

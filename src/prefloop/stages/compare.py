@@ -14,7 +14,6 @@ Identical responses are ties without asking the ranker; a margin the ranker coul
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import shutil
 import sys
@@ -32,7 +31,7 @@ from prefloop.artifacts import (
     read_jsonl,
     write_jsonl,
 )
-from prefloop.config import CompareConfig, Recipe
+from prefloop.config import Recipe
 from prefloop.constraints.evaluate import evaluate
 from prefloop.errors import PrefloopError
 from prefloop.rankers import make_ranker, ranker_class
@@ -413,18 +412,9 @@ def transfer_counts(o: dict) -> dict:
 
 # --- stage -----------------------------------------------------------------------------------
 
-def hashed(cfg: CompareConfig) -> dict:
-    """The compare section as stage hashes cover it: transfer_n only when the transfer check is
-    on, so a run without it keeps the hash it had before the setting existed."""
-    d = dataclasses.asdict(cfg)
-    if not cfg.transfer_n:
-        del d["transfer_n"]
-    return d
-
-
 def stage_config(recipe: Recipe, upstream) -> dict:
     """What the stage's manifest hash covers (prefloop.plan predicts it before a run)."""
-    return {"compare": hashed(recipe.compare), "model": recipe.model,
+    return {"compare": recipe.compare, "model": recipe.model,
             "rank": recipe.rank if recipe.compare.verdict else None,
             "instructions": upstream("instructions"), "upstream": upstream("train")}
 

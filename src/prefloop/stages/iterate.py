@@ -61,17 +61,17 @@ from prefloop.artifacts import (
     atomic_write_json,
     atomic_write_text,
     config_hash,
+    hashable,
     read_jsonl,
     read_manifest,
     transaction,
     write_jsonl,
 )
-from prefloop.config import Recipe, dump_recipe, recipe_to_dict
+from prefloop.config import Recipe, dump_recipe, redacted
 from prefloop.constraints.evaluate import compare_reports, reports, side_summary
 from prefloop.errors import PrefloopError
 from prefloop.rankers import make_ranker, ranker_class, self_judging
 from prefloop.stages import generate, instructions, pairs, rank, selfinstruct, train
-from prefloop.stages.compare import hashed as compare_settings
 from prefloop.stages.compare import transfer_reading, win_rate
 from prefloop.stages.report import label, round_row, summary_table, write_report
 from prefloop.summary import stage_line
@@ -294,7 +294,7 @@ def evaluate(recipe: Recipe, run_dir: Path, t: int, *, force: bool = False) -> P
     out = rnd.stage("eval")
     name = model_name(recipe, run_dir, t)
     stage = Stage(out, "eval", {
-        "compare": compare_settings(recipe.compare), "judge": recipe.rank, "start": recipe.model, "model": name,
+        "compare": recipe.compare, "judge": recipe.rank, "start": recipe.model, "model": name,
         "upstream": run.upstream("instructions"),
         "trained": rnd.upstream("model") if t else None,
         "previous": run.round(t - 1).upstream("eval") if t else None})
@@ -398,10 +398,9 @@ LOOP_FILE = "loop.json"  # rounds/loop.json: the hash of the configuration the r
 def loop_config(recipe: Recipe) -> dict:
     """Everything the loop's results depend on: the recipe without push and without
     iterate.rounds (more rounds extend a finished loop; they change none of its rounds)."""
-    d = recipe_to_dict(recipe)
+    d = hashable(redacted(recipe))  # settings added later, at their default: as before them
     d.pop("push", None)
     d["iterate"].pop("rounds", None)
-    d["compare"] = compare_settings(recipe.compare)  # a loop without the transfer check: as before
     return d
 
 
