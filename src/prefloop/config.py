@@ -20,7 +20,7 @@ import yaml
 
 from prefloop.errors import PrefloopError, redact_url
 
-SHIPPED_RECIPES = ("default", "seed", "self-reward", "constraints-loop")
+SHIPPED_RECIPES = ("default", "seed", "self-reward", "constraints-loop", "constraints-gpu")
 
 
 @dataclass(frozen=True)

@@ -318,6 +318,13 @@ def evaluate(recipe: Recipe, run_dir: Path, t: int, *, force: bool = False) -> P
         if vs is not None:
             atomic_write_json(out / "objective_vs_M1.json", vs["report"])
             counts["objective_vs_M1"] = vs["summary"]
+    if t >= 2:  # and against the round before: does a round keep what the last one gained?
+        vs = objective_vs_start(items, read_jsonl(run.round(t - 1).stage("eval")
+                                                  / "generations.jsonl"),
+                                objective, seed=recipe.compare.seed)
+        if vs is not None:
+            atomic_write_json(out / f"objective_vs_{label(t - 1)}.json", vs["report"])
+            counts["objective_vs_previous"] = vs["summary"]
     if transfer:  # the transfer check: M_t against M1 on kinds no round trained
         reports_t = objective_reports(transfer, transfer_gens)
         counts["transfer_strict"] = round(side_summary(reports_t)["prompt_strict"], 4)

@@ -54,6 +54,7 @@ def round_row(run_dir: Path, t: int) -> dict:
            "eval_judge_fail": ev.get("judge_parse_failure_rate"),
            "objective": ev.get("objective_strict"),
            "objective_vs_m1": ev.get("objective_vs_M1") if t else None,
+           "objective_vs_prev": ev.get("objective_vs_previous"),
            "transfer": ev.get("transfer_strict"),
            "transfer_vs_m1": ev.get("transfer_vs_M1") if t else None,
            "vs_prev": ev.get(f"vs_{label(t - 1)}") if t else None,
@@ -158,8 +159,9 @@ def summary_table(rows: list[dict]) -> str:
     lines = ["| model | prompts | pairs | dropped (tie / <2 scored) | self-judge parse fail | "
              "self-judge mean | reference = M_t | win vs previous (W/T/L) | win vs M1 (W/T/L) | "
              "eval score | eval tokens | eval judge parse fail | objective accuracy | "
-             "objective vs M1 (95% CI), McNemar p | guards vs M1 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "objective vs M1 (95% CI), McNemar p | guards vs M1 | objective vs previous "
+             "(95% CI), McNemar p |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     transfer = any(r.get("transfer") is not None for r in rows)
     if transfer:  # the transfer check (compare.transfer_n > 0): two more columns
         lines[0] += " transfer accuracy | transfer vs M1 (95% CI), McNemar p: reading |"
@@ -177,7 +179,8 @@ def summary_table(rows: list[dict]) -> str:
             f"{_fmt(reward)} | {_wtl(r['vs_prev'])} | {_wtl(r['vs_m1'])} | "
             f"{_fmt(r['eval_score'])} | {_fmt(r['eval_tokens'])} | "
             f"{_fmt(r['eval_judge_fail'], pct=True)} | {_fmt(r.get('objective'), pct=True)} | "
-            f"{_vs_m1(r.get('objective_vs_m1'))} | {_guards(r.get('objective_vs_m1'))} |"
+            f"{_vs_m1(r.get('objective_vs_m1'))} | {_guards(r.get('objective_vs_m1'))} | "
+            f"{_vs_m1(r.get('objective_vs_prev'))} |"
             + (f" {_fmt(r.get('transfer'), pct=True)} | {_transfer(r.get('transfer_vs_m1'))} |"
                if transfer else ""))
     return "\n".join(lines)
