@@ -74,10 +74,16 @@ def cli(*args, extra_env: dict | None = None, prefix: list[str] | None = None, p
                           timeout=timeout, preexec_fn=preexec)
 
 
+def _default_sigint() -> None:
+    """A command started from a background job inherits SIGINT ignored, and Python then never
+    raises KeyboardInterrupt: give the child the default, as a terminal's Ctrl-C finds it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args, extra_env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "prefloop", *map(str, args)],
                             env=env(**(extra_env or {})), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def one_error(proc, *parts: str) -> str:

@@ -342,6 +342,14 @@ def test_each_round_writes_its_artifacts(loop):
         assert (vs["only_new_right"], vs["only_m1_right"]) == (
             sum(new[i] and not first[i] for i in new), sum(first[i] and not new[i] for i in new))
         assert json.loads((rdir / "eval/objective_vs_M1.json").read_text())["n"] == 3
+        if t == 2:  # and M3 against M2, the round before
+            prev = ev["objective_vs_previous"]
+            before = no_comma(run_dir, 1)
+            assert prev["difference"] == round((sum(new.values()) - sum(before.values())) / 3, 4)
+            assert prev["only_new_right"] == sum(new[i] and not before[i] for i in new)
+            assert json.loads((rdir / "eval/objective_vs_M2.json").read_text())["n"] == 3
+        else:
+            assert "objective_vs_previous" not in ev
         # the transfer check: the 2 drawn prompts of the untrained kind, M_t against M1
         drawn = [it["id"] for it in instructions.transfer_items(recipe)]
         assert drawn == ["q14", "q16"]  # q14-q16 shuffled by instructions.seed 0

@@ -1,76 +1,79 @@
-"""Does preference data + DPO move the embedded model the way the pairs say? (slow)
+"""Does preference data + DPO move a model the way the pairs say? (slow)
 
-One small constraints loop on SmolLM2-135M with fixed seeds: every instruction asks for one
-verifiable thing; candidates are sampled once and ranked by the constraints; then three trainings
-from the same candidates, each evaluated on held-out instructions (other topics) by the
-objective checks:
+One small constraints run with fixed seeds: every instruction asks for one verifiable thing
+(no comma); candidates are sampled once and ranked by the constraints; then three trainings
+from the same candidates, each evaluated on held-out instructions by the objective checks:
 - the pairs as built: held-out satisfaction must rise by at least MARGIN;
 - chosen and rejected swapped: it must not rise (a label swap, a wrong loss sign or a wrong
   reference would make the first test look like this one);
 - a hacked ranker that rewards the shortest answer: the guards must call the result hollow.
+
+The model is a tiny random-weight llama (tests/tiny.py, seed 3: it writes a comma in 30 % of its
+held-out greedy answers), so the whole module takes seconds; until issue #25 it was the embedded
+SmolLM2 with a postscript constraint, which took 38 minutes of one core (three TRL trainings at
+~30 s a step). What the embedded model gains from its own pairs is measured by the main job and
+the GPU loop (docs/findings.md, BENCHMARKS.md), not here. Seed, sizes and learning rate were set
+once (2026-12-07: as built +0.30, swapped -0.70, hacked: median words 42 -> 23).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from tiny import WORDS, one_thread, tiny_llama, tiny_tokenizer
 
-from prefloop.config import (
-    CompareConfig,
-    GenerateConfig,
-    InstructionsConfig,
-    PairsConfig,
-    RankConfig,
-    Recipe,
-    TrainConfig,
-)
-from prefloop.constraints import Constraint, instruction_text
+from prefloop.config import Recipe, recipe_from_dict
 from prefloop.stages import compare, generate, instructions, pairs, rank, train
-from prefloop.stages.instructions import builtin_path
 
 pytestmark = pytest.mark.slow
 
-CONSTRAINT = {"kind": "detectable_content:postscript", "args": {"postscript_marker": "P.S."}}
+CONSTRAINT = {"kind": "punctuation:no_comma", "args": {}}
 MARGIN = 0.25  # held-out strict accuracy: DPO minus original, at least
-N_TRAIN, N_HELDOUT = 40, 24
-FIRST_BLOCK = 320  # scripts/make_verifiable_instructions.py: TASKS, before MORE_TASKS
+N_TRAIN, N_HELDOUT = 120, 40
 
 
 def write_source(path: Path) -> Path:
-    """The built-in tasks of the first block (vi-000 to vi-319, where MARGIN and the seeds were
-    set), each with the one constraint; split by the built-in topics."""
-    rows = [json.loads(x) for x in builtin_path("verifiable_instructions").read_text().splitlines()]
-    rows = [r for r in rows if int(r["id"].removeprefix("vi-")) < FIRST_BLOCK]
-    c = Constraint(CONSTRAINT["kind"], CONSTRAINT["args"])
-    path.write_text("".join(json.dumps({
-        "id": r["id"], "task": r["task"], "topic": r["topic"], "split": r["split"],
-        "instruction": instruction_text(r["task"], [c]), "constraints": [CONSTRAINT]}) + "\n"
-        for r in rows))
+    """Instructions of five random words, each with the one constraint; the first N_TRAIN train."""
+    rng = random.Random(0)
+    words = [w for w in WORDS if w.isalpha()]
+    rows = []
+    for i in range(N_TRAIN + N_HELDOUT):
+        task = " ".join(rng.sample(words, 5))
+        rows.append({"id": f"w-{i}", "task": task, "instruction": task, "topic": "words",
+                     "split": "train" if i < N_TRAIN else "heldout",
+                     "constraints": [CONSTRAINT]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
-def recipe_for(source: Path) -> Recipe:
-    return Recipe(
-        instructions=InstructionsConfig(source=str(source), n_train=N_TRAIN, n_heldout=N_HELDOUT),
-        generate=GenerateConfig(k=6, temperature=0.8, top_p=0.95, max_new_tokens=64, seed=0),
-        rank=RankConfig(ranker="constraints"),
-        pairs=PairsConfig(length_match=0.5),
-        train=TrainConfig(learning_rate=2e-4, epochs=3, batch_size=4, warmup_ratio=0.0,
-                          max_length=256),
-        compare=CompareConfig(max_new_tokens=64, verdict=False))
+def recipe_for(source: Path, model: Path):
+    return recipe_from_dict({
+        "model": {"name": str(model)},
+        "instructions": {"source": str(source), "n_train": N_TRAIN, "n_heldout": N_HELDOUT},
+        "generate": {"k": 6, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 48, "seed": 0},
+        "rank": {"ranker": "constraints"},
+        "pairs": {"require_eos": False, "length_match": 0.5},
+        "train": {"learning_rate": 1e-3, "epochs": 3, "batch_size": 4, "warmup_ratio": 0.0,
+                  "max_length": 256, "save_steps": 0},
+        "compare": {"max_new_tokens": 48, "verdict": False}})
 
 
 @pytest.fixture(scope="module")
 def candidates(tmp_path_factory):
     root = tmp_path_factory.mktemp("learning")
-    recipe = recipe_for(write_source(root / "postscript.jsonl"))
+    tok = tiny_tokenizer()
+    tiny_llama(tok, seed=3).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    recipe = recipe_for(write_source(root / "no_comma.jsonl"), root / "model")
     run_dir = root / "base"
-    for stage in (instructions, generate, rank, pairs):
-        stage.run(recipe, run_dir)
+    with one_thread():
+        for stage in (instructions, generate, rank, pairs):
+            stage.run(recipe, run_dir)
     return recipe, run_dir
 
 
@@ -79,10 +82,11 @@ def train_and_compare(candidates, name: str, edit=None) -> dict:
     recipe, base = candidates
     run_dir = base.parent / name
     shutil.copytree(base, run_dir)
-    if edit is not None:
-        edit(recipe, run_dir)
-    train.run(recipe, run_dir)
-    compare.run(recipe, run_dir)
+    with one_thread():
+        if edit is not None:
+            edit(recipe, run_dir)
+        train.run(recipe, run_dir)
+        compare.run(recipe, run_dir)
     return json.loads((run_dir / "compare" / "objective.json").read_text())
 
 
