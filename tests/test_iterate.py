@@ -144,11 +144,19 @@ def test_summary_table_formats_one_line_per_model():
          "objective": 0.5,
          "objective_vs_m1": {"difference": 0.25, "ci95": [0.0, 0.5], "mcnemar_p": 0.25,
                              "guards_fired": []}},
+        {"round": 2, "model": "M3", "eval_score": 3.0, "eval_tokens": 140.0,
+         "eval_judge_fail": 0.0, "prompts": {"train": 20}, "pairs": 10, "dropped": {},
+         "step0": {}, "vs_prev": None, "vs_m1": None, "objective": 0.25,
+         "objective_vs_m1": {"difference": 0.0, "ci95": [-0.25, 0.25], "mcnemar_p": 1.0,
+                             "guards_fired": ["more refusals (2 vs 0)"]},
+         "objective_vs_prev": {"difference": -0.25, "ci95": [-0.5, 0.0], "mcnemar_p": 0.25}},
     ]
     assert report.summary_table(rows).splitlines()[2:] == [
-        "| M1 | – | – | – | – | – | – | – | – | 2.5 | 120.0 | 25.0% | – | – | – |",
+        "| M1 | – | – | – | – | – | – | – | – | 2.5 | 120.0 | 25.0% | – | – | – | – |",
         "| M2 | 20 | 12 | 7 / 1 | 12.5% | 3.25 | yes | 70.0% (6/2/2) | – | 3 | 150.5 | 0.0% | 50.0% "
-        "| +25.0% (+0.0%, +50.0%), p 0.25 | none |",
+        "| +25.0% (+0.0%, +50.0%), p 0.25 | none | – |",
+        "| M3 | 20 | 10 | 0 / 0 | – | – | – | – | – | 3 | 140.0 | 0.0% | 25.0% "
+        "| +0.0% (-25.0%, +25.0%), p 1 | 1 fired | -25.0% (-50.0%, +0.0%), p 0.25 |",
     ]
 
 
@@ -164,10 +172,10 @@ def test_summary_table_adds_the_transfer_check_only_when_there_is_one():
                              "words_median": [40, 38], "guards_fired": [],
                              "reading": "inconclusive"}}
     lines = report.summary_table([m1, m2]).splitlines()
-    assert lines[0].endswith(" guards vs M1 | transfer accuracy | transfer vs M1 (95% CI), "
-                             "McNemar p: reading |")
-    assert lines[2].endswith("| 25.0% | – | – | 50.0% | – |")
-    assert lines[3].endswith("| 30.0% | – | – | 25.0% | -25.0% (-50.0%, +0.0%), p 0.5: "
+    assert lines[0].endswith(" guards vs M1 | objective vs previous (95% CI), McNemar p | "
+                             "transfer accuracy | transfer vs M1 (95% CI), McNemar p: reading |")
+    assert lines[2].endswith("| 25.0% | – | – | – | 50.0% | – |")
+    assert lines[3].endswith("| 30.0% | – | – | – | 25.0% | -25.0% (-50.0%, +0.0%), p 0.5: "
                              "inconclusive; median words 40 → 38 |")
     without = [{k: v for k, v in r.items() if not k.startswith("transfer")} for r in (m1, m2)]
     assert "transfer" not in report.summary_table(without)
@@ -192,8 +200,8 @@ def test_report_of_a_round_that_stopped(tmp_path):
                            "**Stopped in round 1:** no preference pairs\n")
     rows = [line for line in text.splitlines() if line.startswith("| M")]
     assert rows == [
-        "| M1 | – | – | – | – | – | – | – | – | – | 99.5 | 100.0% | – | – | – |",
-        "| M2 | 3 | 0 | 0 / 3 | – | – | – | – | – | – | – | – | – | – | – |"]
+        "| M1 | – | – | – | – | – | – | – | – | – | 99.5 | 100.0% | – | – | – | – |",
+        "| M2 | 3 | 0 | 0 / 3 | – | – | – | – | – | – | – | – | – | – | – | – |"]
 
 
 def test_shipped_self_reward_recipe():
