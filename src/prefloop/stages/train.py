@@ -23,8 +23,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from prefloop import distributed
 from prefloop.artifacts import (
@@ -37,6 +36,9 @@ from prefloop.artifacts import (
 )
 from prefloop.config import Recipe, TrainConfig
 from prefloop.errors import PrefloopError
+
+if TYPE_CHECKING:  # torch loads with a model: a command that refuses its settings skips it
+    import torch
 
 # Every loss `DPOTrainer` 1.16 implements (its `_compute_loss`); tests check the list against TRL.
 TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
@@ -170,6 +172,8 @@ def lora_config(cfg: TrainConfig):
 
 
 def _device_and_dtype(model) -> tuple[torch.device, torch.dtype]:
+    import torch
+
     if isinstance(model, str):  # QLoRA: TRL loads the 4-bit model itself, on CUDA, bf16 compute
         return torch.device("cuda"), torch.bfloat16
     p = next(model.parameters())
@@ -188,6 +192,7 @@ def dpo_config(cfg: TrainConfig, out_dir: Path, device: torch.device, dtype: tor
     FastDPOConfig, which also carries the recipe's fast_* settings (TRL's DPOConfig refuses them)."""
     from dataclasses import fields
 
+    import torch
     from trl import DPOConfig
 
     config_cls, extra = DPOConfig, {}
@@ -246,6 +251,8 @@ def build_trainer(model, tokenizer, dataset, recipe: Recipe, out_dir: Path, call
 
     `model` is a loaded model, or (QLoRA) the path/id TRL loads in 4 bits itself.
     """
+    import torch
+
     cfg = recipe.train
     device, dtype = _device_and_dtype(model)
     quant, init_kwargs = None, None
@@ -431,6 +438,8 @@ def remove_checkpoints(scratch: Path) -> None:
 
 def sequence_logps(model, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
     """Σ_t log p(y_t | x, y_<t) over the completion tokens: shape () for one sequence."""
+    import torch
+
     ids = torch.tensor([prompt_ids + completion_ids], device=next(model.parameters()).device)
     logits = model(input_ids=ids).logits[0, :-1].float()  # (L-1, V) predicts tokens 1..L-1
     logp = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])[:, 0]
@@ -459,13 +468,16 @@ def first_pair_ids(prepared, pairs, tokenizer) -> dict:
     return rendered_pair_ids(pairs[0], tokenizer)
 
 
-@torch.no_grad()
 def model_logps(model, ids: dict) -> list[float]:
     """[log π(chosen | prompt), log π(rejected | prompt)] of one pair under `model`."""
+    import torch
+
     was_training = model.training
     model.eval()
     p = ids["prompt_ids"]
-    out = [sequence_logps(model, p, ids[f"{side}_ids"]).item() for side in ("chosen", "rejected")]
+    with torch.no_grad():
+        out = [sequence_logps(model, p, ids[f"{side}_ids"]).item()
+               for side in ("chosen", "rejected")]
     model.train(was_training)
     return out
 
@@ -473,6 +485,8 @@ def model_logps(model, ids: dict) -> list[float]:
 def trainer_reference_logps(trainer) -> list[float]:
     """The first pair's reference log-probs through the trainer's own reference path (TRL:
     `compute_ref_log_probs`, the adapter disabled), on the batch its collator builds."""
+    import torch
+
     batch = trainer.data_collator([trainer.train_dataset[0]])
     device = trainer.accelerator.device
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -488,6 +502,8 @@ def reference_check(base: list[float] | None, reference: list[float], dtype: tor
     """Does the trainer's reference score the first pair as the model loaded for this round
     (M_t, computed separately before any adapter existed)? It must, at step 0 and after
     training alike: a reference that moved with the policy, or another model, fails it."""
+    import torch
+
     if base is None:
         return {f"reference_is_base_{when}": None, "reason": "QLoRA: the trainer loads the base"}
     tol = 1e-3 if dtype == torch.float32 else 2e-2  # relative, of |log p|
@@ -665,6 +681,8 @@ def stage_config(recipe: Recipe, upstream) -> dict:
 
 
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
+    import torch
+
     from prefloop.models import dtype_record, pick_device
 
     cfg = recipe.train
