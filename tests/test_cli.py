@@ -230,3 +230,27 @@ def test_plan_of_iterate_lists_each_rounds_steps(tmp_path, capsys):
         "  2: instructions todo, generate todo, rank todo, pairs todo, train todo, model todo, "
         "eval todo", ""]
     assert not run.exists()
+
+
+@pytest.mark.parametrize("sets", [["instructions.n_heldout=0"], ["train.beta=-1"],
+                                  ["model.name=no-such-model"]])
+def test_a_refused_setting_never_imports_torch(tmp_path, sets):
+    """A command that refuses its settings answers in about a second: torch, transformers and
+    the engine load only with a model (the suite runs dozens of such commands)."""
+    import subprocess
+    import sys
+
+    source = tmp_path / "src.jsonl"
+    source.write_text("".join(json.dumps({"id": f"i{i}", "instruction": f"say {i} things"}) + "\n"
+                              for i in range(12)))
+    args = ["run", "--output-dir", str(tmp_path / "run"), "--set", f"instructions.source={source}",
+            "--set", "instructions.kinds=null", "--set", "rank.ranker=judge"]
+    args += [a for s in sets for a in ("--set", s)]
+    code = ("import sys\nfrom prefloop.cli import main\ncode = main(sys.argv[1:])\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'prefloop.engine') "
+            "if m in sys.modules)\nprint(code, heavy)")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+                              "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert out.stdout.strip().splitlines()[-1] == "2 []", (out.stdout, out.stderr)
+    assert out.stderr.startswith("prefloop: error: ") and len(out.stderr.splitlines()) == 1
