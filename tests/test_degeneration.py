@@ -15,11 +15,16 @@ with the fix removes most loops on held-out instructions; without it they stay.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
-from tiny import WORDS, one_thread, read_jsonl_lines, tiny_llama, tiny_tokenizer
+from tiny import (
+    one_thread,
+    read_jsonl_lines,
+    tiny_llama,
+    tiny_tokenizer,
+    write_word_instructions,
+)
 
 from prefloop.config import recipe_from_dict
 from prefloop.constraints import guards
@@ -37,15 +42,7 @@ def source(tmp_path_factory) -> tuple[Path, Path]:
     tok = tiny_tokenizer()
     tiny_llama(tok, seed=5).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
-    rng = random.Random(0)
-    words = [w for w in WORDS if w.isalpha()]
-    rows = []
-    for i in range(N_TRAIN + N_HELDOUT):
-        task = " ".join(rng.sample(words, 5))
-        rows.append({"id": f"d-{i}", "instruction": task, "task": task, "topic": "words",
-                     "split": "train" if i < N_TRAIN else "heldout",
-                     "constraints": [NO_COMMA]})
-    (root / "source.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_word_instructions(root / "source.jsonl", N_TRAIN, N_HELDOUT, NO_COMMA, prefix="d")
     return root / "model", root / "source.jsonl"
 
 

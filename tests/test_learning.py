@@ -19,13 +19,12 @@ once (2026-12-07: as built +0.30, swapped -0.70, hacked: median words 42 -> 23).
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from tiny import WORDS, one_thread, tiny_llama, tiny_tokenizer
+from tiny import one_thread, tiny_llama, tiny_tokenizer, write_word_instructions
 
 from prefloop.config import Recipe, recipe_from_dict
 from prefloop.stages import compare, generate, instructions, pairs, rank, train
@@ -35,20 +34,6 @@ pytestmark = pytest.mark.slow
 CONSTRAINT = {"kind": "punctuation:no_comma", "args": {}}
 MARGIN = 0.25  # held-out strict accuracy: DPO minus original, at least
 N_TRAIN, N_HELDOUT = 120, 40
-
-
-def write_source(path: Path) -> Path:
-    """Instructions of five random words, each with the one constraint; the first N_TRAIN train."""
-    rng = random.Random(0)
-    words = [w for w in WORDS if w.isalpha()]
-    rows = []
-    for i in range(N_TRAIN + N_HELDOUT):
-        task = " ".join(rng.sample(words, 5))
-        rows.append({"id": f"w-{i}", "task": task, "instruction": task, "topic": "words",
-                     "split": "train" if i < N_TRAIN else "heldout",
-                     "constraints": [CONSTRAINT]})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def recipe_for(source: Path, model: Path):
@@ -69,7 +54,8 @@ def candidates(tmp_path_factory):
     tok = tiny_tokenizer()
     tiny_llama(tok, seed=3).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
-    recipe = recipe_for(write_source(root / "no_comma.jsonl"), root / "model")
+    recipe = recipe_for(write_word_instructions(root / "no_comma.jsonl", N_TRAIN, N_HELDOUT,
+                                                CONSTRAINT), root / "model")
     run_dir = root / "base"
     with one_thread():
         for stage in (instructions, generate, rank, pairs):

@@ -160,5 +160,22 @@ def write_instructions(run_dir: Path, train: list[str], heldout: list[str]) -> P
     return out
 
 
+def write_word_instructions(path: Path, n_train: int, n_heldout: int, constraint: dict,
+                            prefix: str = "w") -> Path:
+    """A built-in-style instruction file: n_train + n_heldout tasks of five random WORDS each
+    (seeded), every one with `constraint`, the first n_train in the train split."""
+    import random
+
+    rng = random.Random(0)
+    words = [w for w in WORDS if w.isalpha()]
+    rows = []
+    for i in range(n_train + n_heldout):
+        task = " ".join(rng.sample(words, 5))
+        rows.append({"id": f"{prefix}-{i}", "instruction": task, "task": task, "topic": "words",
+                     "split": "train" if i < n_train else "heldout", "constraints": [constraint]})
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return Path(path)
+
+
 def read_jsonl_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
