@@ -509,6 +509,11 @@ def test_transfer_set_holds_only_untrained_kinds_on_heldout_topics_and_is_seeded
     # the default recipe's own draw: compare.transfer_n of them
     assert len(transfer_items(recipe)) == recipe.compare.transfer_n == 48
     assert transfer_items(apply_overrides(recipe, ["compare.transfer_n=0"])) == []
+    # a tuning run (instructions.validation) takes what its validation topics hold, all 26
+    tuning = transfer_items(apply_overrides(recipe, ["instructions.validation=true"]))
+    assert len(tuning) == 26 and all(it["split"] == "train" for it in tuning)
+    assert not {it["topic"] for it in tuning} & {
+        it["topic"] for it in transfer_items(recipe)}  # validation topics are training topics
 
 
 def test_transfer_n_zero_leaves_every_stage_hash_as_it_was():

@@ -407,7 +407,8 @@ def transfer_pool(items: list[dict], cfg: InstructionsConfig, where: str) -> lis
 def transfer_items(recipe: Recipe, n: int | None = None,
                    items: list[dict] | None = None) -> list[dict]:
     """The transfer set: a draw of compare.transfer_n (or `n`) from `transfer_pool`, seeded by
-    instructions.seed (a larger n extends a smaller one's draw); [] when it is 0. `items`: the
+    instructions.seed (a larger n extends a smaller one's draw); [] when it is 0. With
+    instructions.validation, at most what the validation topics hold. `items`: the
     source as the instructions stage reads it (de-duplicated, length-filtered), else read here."""
     cfg = recipe.instructions
     n = recipe.compare.transfer_n if n is None else n
@@ -422,9 +423,10 @@ def transfer_items(recipe: Recipe, n: int | None = None,
             items = length_filter(items, cfg, load_tokenizer(recipe.model.name,
                                                              recipe.model.revision))
     pool = transfer_pool(items, cfg, where)
+    if cfg.validation:  # a tuning run: the validation topics hold fewer (26 of the default's)
+        n = min(n, len(pool))
     if n > len(pool):
-        side = "validation" if cfg.validation else "held-out"
-        raise PrefloopError(f"compare.transfer_n: is {n}, but the {side} topics of {where} hold "
+        raise PrefloopError(f"compare.transfer_n: is {n}, but the held-out topics of {where} hold "
                             f"only {len(pool)} instructions whose constraints are all of kinds "
                             "outside instructions.kinds; lower compare.transfer_n to at most "
                             f"{len(pool)} (0: no transfer check)")
