@@ -706,3 +706,22 @@ def test_win_rate_plot_has_the_wilson_intervals(tmp_path):
     paths = report.plot_rounds(rows, tmp_path)
     assert [p.name for p in paths] == ["win_rate.png", "score.png", "length.png", "pairs.png"]
     assert (tmp_path / "win_rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_gpu_recipe_uses_every_training_instruction_of_its_kinds_once(tmp_path):
+    """constraints-gpu: 3 disjoint rounds of 193 cover the 579 training instructions of the
+    default's 8 kinds, every M_t is read on all 287 held-out and 54 transfer instructions, and
+    each round's candidates include the policy's greedy answer."""
+    from prefloop.config import load_recipe
+    from prefloop.stages import instructions
+
+    recipe = load_recipe("constraints-gpu")
+    it = recipe.iterate
+    assert it.rounds * it.prompts_per_round == recipe.instructions.n_train == 579
+    assert recipe.generate.greedy_candidate and recipe.rank.ranker == "constraints"
+    iterate.check_recipe(recipe)
+    instructions.run(iterate.seed_recipe(recipe), tmp_path)
+    train = read_jsonl_lines(tmp_path / "instructions" / "train.jsonl")
+    heldout = read_jsonl_lines(tmp_path / "instructions" / "heldout.jsonl")
+    assert (len(train), len(heldout)) == (579, it.eval_prompts) == (579, 287)
+    assert len(instructions.transfer_items(recipe)) == recipe.compare.transfer_n == 54
