@@ -602,6 +602,16 @@ def test_transfer_reading_rule(ci, reading):
     assert compare.transfer_reading({"difference": {"ci95": ci}}) == reading
 
 
+def test_a_transfer_set_neither_model_meets_is_read_as_at_the_floor():
+    """The default's untrained kinds are ones a 135M model rarely meets: 0 of 26 for both models
+    on the validation run of 2026-12-07. An interval of [0, 0] is then no evidence."""
+    floor = {"difference": {"ci95": [0.0, 0.0]}, "original": {"prompt_strict": 0.0},
+             "dpo": {"prompt_strict": 0.0}}
+    assert compare.transfer_reading(floor) == "at the floor"
+    one = {**floor, "dpo": {"prompt_strict": 0.04}, "difference": {"ci95": [0.0, 0.12]}}
+    assert compare.transfer_reading(one) == "no regression"
+
+
 def test_compare_runs_the_transfer_check(run_dir, capsys):
     """Both models answer compare.transfer_n instructions of untrained kinds, greedy as on the
     held-out set; transfer.json, the manifest, report.md, eval_results.json, the printed result

@@ -334,11 +334,15 @@ TRANSFER_MARGIN = 0.05
 
 def transfer_reading(o: dict) -> str:
     """'regression' when the 95% interval of the difference lies below zero (a detectable drop,
-    however small), else 'no regression' when its lower end is above -TRANSFER_MARGIN, else
-    'inconclusive'."""
+    however small), 'at the floor' when neither model meets a single transfer instruction (a
+    drop could not show: the set says nothing), else 'no regression' when its lower end is
+    above -TRANSFER_MARGIN, else 'inconclusive'."""
     lo, hi = o["difference"]["ci95"]
+    sides = [o.get(side, {}).get("prompt_strict") for side in ("original", "dpo")]
     if hi < 0:
         return "regression"
+    if sides == [0.0, 0.0]:
+        return "at the floor"
     if lo > -TRANSFER_MARGIN:
         return "no regression"
     return "inconclusive"
@@ -351,7 +355,9 @@ def transfer_text(o: dict) -> str:
            "no regression": f"the 95% interval's lower end {lo:+.3f} is above "
                             f"-{TRANSFER_MARGIN:.2f}",
            "inconclusive": f"the 95% interval {lo:+.3f} to {hi:+.3f} allows both a drop of "
-                           f"{TRANSFER_MARGIN:.2f} or more and none"}
+                           f"{TRANSFER_MARGIN:.2f} or more and none",
+           "at the floor": "neither model meets any of these instructions, so a drop could not "
+                           "show; the constraint-level rates above are all it says"}
     reading = transfer_reading(o)
     fired = f"; guards: {'; '.join(o['guards_fired'])}" if o["guards_fired"] else ""
     return "\n".join([
