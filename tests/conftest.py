@@ -32,8 +32,16 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     out = _slow_list(Path(config.option.basetemp).parent)
     tmp = out.with_name(f"{out.name}.{WORKER}")
-    tmp.write_text("".join(f"{i.nodeid}\n" for i in items if i.get_closest_marker("slow")))
+    tmp.write_text("".join(f"{i.nodeid}\n" for i in items if _together(i)))
     os.replace(tmp, out)  # every worker writes the same list
+
+
+def _together(item) -> bool:
+    """A slow test that shares its module's expensive fixtures: `@pytest.mark.slow`. One that
+    only runs long commands of its own is `@pytest.mark.slow(together=False)` and is scheduled
+    on its own, like a fast test."""
+    mark = item.get_closest_marker("slow")
+    return mark is not None and mark.kwargs.get("together", True)
 
 
 class SlowModulesTogether:

@@ -142,6 +142,7 @@ def finished(tmp_path, finished_once) -> Path:
 # --- 1. one writer at a time -------------------------------------------------------------------
 
 
+@pytest.mark.slow(together=False)  # stage commands in subprocesses
 def test_second_run_is_refused_naming_the_holder_and_the_first_completes(tmp_path, recipe):
     run, go = tmp_path / "run", tmp_path / "go"
     first = start("run", "--recipe", recipe, "--output-dir", run, "--until", "generate",
@@ -164,6 +165,7 @@ def test_second_run_is_refused_naming_the_holder_and_the_first_completes(tmp_pat
     assert not (run / ".prefloop.lock").exists()
 
 
+@pytest.mark.slow(together=False)  # stage commands in subprocesses
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, recipe):
     run = tmp_path / "run"
     run.mkdir()
@@ -175,7 +177,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, recipe):
 # --- 2. kill -9 at a chosen point, then resume --------------------------------------------------
 
 
-@pytest.mark.slow  # three or four generate runs
+@pytest.mark.slow(together=False)  # three or four generate runs
 def test_kill9_mid_generate_resumes_to_the_uninterrupted_result(tmp_path, recipe):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     ok(cli("run", "--recipe", recipe, "--output-dir", whole, "--until", "generate"))
@@ -189,6 +191,7 @@ def test_kill9_mid_generate_resumes_to_the_uninterrupted_result(tmp_path, recipe
     assert generations(killed) == generations(whole)
 
 
+@pytest.mark.slow(together=False)  # stage commands in subprocesses
 def test_kill9_before_the_manifest_redoes_nothing_kept(tmp_path, recipe):
     run = tmp_path / "run"
     proc = cli("run", "--recipe", recipe, "--output-dir", run, "--until", "generate",
@@ -200,6 +203,7 @@ def test_kill9_before_the_manifest_redoes_nothing_kept(tmp_path, recipe):
     assert generations(run) == kept and manifest(run, "generate")["status"] == "done"
 
 
+@pytest.mark.slow(together=False)  # stage commands in subprocesses
 def test_a_killed_forced_redo_then_the_old_command_gets_the_finished_stage_back(finished, recipe):
     before = checksums(finished)
     proc = cli("generate", "--output-dir", finished, "--force", "--set", "generate.k=3",
@@ -251,6 +255,7 @@ def test_changed_setting_is_refused_with_the_command_and_nothing_changes(finishe
     assert checksums(finished) == before  # recipe.yaml included
 
 
+@pytest.mark.slow(together=False)  # stage commands in subprocesses
 def test_force_redoes_only_from_the_first_changed_stage(finished, recipe):
     instructions = (finished / "instructions" / "manifest.json").read_bytes()
     ok(cli("run", "--recipe", recipe, "--output-dir", finished, "--until", "generate",
@@ -275,6 +280,7 @@ def test_force_with_a_bad_model_name_is_refused_before_touching_the_stage(finish
     assert checksums(finished) == before
 
 
+@pytest.mark.slow(together=False)  # stage commands in subprocesses
 def test_force_failing_inside_the_stage_restores_the_finished_one(finished, recipe):
     before = checksums(finished)
     proc = cli("generate", "--output-dir", finished, "--force",
@@ -286,6 +292,7 @@ def test_force_failing_inside_the_stage_restores_the_finished_one(finished, reci
     assert all(r["response_tokens"] <= 4 for r in generations(finished))
 
 
+@pytest.mark.slow(together=False)  # stage commands in subprocesses
 def test_failed_first_start_leaves_no_marker(tmp_path, recipe):
     run = tmp_path / "run"
     ok(cli("instructions", "--recipe", recipe, "--output-dir", run))
@@ -336,6 +343,7 @@ def test_a_recipe_that_is_not_utf8(tmp_path, recipe):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow(together=False)  # stage commands in subprocesses
 def test_lora_target_modules_the_model_lacks(tmp_path, recipe):
     run = tmp_path / "run"
     write_pairs(run)
@@ -379,6 +387,7 @@ def _read_only(path: Path) -> list[str]:
             str(path)]
 
 
+@pytest.mark.slow(together=False)  # stage commands in subprocesses
 def test_read_only_run_directory(finished, recipe):
     ro = _read_only(finished)
     before = checksums(finished)
@@ -399,7 +408,7 @@ def _file_size_limit(limit: int):
     return preexec
 
 
-@pytest.mark.slow  # three or four generate runs
+@pytest.mark.slow(together=False)  # three or four generate runs
 def test_file_too_large_while_appending_keeps_whole_records_and_resumes(tmp_path, recipe):
     whole, run = tmp_path / "whole", tmp_path / "run"
     ok(cli("run", "--recipe", recipe, "--output-dir", whole, "--until", "generate"))
@@ -428,6 +437,7 @@ def interrupt_once_written(proc: subprocess.Popen, path: Path) -> None:
     assert err.splitlines()[-1] == "prefloop: interrupted; run the same command again to resume"
 
 
+@pytest.mark.slow(together=False)  # stage commands in subprocesses
 def test_interrupt_is_one_line_and_resumes(tmp_path, recipe):
     run, go = tmp_path / "run", tmp_path / "never"
     proc = start("run", "--recipe", recipe, "--output-dir", run, "--until", "generate",
@@ -437,6 +447,7 @@ def test_interrupt_is_one_line_and_resumes(tmp_path, recipe):
     assert len(generations(run)) == 12
 
 
+@pytest.mark.slow(together=False)  # stage commands in subprocesses
 @pytest.mark.parametrize("stage", ["rank", "train"])
 def test_interrupt_under_a_progress_bar_ends_with_the_one_line(tmp_path, recipe, stage):
     """The stage's bar is closed before the message, not redrawn after it at exit."""
@@ -459,6 +470,7 @@ def _instructions(tmp_path, recipe, source: Path, *sets: str):
     return cli("instructions", "--recipe", recipe, "--output-dir", tmp_path / "run", *args)
 
 
+@pytest.mark.slow(together=False)  # stage commands in subprocesses
 def test_source_that_is_not_utf8(tmp_path, recipe):
     src = tmp_path / "latin1.jsonl"
     src.write_bytes(b'{"instruction": "hello"}\n{"instruction": "caf\xe9 au lait"}\n')
@@ -470,6 +482,7 @@ def test_source_that_is_not_utf8(tmp_path, recipe):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow(together=False)  # stage commands in subprocesses
 def test_bom_and_column_case_are_accepted(tmp_path, recipe):
     src = tmp_path / "bom.csv"
     src.write_bytes("\ufeffInstruction,Topic\n".encode()
@@ -592,6 +605,7 @@ def adapter_tensors(run: Path) -> dict:
     return load_file(str(run / "train" / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow(together=False)  # stage commands in subprocesses
 @pytest.mark.parametrize("engine", ["trl", "fast"])
 def test_kill9_mid_train_resumes_from_the_checkpoint_to_the_uninterrupted_adapter(
         tmp_path, recipe, engine):
@@ -1046,7 +1060,7 @@ def test_hub_requests_to_a_silent_endpoint_are_one_line_in_seconds(tmp_path, rec
     assert time.time() - t0 < 60
 
 
-@pytest.mark.slow  # a real push process, killed -9 while it waits for the Hub
+@pytest.mark.slow(together=False)  # a real push process, killed -9 while it waits for the Hub
 def test_a_killed_push_leaves_no_staged_copy(tmp_path, recipe, silent):
     run, tmp = tmp_path / "run", tmp_path / "tmp"
     tmp.mkdir()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tiny import save_model_folder
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -52,6 +53,7 @@ def prefloop(*args, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # every stage through the CLI, in a subprocess
 def test_stdout_is_one_summary_line_per_stage_and_what_compare_prints(tmp_path):
     model = save_model_folder(tmp_path / "model")
     argv = ["run", "--output-dir", str(tmp_path / "run"), "--set", f"model.name={model}"]
