@@ -330,6 +330,10 @@ def detail_lines(o: dict) -> list[str]:
 # The transfer check's reading of the paired difference (DPO minus original) of strict accuracy
 # on instructions of untrained kinds: a drop of at most TRANSFER_MARGIN is not a regression.
 TRANSFER_MARGIN = 0.05
+# `transfer_reading` in words, for the reports
+TRANSFER_RULE = (f"no regression when the 95% interval's lower end is above -{TRANSFER_MARGIN:.2f}, "
+                 "a regression when its upper end is below zero (checked first), at the floor "
+                 "when neither model meets any of these instructions, else inconclusive")
 
 
 def transfer_reading(o: dict) -> str:

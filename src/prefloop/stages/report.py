@@ -328,6 +328,8 @@ def _reward_text(recipe: Recipe) -> str:
 def write_report(recipe: Recipe, run_dir: Path, stopped: str | None = None) -> Path:
     """run_dir/report.md (+ report.json and plots/*.png) from the rounds' manifests; a round
     that stopped early (`stopped`: the error) is reported as far as it got."""
+    from prefloop.stages.compare import TRANSFER_RULE
+
     run_dir = Path(run_dir)
     it = recipe.iterate
     rows = [round_row(run_dir, t) for t in range(it.rounds + 1)
@@ -352,9 +354,8 @@ def write_report(recipe: Recipe, run_dir: Path, stopped: str | None = None) -> P
         f"{recipe.compare.temperature}, ≤ {recipe.compare.max_new_tokens} tokens; fixed judge "
         f"`{judge}`; win rate = (W + T/2)/(W + T + L)",
         *([f"- Transfer check: {recipe.compare.transfer_n} held-out-topic prompts whose "
-           "constraint kinds no round trained, each M_t against M1: no regression when the 95% "
-           "interval's lower end is above -5 points, a regression when its upper end is below "
-           "zero, else inconclusive (docs/cli.md)"] if recipe.compare.transfer_n else []), "",
+           f"constraint kinds no round trained, each M_t against M1: {TRANSFER_RULE} "
+           "(docs/cli.md)"] if recipe.compare.transfer_n else []), "",
         "## Summary", "", summary_table(rows), "",
         *(["Guards of the objective evaluation (a gain that comes with one of these is hollow):",
            "", *guards, ""] if guards else []),

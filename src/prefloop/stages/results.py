@@ -177,9 +177,7 @@ def transfer_section(t: dict) -> list[str]:
     fired = t["guards_fired"]
     return [
         "## Transfer check: constraint kinds that were not trained", "",
-        f"**{t['reading'].capitalize()}** (rule: no regression when the 95% interval's lower end "
-        f"is above -{t['no_regression_margin']:.2f}, a regression when its upper end is below "
-        "zero, else inconclusive).", "",
+        f"**{t['reading'].capitalize()}** (rule: {compare.TRANSFER_RULE}).", "",
         f"{t['instructions']} held-out-topic instructions whose constraints are all of kinds "
         "outside instructions.kinds. Strict prompt-level accuracy: original "
         f"{t['original_prompt_strict_accuracy']:.3f}, DPO {t['dpo_prompt_strict_accuracy']:.3f}; "
