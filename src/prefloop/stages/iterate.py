@@ -308,23 +308,17 @@ def evaluate(recipe: Recipe, run_dir: Path, t: int, *, force: bool = False) -> P
     objective = objective_reports(items, gens)
     counts = eval_stats(gens, scores, objective)
     others = sorted({t - 1, 0}) if t else []
-    for o in others:
+    for o in others:  # M1 and the round before
         m = _margins(judge, gens, scores, run.round(o).stage("eval"),
                      out / f"vs_{label(o)}.jsonl")
         counts[f"vs_{label(o)}"] = win_rate(m)
-    if t:  # the program's verdict next to the judge's: M_t against M1, same prompts
-        vs = objective_vs_start(items, read_jsonl(run.round(0).stage("eval") / "generations.jsonl"),
+        # the program's verdict next to the judge's, same prompts (against the round before:
+        # does a round keep what the last one gained?)
+        vs = objective_vs_start(items, read_jsonl(run.round(o).stage("eval") / "generations.jsonl"),
                                 objective, seed=recipe.compare.seed)
         if vs is not None:
-            atomic_write_json(out / "objective_vs_M1.json", vs["report"])
-            counts["objective_vs_M1"] = vs["summary"]
-    if t >= 2:  # and against the round before: does a round keep what the last one gained?
-        vs = objective_vs_start(items, read_jsonl(run.round(t - 1).stage("eval")
-                                                  / "generations.jsonl"),
-                                objective, seed=recipe.compare.seed)
-        if vs is not None:
-            atomic_write_json(out / f"objective_vs_{label(t - 1)}.json", vs["report"])
-            counts["objective_vs_previous"] = vs["summary"]
+            atomic_write_json(out / f"objective_vs_{label(o)}.json", vs["report"])
+            counts["objective_vs_M1" if o == 0 else "objective_vs_previous"] = vs["summary"]
     if transfer:  # the transfer check: M_t against M1 on kinds no round trained
         reports_t = objective_reports(transfer, transfer_gens)
         counts["transfer_strict"] = round(side_summary(reports_t)["prompt_strict"], 4)
