@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
              "transfer vs M1 | median words |", "|---|---|---|---|---|---|---|---|---|---|"]
     verdicts = []
     for r in results:
-        rows = [eval_counts(r["dir"], t) for t in range(4)]
+        r["eval"] = rows = [eval_counts(r["dir"], t) for t in range(4)]
         rounds = max((t for t in range(4) if rows[t]), default=0)
         if r["rc"] != 0 or rounds == 0:
             lines.append(f"| {r['seed']} | {r['seconds']} | failed rc {r['rc']} (see "
@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         ok, why = verdict(rows, rounds)
         verdicts.append((r["seed"], ok, why))
     (a.work / "results.json").write_text(json.dumps(
-        {"results": [{**r, "dir": str(r["dir"]),
-                      "eval": [eval_counts(r["dir"], t) for t in range(4)]} for r in results],
+        {"results": [{**r, "dir": str(r["dir"])} for r in results],
          "verdicts": verdicts}, indent=1))
     print("\n".join(lines))
     for seed, ok, why in verdicts:
