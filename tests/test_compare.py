@@ -17,7 +17,7 @@ from tiny import (
 )
 
 from prefloop.artifacts import write_manifest
-from prefloop.config import Recipe, apply_overrides
+from prefloop.config import Recipe, apply_overrides, load_recipe
 from prefloop.errors import PrefloopError
 from prefloop.stages import compare
 
@@ -547,12 +547,6 @@ def test_transfer_n_zero_leaves_every_stage_hash_as_it_was():
      "compare.transfer_n: is 55, but the held-out topics of instructions.source verifiable hold "
      "only 54 instructions whose constraints are all of kinds outside instructions.kinds; lower "
      "compare.transfer_n to at most 54 (0: no transfer check)"),
-    (["compare.transfer_n=4", "instructions.kinds=null"],
-     "compare.transfer_n: the transfer check needs instructions.kinds (the trained kinds; it "
-     "uses the other ones); set instructions.kinds or compare.transfer_n=0"),
-    (["compare.transfer_n=4", "instructions.source=builtin", "instructions.kinds=null"],
-     "compare.transfer_n: the transfer check needs instructions.kinds (the trained kinds; it "
-     "uses the other ones); set instructions.kinds or compare.transfer_n=0"),
 ])
 def test_a_bad_transfer_n_is_refused_in_one_line(tmp_path, sets, message):
     from prefloop import preflight
@@ -565,33 +559,39 @@ def test_a_bad_transfer_n_is_refused_in_one_line(tmp_path, sets, message):
     assert "\n" not in str(e.value)
 
 
-def test_a_source_without_splits_is_refused_for_the_transfer_check(tmp_path):
+@pytest.mark.parametrize("kinds", ["punctuation:no_comma", None])
+def test_the_transfer_check_is_skipped_with_a_note_where_it_does_not_apply(tmp_path, kinds,
+                                                                             lima_path):
+    """A source whose records name no split (a user's file, LIMA prompts) or a recipe without
+    instructions.kinds runs without the transfer check, saying why; the default's transfer_n
+    must not refuse them (it once did: `prefloop run` on LIMA prompts exited 2)."""
+    from prefloop import preflight
     from prefloop.artifacts import write_jsonl
-    from prefloop.stages.instructions import transfer_items
-
-    path = tmp_path / "mine.jsonl"
-    write_jsonl(path, [{"instruction": "say hi", "constraints": [
-        {"kind": "change_case:english_lowercase", "args": {}}]}])
-    recipe = apply_overrides(Recipe(), [f"instructions.source={path}",
-                                        "instructions.kinds=punctuation:no_comma",
-                                        "compare.transfer_n=1"])
-    message = (
-        f"compare.transfer_n: instructions.source {path} has records without a split, and the "
-        "transfer check needs held-out topics; use a source whose records name their split and "
-        "topic (instructions.source=verifiable) or set compare.transfer_n=0")
-    with pytest.raises(PrefloopError) as e:
-        transfer_items(recipe)
-    assert str(e.value) == message
-    # the instructions stage refuses it too (a Hub source is read there first), writing nothing
     from prefloop.stages import instructions
 
-    with pytest.raises(PrefloopError) as e:
-        instructions.run(apply_overrides(recipe, ["instructions.n_train=1",
-                                                  "instructions.n_heldout=0",
-                                                  "instructions.kinds=change_case:"
-                                                  "english_lowercase"]), tmp_path / "run")
-    assert str(e.value) == message
-    assert not (tmp_path / "run" / "instructions" / "train.jsonl").exists()
+    path = tmp_path / "mine.jsonl"
+    write_jsonl(path, [{"instruction": f"say hi {i}", "constraints": [
+        {"kind": "punctuation:no_comma", "args": {}}]} for i in range(3)])
+    for source in (path, lima_path):
+        sets = [f"instructions.source={source}", f"instructions.kinds={kinds or 'null'}",
+                "instructions.n_train=2", "instructions.n_heldout=1"]
+        recipe = load_recipe("default", sets)
+        assert recipe.compare.transfer_n == 48
+        why = ("instructions.kinds is not set, so no kind is left untrained" if kinds is None
+               else f"the records of instructions.source {source} do not name their split, "
+                    "and the check draws from held-out topics")
+        assert instructions.transfer_note(recipe) == (
+            f"no transfer check: {why} (compare.transfer_n applies to a constrained source)")
+        assert instructions.transfer_items(recipe) == []
+        preflight.check(recipe, ["instructions", "compare"], "run", tmp_path / source.stem)
+    run = tmp_path / "run"
+    instructions.run(load_recipe("default", sets[:1] + ["instructions.kinds=null"] + sets[2:]),
+                     run)
+    assert len((run / "instructions" / "train.jsonl").read_text().splitlines()) == 2
+    verifiable = load_recipe("default")
+    assert instructions.transfer_note(verifiable) is None
+    assert instructions.transfer_note(apply_overrides(verifiable, ["compare.transfer_n=0"])) \
+        is None
 
 
 @pytest.mark.parametrize("ci, reading", [

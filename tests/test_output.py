@@ -40,7 +40,7 @@ SUMMARY = {  # stage -> the line's pattern, before its time
                r"no detectable difference)( but hollow \(\d guards? fired\))?; transfer \(2 "
                r"instructions of untrained kinds\): original [\d.]+, DPO [\d.]+, difference "
                r"[+-][\d.]+ \(95% CI [+-][\d.]+ to [+-][\d.]+\): (no regression|regression|"
-               r"inconclusive)(, \d guards? fired)?; judge:\S+ win-rate "
+               r"at the floor|inconclusive)(, \d guards? fired)?; judge:\S+ win-rate "
                r"[\d.]+ \(95% CI [\d.]+-[\d.]+; \d+ wins, \d+ ties, \d+ losses\)" + FP32,
 }
 
@@ -72,7 +72,8 @@ def test_stdout_is_one_summary_line_per_stage_and_what_compare_prints(tmp_path):
     compare = "\n".join(lines[5:-1])
     assert "instruction" in lines[5] and "original" in lines[5] and "dpo" in lines[5]
     assert "Verdict:" in compare
-    assert re.search(r"^Transfer: (no regression|regression|inconclusive) \(", compare, re.M)
+    assert re.search(r"^Transfer: (no regression|regression|at the floor|inconclusive) \(",
+                     compare, re.M)
     for noise in ("{'loss'", "'grad_norm'", "train_runtime", "%|", "it/s", "Warning",
                   "warn", "Tokenizing"):
         assert noise not in done.stdout, noise

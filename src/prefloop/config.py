@@ -187,8 +187,10 @@ class CompareConfig:
     show_rows: int = 10  # rows of the table printed (comparison.csv/.md keep every row)
     # transfer check: this many held-out-topic instructions whose constraints are all of kinds
     # NOT in instructions.kinds (untrained kinds), a seeded draw, answered by both models and
-    # checked like the held-out set; 0: no transfer check. Needs instructions.kinds and a source
-    # whose records name their split (instructions.source=verifiable: 54 such records). Each one
+    # checked like the held-out set; 0: no transfer check. It applies where instructions.kinds
+    # is set and the source's records name their split (instructions.source=verifiable: 54 such
+    # records); elsewhere (LIMA prompts, a file of plain instructions) compare runs without it
+    # and prints one line saying why. Each one
     # costs two greedy answers (original and DPO; the original's come from the answer cache
     # after the first run); the recipes give their own value and say why
     transfer_n: int = field(default=0, metadata={"added": "0.2"})

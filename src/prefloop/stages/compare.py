@@ -440,6 +440,7 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
     from prefloop.engine.cache import answer_cache
     from prefloop.stages import results
     from prefloop.stages.generate import generate_responses
+    from prefloop.stages.instructions import transfer_note
 
     cfg = recipe.compare
     run = RunDir(run_dir)
@@ -473,6 +474,8 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
                                                       for a, b in zip(original, dpo, strict=True)),
               "original_from_cache": getattr(cached, "hits", 0)}
     transferred = None
+    if not transfer and (note := transfer_note(recipe)):
+        print(f"[prefloop] compare: {note}", file=sys.stderr)
     if transfer:  # the same greedy answers to instructions of kinds that were not trained
         where = out / "transfer_instructions.jsonl"
         write_jsonl(where, transfer)

@@ -382,20 +382,25 @@ def split_items(items: list[dict], cfg: InstructionsConfig,
     return disjoint(train, heldout, where)
 
 
-def transfer_pool(items: list[dict], cfg: InstructionsConfig, where: str) -> list[dict]:
+def transfer_skipped(items: list[dict], cfg: InstructionsConfig) -> str | None:
+    """Why the transfer check does not apply to this source and these kinds (None: it applies).
+    It needs trained kinds to leave some out (instructions.kinds) and records that name their
+    split (held-out topics); a source without them (LIMA prompts, a file of plain instructions)
+    runs without it, as compare's objective evaluation runs only on constrained instructions."""
+    if not cfg.kinds:
+        return "instructions.kinds is not set, so no kind is left untrained"
+    if not items or any("split" not in it for it in items):
+        return (f"the records of instructions.source {cfg.source} do not name their split, and "
+                "the check draws from held-out topics")
+    return None
+
+
+def transfer_pool(items: list[dict], cfg: InstructionsConfig) -> list[dict]:
     """The held-out side's instructions (the source's held-out records, or the validation topics
     with instructions.validation) whose constraints are all of kinds outside instructions.kinds:
-    kinds the model was not trained on, on topics it was not trained on."""
-    if not cfg.kinds:
-        raise PrefloopError("compare.transfer_n: the transfer check needs instructions.kinds (the "
-                            "trained kinds; it uses the other ones); set instructions.kinds or "
-                            "compare.transfer_n=0")
-    if not items or any("split" not in it for it in items):
-        raise PrefloopError(f"compare.transfer_n: {where} has records without a split, and the "
-                            "transfer check needs held-out topics; use a source whose records "
-                            "name their split and topic (instructions.source=verifiable) or set "
-                            "compare.transfer_n=0")
+    kinds the model was not trained on, on topics it was not trained on (see transfer_skipped)."""
     trained = kind_set(cfg.kinds)
+    where = f"instructions.source {cfg.source}"
     if cfg.validation:  # as split_items: the held-out side is a split of the training topics
         side = validation_split([it for it in items if it["split"] == "train"], where)[1]
     else:
@@ -407,14 +412,14 @@ def transfer_pool(items: list[dict], cfg: InstructionsConfig, where: str) -> lis
 def transfer_items(recipe: Recipe, n: int | None = None,
                    items: list[dict] | None = None) -> list[dict]:
     """The transfer set: a draw of compare.transfer_n (or `n`) from `transfer_pool`, seeded by
-    instructions.seed (a larger n extends a smaller one's draw); [] when it is 0. With
-    instructions.validation, at most what the validation topics hold. `items`: the
-    source as the instructions stage reads it (de-duplicated, length-filtered), else read here."""
+    instructions.seed (a larger n extends a smaller one's draw); [] when it is 0 or the check
+    does not apply (`transfer_skipped`). With instructions.validation, at most what the
+    validation topics hold. `items`: the source as the instructions stage reads it
+    (de-duplicated, length-filtered), else read here."""
     cfg = recipe.instructions
     n = recipe.compare.transfer_n if n is None else n
-    if n == 0:
+    if n == 0 or not cfg.kinds:
         return []
-    where = f"instructions.source {cfg.source}"
     if items is None:
         items = dedupe(load_source(cfg))
         if cfg.min_tokens is not None or cfg.max_tokens is not None:
@@ -422,16 +427,30 @@ def transfer_items(recipe: Recipe, n: int | None = None,
 
             items = length_filter(items, cfg, load_tokenizer(recipe.model.name,
                                                              recipe.model.revision))
-    pool = transfer_pool(items, cfg, where)
+    if transfer_skipped(items, cfg):
+        return []
+    pool = transfer_pool(items, cfg)
     if cfg.validation:  # a tuning run: the validation topics hold fewer (26 of the default's)
         n = min(n, len(pool))
     if n > len(pool):
-        raise PrefloopError(f"compare.transfer_n: is {n}, but the held-out topics of {where} hold "
-                            f"only {len(pool)} instructions whose constraints are all of kinds "
-                            "outside instructions.kinds; lower compare.transfer_n to at most "
-                            f"{len(pool)} (0: no transfer check)")
+        raise PrefloopError(f"compare.transfer_n: is {n}, but the held-out topics of "
+                            f"instructions.source {cfg.source} hold only {len(pool)} "
+                            "instructions whose constraints are all of kinds outside "
+                            f"instructions.kinds; lower compare.transfer_n to at most {len(pool)} "
+                            "(0: no transfer check)")
     random.Random(cfg.seed).shuffle(pool)
     return pool[:n]
+
+
+def transfer_note(recipe: Recipe) -> str | None:
+    """The line compare and iterate print when compare.transfer_n is set but the check does not
+    apply (None: it is 0, or it applies)."""
+    cfg = recipe.instructions
+    if not recipe.compare.transfer_n:
+        return None
+    why = transfer_skipped(dedupe(load_source(cfg)) if cfg.kinds else [], cfg)
+    return f"no transfer check: {why} (compare.transfer_n applies to a constrained source)" \
+        if why else None
 
 
 def stage_config(recipe: Recipe, upstream) -> dict:

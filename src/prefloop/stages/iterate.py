@@ -302,6 +302,8 @@ def evaluate(recipe: Recipe, run_dir: Path, t: int, *, force: bool = False) -> P
         return out
     items = read_jsonl(run.heldout_instructions)
     transfer = instructions.transfer_items(recipe)  # compare.transfer_n of untrained kinds
+    if not transfer and (note := instructions.transfer_note(recipe)):
+        print(f"[prefloop] iterate: {note}", file=sys.stderr)
     gens, transfer_gens = _eval_responses(recipe, name, t, items, out, transfer)
     judge = make_ranker(recipe)  # fixed: the starting model, rank.judge_model or PairRM (lazy)
     scores = _eval_scores(judge, gens, out)
