@@ -59,7 +59,7 @@ def cell(v: dict | None) -> str:
 
 def verdict(rows: list[dict], rounds: int) -> tuple[bool, str]:
     """The goal for one seed: from M3 on above zero with no guard, no round significantly worse."""
-    why = []
+    why = [] if rounds >= 3 else [f"stopped after M{rounds + 1} (the goal reads M3 and M4)"]
     for t in range(2, rounds + 1):
         vs = rows[t].get("objective_vs_M1") or {}
         if not vs or vs["ci95"][0] <= 0:
