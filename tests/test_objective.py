@@ -99,11 +99,39 @@ def test_degenerate_repetition_is_a_guard():
              "droplets merge until they are heavy enough to fall, and wind carries them along. "
              "1. Clouds form. 2. Droplets grow. 3. Rain falls on the hills below.")
     assert not guards.is_degenerate(prose)
+    assert guards.repeated_share(prose) == 0.0
     item = {"id": "r", "instruction": "Describe rain.", "task": "Describe rain.",
             "constraints": NO_COMMA}
     o = ev.evaluate([item] * 3, [prose] * 3, [prose, "1. " + "1." * 60, "1. " + "1." * 60])
     assert (o["original"]["degenerate"], o["dpo"]["degenerate"]) == (0, 2)
     assert "more degenerate answers (repetition) (2 vs 0)" in o["guards_fired"]
+
+
+def test_a_loop_after_prose_is_degenerate_too():
+    """Loops that zlib does not shrink below 15 %: they start after a sentence of prose or count
+    up. The main job's greedy answers of 2026-12-07 held 10 (original) and 11 (DPO) of 60 such;
+    the narrower rule alone (is_tight_loop, the guard before that day) counted 0 and 1."""
+    from prefloop.constraints import guards
+
+    handle = ("To replace a worn-out cabinet handle, you need to carefully remove the handle and "
+              "remove the handle itself. This can be done by using " + "a combination of " * 12)
+    listed = "".join(f"{n}. Keep warm: " for n in range(1, 16))
+    sign = "\n\n".join(f"{n}. Learn the alphabet: The alphabet consists of 20 letters in the "
+                        "language of sign language." for n in range(1, 5))
+    for text in (handle, listed, sign):
+        assert not guards.is_tight_loop(text)
+        assert guards.is_degenerate(text)
+    # 15 items "N. Keep warm:" are 45 words (numbers masked): 42 4-grams, 3 of them distinct
+    assert guards.repeated_share(listed) == 1 - 3 / 42
+    # a numbered list whose items differ stays prose; a paragraph said twice is a loop
+    steps = ("1. Unscrew the old handle from the inside of the door. 2. Measure the distance "
+             "between the holes. 3. Buy a handle with the same spacing and finish. 4. Fit the "
+             "new screws and tighten them by hand.")
+    assert guards.repeated_share(steps) == 0.0 and not guards.is_degenerate(steps)
+    twice = ("Mulch keeps the soil moist and cool in summer and it feeds the worms that loosen "
+             "the ground. ") * 2
+    assert 0.4 < guards.repeated_share(twice) < 0.5 and guards.is_degenerate(twice)
+    assert not guards.is_degenerate("a b " * 12)  # under 60 bytes: too short to call
 
 
 def test_local_file_constraints_are_checked_with_file_line_and_field(tmp_path):

@@ -44,6 +44,14 @@ MIN_BODY_WORDS = 5
 # letters ("1. 1. 2. 3. 4. ..."); set on the main job's answers of 2026-12-03 (docs/constraints.md)
 MAX_COMPRESSED_SHARE = 0.15
 MIN_REPEAT_CHARS = 60
+# ... or a loop that zlib does not shrink that far because it starts after a paragraph of prose
+# or counts up ("1. Keep warm: 2. Keep warm: ..."): at least this share of its word 4-grams
+# (numbers masked) repeat an earlier one. Set on the main job's greedy answers of 2026-12-07:
+# every answer at 0.46 or more loops to the token limit, the first below (0.39) repeats a
+# paragraph; the sampled candidates of the same run reach 0.4 in 3 of 288 (docs/constraints.md)
+MAX_REPEATED_SHARE = 0.4
+REPEAT_NGRAM = 4
+MIN_REPEAT_WORDS = 20
 MAX_COPIED_SHARE = 0.6
 NGRAM = 3
 
@@ -77,14 +85,34 @@ def is_bare(body: str | None) -> bool:
 
 
 def is_degenerate(text: str) -> bool:
-    """True when the response is degenerate repetition rather than prose (see
-    MAX_COMPRESSED_SHARE); texts shorter than MIN_REPEAT_CHARS bytes are never flagged."""
+    """True when the response is degenerate repetition rather than prose: a tight loop
+    (`is_tight_loop`) or one that repeats at least MAX_REPEATED_SHARE of its word 4-grams
+    (`repeated_share`); texts shorter than MIN_REPEAT_CHARS bytes are never flagged."""
+    if len(text.strip().encode("utf-8")) < MIN_REPEAT_CHARS:
+        return False
+    return is_tight_loop(text) or repeated_share(text) >= MAX_REPEATED_SHARE
+
+
+def is_tight_loop(text: str) -> bool:
+    """The narrower rule (the guard's only one before 2026-12-07): text of MIN_REPEAT_CHARS+
+    bytes that zlib shrinks below MAX_COMPRESSED_SHARE, or MIN_REPEAT_WORDS+ words of which
+    fewer than 5 have letters: a loop that fills nearly the whole answer."""
     raw = text.strip().encode("utf-8")
     if len(raw) < MIN_REPEAT_CHARS:
         return False
     if len(zlib.compress(raw, 9)) < MAX_COMPRESSED_SHARE * len(raw):
         return True
-    return word_count(text) >= 20 and len(_LETTERS.findall(text)) < 5
+    return word_count(text) >= MIN_REPEAT_WORDS and len(_LETTERS.findall(text)) < 5
+
+
+def repeated_share(text: str, n: int = REPEAT_NGRAM) -> float:
+    """Share of the text's word n-grams (lowercased, every number written as '#') that repeat
+    an earlier n-gram of the same text; 0.0 below MIN_REPEAT_WORDS words."""
+    words = [re.sub(r"\d+", "#", w.lower()) for w in re.findall(r"\w+", text)]
+    if len(words) < MIN_REPEAT_WORDS:
+        return 0.0
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams)
 
 
 def is_refusal(text: str) -> bool:
