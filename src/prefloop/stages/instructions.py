@@ -449,8 +449,9 @@ def transfer_note(recipe: Recipe) -> str | None:
     if not recipe.compare.transfer_n:
         return None
     why = transfer_skipped(dedupe(load_source(cfg)) if cfg.kinds else [], cfg)
-    return f"no transfer check: {why} (compare.transfer_n applies to a constrained source)" \
-        if why else None
+    if why is None:
+        return None
+    return f"no transfer check: {why} (compare.transfer_n applies to a constrained source)"
 
 
 def stage_config(recipe: Recipe, upstream) -> dict:
