@@ -580,8 +580,8 @@ def test_the_transfer_check_is_skipped_with_a_note_where_it_does_not_apply(tmp_p
         why = ("instructions.kinds is not set, so no kind is left untrained" if kinds is None
                else f"the records of instructions.source {source} do not name their split, "
                     "and the check draws from held-out topics")
-        assert instructions.transfer_note(recipe) == (
-            f"no transfer check: {why} (compare.transfer_n applies to a constrained source)")
+        assert instructions.transfer_draw(recipe) == ([], (
+            f"no transfer check: {why} (compare.transfer_n applies to a constrained source)"))
         assert instructions.transfer_items(recipe) == []
         preflight.check(recipe, ["instructions", "compare"], "run", tmp_path / source.stem)
     run = tmp_path / "run"
@@ -589,9 +589,10 @@ def test_the_transfer_check_is_skipped_with_a_note_where_it_does_not_apply(tmp_p
                      run)
     assert len((run / "instructions" / "train.jsonl").read_text().splitlines()) == 2
     verifiable = load_recipe("default")
-    assert instructions.transfer_note(verifiable) is None
-    assert instructions.transfer_note(apply_overrides(verifiable, ["compare.transfer_n=0"])) \
-        is None
+    assert instructions.transfer_draw(verifiable)[1] is None
+    assert len(instructions.transfer_draw(verifiable)[0]) == 48
+    assert instructions.transfer_draw(apply_overrides(verifiable, ["compare.transfer_n=0"])) \
+        == ([], None)
 
 
 @pytest.mark.parametrize("ci, reading", [

@@ -85,7 +85,6 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def dtype_record(cfg: ModelConfig) -> dict:
     """What a stage's manifest says of its precision: the dtype and why it was chosen."""
-
     device = pick_device(cfg.device)
     dtype = str(pick_dtype(cfg.dtype, device)).removeprefix("torch.")
     if cfg.dtype != "auto":

@@ -81,12 +81,13 @@ def heldout_items(run_dir: Path) -> list[dict]:
     return items
 
 
-def transfer_set(recipe: Recipe, run_dir: Path) -> list[dict]:
-    """compare.transfer_n held-out-topic instructions of untrained kinds (instructions.
-    transfer_items), refusing any that the model was trained on; [] when the check is off."""
-    from prefloop.stages.instructions import transfer_items
+def transfer_set(recipe: Recipe, run_dir: Path) -> tuple[list[dict], str | None]:
+    """compare.transfer_n held-out-topic instructions of untrained kinds, with the note when the
+    check does not apply (instructions.transfer_draw), refusing any instruction the model was
+    trained on; [] when the check is off."""
+    from prefloop.stages.instructions import transfer_draw
 
-    items = transfer_items(recipe)
+    items, note = transfer_draw(recipe)
     train_path = RunDir(run_dir).train_instructions
     if items and train_path.exists():
         n, first = _first_overlap(items, {normalize(t["instruction"])
@@ -95,7 +96,7 @@ def transfer_set(recipe: Recipe, run_dir: Path) -> list[dict]:
             raise PrefloopError(f"compare.transfer_n: {n} transfer instruction(s) also in "
                                 f"{train_path} (first: '{first}'); set compare.transfer_n=0 or "
                                 "de-duplicate the source")
-    return items
+    return items, note
 
 
 def adapter_dir(run_dir: Path) -> Path:
@@ -440,7 +441,6 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
     from prefloop.engine.cache import answer_cache
     from prefloop.stages import results
     from prefloop.stages.generate import generate_responses
-    from prefloop.stages.instructions import transfer_note
 
     cfg = recipe.compare
     run = RunDir(run_dir)
@@ -448,7 +448,7 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
     adapter = adapter_dir(run_dir)
     stage = Stage(out, "compare", stage_config(recipe, run.upstream))
     items = heldout_items(run_dir)
-    transfer = transfer_set(recipe, run_dir)
+    transfer, note = transfer_set(recipe, run_dir)
     if stage.begin(force=force):
         return out
     model, tok = load_with_adapter(recipe, adapter)
@@ -474,7 +474,7 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
                                                       for a, b in zip(original, dpo, strict=True)),
               "original_from_cache": getattr(cached, "hits", 0)}
     transferred = None
-    if not transfer and (note := transfer_note(recipe)):
+    if note:
         print(f"[prefloop] compare: {note}", file=sys.stderr)
     if transfer:  # the same greedy answers to instructions of kinds that were not trained
         where = out / "transfer_instructions.jsonl"

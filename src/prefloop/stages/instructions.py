@@ -411,24 +411,32 @@ def transfer_pool(items: list[dict], cfg: InstructionsConfig) -> list[dict]:
 
 def transfer_items(recipe: Recipe, n: int | None = None,
                    items: list[dict] | None = None) -> list[dict]:
-    """The transfer set: a draw of compare.transfer_n (or `n`) from `transfer_pool`, seeded by
-    instructions.seed (a larger n extends a smaller one's draw); [] when it is 0 or the check
-    does not apply (`transfer_skipped`). With instructions.validation, at most what the
-    validation topics hold. `items`: the source as the instructions stage reads it
-    (de-duplicated, length-filtered), else read here."""
+    """The transfer set (`transfer_draw`), without the note."""
+    return transfer_draw(recipe, n, items)[0]
+
+
+def transfer_draw(recipe: Recipe, n: int | None = None,
+                  items: list[dict] | None = None) -> tuple[list[dict], str | None]:
+    """(the transfer set, the note compare and iterate print when it is skipped). The set: a
+    draw of compare.transfer_n (or `n`) from `transfer_pool`, seeded by instructions.seed (a
+    larger n extends a smaller one's draw); [] when it is 0 or the check does not apply, then
+    with the note saying why (`transfer_skipped`; None for 0). With instructions.validation, at
+    most what the validation topics hold. `items`: the source as the instructions stage reads it
+    (de-duplicated, length-filtered), else read here (not at all without instructions.kinds)."""
     cfg = recipe.instructions
     n = recipe.compare.transfer_n if n is None else n
-    if n == 0 or not cfg.kinds:
-        return []
-    if items is None:
+    if n == 0:
+        return [], None
+    if items is None and cfg.kinds:
         items = dedupe(load_source(cfg))
         if cfg.min_tokens is not None or cfg.max_tokens is not None:
             from prefloop.models import load_tokenizer
 
             items = length_filter(items, cfg, load_tokenizer(recipe.model.name,
                                                              recipe.model.revision))
-    if transfer_skipped(items, cfg):
-        return []
+    why = transfer_skipped(items or [], cfg)
+    if why:
+        return [], f"no transfer check: {why} (compare.transfer_n applies to a constrained source)"
     pool = transfer_pool(items, cfg)
     if cfg.validation:  # a tuning run: the validation topics hold fewer (26 of the default's)
         n = min(n, len(pool))
@@ -439,19 +447,7 @@ def transfer_items(recipe: Recipe, n: int | None = None,
                             f"instructions.kinds; lower compare.transfer_n to at most {len(pool)} "
                             "(0: no transfer check)")
     random.Random(cfg.seed).shuffle(pool)
-    return pool[:n]
-
-
-def transfer_note(recipe: Recipe) -> str | None:
-    """The line compare and iterate print when compare.transfer_n is set but the check does not
-    apply (None: it is 0, or it applies)."""
-    cfg = recipe.instructions
-    if not recipe.compare.transfer_n:
-        return None
-    why = transfer_skipped(dedupe(load_source(cfg)) if cfg.kinds else [], cfg)
-    if why is None:
-        return None
-    return f"no transfer check: {why} (compare.transfer_n applies to a constrained source)"
+    return pool[:n], None
 
 
 def stage_config(recipe: Recipe, upstream) -> dict:

@@ -301,8 +301,8 @@ def evaluate(recipe: Recipe, run_dir: Path, t: int, *, force: bool = False) -> P
     if stage.begin(force=force):
         return out
     items = read_jsonl(run.heldout_instructions)
-    transfer = instructions.transfer_items(recipe)  # compare.transfer_n of untrained kinds
-    if not transfer and (note := instructions.transfer_note(recipe)):
+    transfer, note = instructions.transfer_draw(recipe)  # compare.transfer_n, untrained kinds
+    if note:
         print(f"[prefloop] iterate: {note}", file=sys.stderr)
     gens, transfer_gens = _eval_responses(recipe, name, t, items, out, transfer)
     judge = make_ranker(recipe)  # fixed: the starting model, rank.judge_model or PairRM (lazy)
