@@ -203,14 +203,10 @@ def _generate_into(backend: Backend, todo: list[dict], path: Path, *, k: int, sa
         bar.close()  # ends its line, so an error message starts on its own
 
 
-def _decode(tokenizer, completion) -> str:
-    from prefloop.engine.backend import decode
-
-    return decode(tokenizer, completion)
-
-
 def _record(tokenizer, item: dict, rp, sample: int, completion, extra: dict | None,
             backend: str = "local") -> dict:
+    from prefloop.engine.backend import decode
+
     ids = completion.token_ids
     # named only when not the in-process engine, so local runs keep their exact bytes
     where = {} if backend == "local" else {"backend": backend}
@@ -220,7 +216,7 @@ def _record(tokenizer, item: dict, rp, sample: int, completion, extra: dict | No
         "instruction": item["instruction"],
         "prompt_text": rp.text,
         "prompt_tokens": len(rp.ids),
-        "response": _decode(tokenizer, completion),
+        "response": decode(tokenizer, completion),
         "response_tokens": len(ids),
         "finish_reason": completion.finish_reason,
         **{key: item[key] for key in CARRIED if key in item},
