@@ -302,7 +302,7 @@ def evaluate(recipe: Recipe, run_dir: Path, t: int, *, force: bool = False) -> P
         return out
     items = read_jsonl(run.heldout_instructions)
     transfer, note = instructions.transfer_draw(recipe)  # compare.transfer_n, untrained kinds
-    if note:
+    if note and not t:  # the same for every round: said once, with M1's evaluation
         print(f"[prefloop] iterate: {note}", file=sys.stderr)
     gens, transfer_gens = _eval_responses(recipe, name, t, items, out, transfer)
     judge = make_ranker(recipe)  # fixed: the starting model, rank.judge_model or PairRM (lazy)
