@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -61,6 +62,24 @@ def test_stage_lifecycle(tmp_path):
     assert not (d / "junk").exists()
     with pytest.raises(PrefloopError, match="stage 'generate' has not finished"):
         upstream_hash(tmp_path, "generate")
+
+
+def test_a_stage_built_on_an_output_chains_its_finish_id_new_at_every_finish(tmp_path):
+    """The downstream chain reads the finish id (new at every finish), so a forced redo of a
+    stage changes what the stages after it chain; a manifest of an earlier version, without a
+    finish id, chains its config hash as before (its run directory stays finished)."""
+    write_manifest(tmp_path / "generate", "generate", "h1", started=0.0)
+    first = upstream_hash(tmp_path, "generate")
+    assert re.fullmatch(r"[0-9a-f]{16}", first) and first != "h1"
+    assert read_manifest(tmp_path / "generate")["finish_id"] == first
+    assert begin_stage(tmp_path / "generate", "generate", "h1", force=True) is False
+    write_manifest(tmp_path / "generate", "generate", "h1", started=0.0)  # the same config, again
+    second = upstream_hash(tmp_path, "generate")
+    assert re.fullmatch(r"[0-9a-f]{16}", second) and second != first
+    old = read_manifest(tmp_path / "generate")
+    del old["finish_id"]
+    atomic_write_json(tmp_path / "generate" / "manifest.json", old)
+    assert upstream_hash(tmp_path, "generate") == "h1"
 
 
 def test_atomic_files_are_readable_by_others(tmp_path):

@@ -271,6 +271,33 @@ def test_force_redoes_only_from_the_first_changed_stage(finished, recipe):
     assert checksums(finished) == before
 
 
+@pytest.mark.slow(together=False)  # stage commands in subprocesses
+def test_a_forced_redo_makes_the_stages_built_on_it_stale(finished, recipe):
+    """A stage redone with --force (the same configuration) writes a new output: the stages
+    built on its earlier output no longer count as finished. Without --force the command is
+    refused in one line naming the redone stage, and nothing changes; with it, only the stages
+    from the first stale one are redone."""
+    gen = manifest(finished, "generate")
+    ok(cli("instructions", "--output-dir", finished, "--force"))
+    instructions = (finished / "instructions" / "manifest.json").read_bytes()
+    before = checksums(finished)
+    proc = cli("run", "--output-dir", finished, "--until", "generate")
+    line = one_error(proc)
+    assert line == (
+        f"prefloop: error: {finished / 'generate'}: stage 'generate' was built on the output of "
+        "'instructions' before 'instructions' was redone; to redo generate and the stages after "
+        f"it run: prefloop run --output-dir {finished} --until generate --force (or use a new "
+        "--output-dir)")
+    assert checksums(finished) == before
+    ok(cli("run", "--output-dir", finished, "--until", "generate", "--force"))
+    assert (finished / "instructions" / "manifest.json").read_bytes() == instructions
+    redone = manifest(finished, "generate")
+    assert redone["finish_id"] != gen["finish_id"] and redone["config_hash"] != gen["config_hash"]
+    assert len(generations(finished)) == 12
+    proc = ok(cli("run", "--output-dir", finished, "--until", "generate"))
+    assert "finished earlier" in proc.stdout
+
+
 def test_force_with_a_bad_model_name_is_refused_before_touching_the_stage(finished, recipe):
     before = checksums(finished)
     proc = cli("generate", "--output-dir", finished, "--force", "--set",

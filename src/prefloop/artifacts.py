@@ -17,6 +17,7 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ class RunDir:
         return self.root / name
 
     def upstream(self, stage: str) -> str:
-        """The config hash a finished stage recorded (chains invalidation downstream)."""
+        """The id of a finished stage's output (`output_id`): what a stage built on it chains."""
         return upstream_hash(self.root, stage)
 
     def pushed_dataset_id(self) -> str | None:
@@ -580,6 +581,9 @@ def write_manifest(stage_dir: Path, stage: str, cfg_hash: str, *, started: float
         "stage": stage,
         "status": "done",
         "config_hash": cfg_hash,
+        # new at every finish: a stage built on this output chains it (output_id), so a forced
+        # redo of this stage invalidates what was built on its earlier output
+        "finish_id": uuid.uuid4().hex[:16],
         "counts": counts or {},
         "seconds": round(time.time() - started, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -635,15 +639,23 @@ def _done_with(m: dict | None, cfg_hash: str) -> bool:
     return m is not None and m.get("status") == "done" and m.get("config_hash") == cfg_hash
 
 
+def output_id(m: dict) -> str:
+    """What a stage built on this finished manifest's output chains into its own configuration:
+    the finish id, new at every finish (so a forced redo of a stage invalidates the stages built
+    on its earlier output), or the config hash for a manifest written before finish ids (a run
+    directory of an earlier version stays finished)."""
+    return m.get("finish_id") or m["config_hash"]
+
+
 def upstream_hash(run_dir: Path, stage: str) -> str:
-    """The config hash a finished upstream stage recorded; chains invalidation downstream."""
+    """The output id (`output_id`) of a finished upstream stage; chains invalidation downstream."""
     m = read_manifest(Path(run_dir) / stage)
     if m is None or m.get("status") != "done":
         raise PrefloopError(
             f"{Path(run_dir) / stage}: stage '{stage}' has not finished; run `prefloop {stage}` "
             f"--output-dir {run_dir} first (or `prefloop run`)"
         )
-    return m["config_hash"]
+    return output_id(m)
 
 
 def save_figure(fig, path: Path) -> None:
