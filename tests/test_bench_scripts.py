@@ -7,6 +7,7 @@ because gemm_7b imports helpers from gen_7b, as it does when run as a script.
 
 import ast
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -185,3 +186,78 @@ def test_seed_e2e_copies_only_what_the_trl_run_finished(seed_e2e, tmp_path):
         (trl / stage / "manifest.json").write_text(json.dumps({"status": "done"}))
     assert module.fast_stages(trl, fast) == ("train", "compare")
     assert sorted(p.name for p in fast.iterdir()) == ["generate", "instructions", "pairs", "rank"]
+
+
+# --- bench/gpu_loop.py: the table and verdicts that decide issue #23's GPU goal ----------------
+
+
+def _vs(diff, lo, hi, guards=(), words=None, reading=None):
+    out = {"difference": diff, "ci95": [lo, hi], "guards_fired": list(guards)}
+    if words is not None:
+        out["words_median"] = words
+    if reading is not None:
+        out["reading"] = reading
+    return out
+
+
+def _write_evals(work: Path, seed: int, rounds: list[dict]) -> None:
+    for t, counts in enumerate(rounds):
+        folder = work / f"seed{seed}" / "rounds" / str(t) / "eval"
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps({"status": "done", "counts": counts}))
+
+
+def test_gpu_loop_table_and_verdicts_from_the_eval_manifests(monkeypatch, tmp_path, capsys):
+    """Met: M3 and M4 above M1 with no guard, no round significantly below the one before.
+    Not met: a guard at M3; a round significantly worse than the one before; a run stopped
+    (killed: --report) after M3; a seed with no evaluation."""
+    module = load_script("gpu_loop", monkeypatch)
+    m1 = {"objective_strict": 0.3}
+
+    def rnd(acc, vs_m1, vs_prev=None, transfer=None):
+        return {"objective_strict": acc, "objective_vs_M1": vs_m1,
+                **({"objective_vs_previous": vs_prev} if vs_prev else {}),
+                **({"transfer_vs_M1": transfer} if transfer else {})}
+
+    flat = _vs(0.0, -0.02, 0.02, reading="no regression")
+    _write_evals(tmp_path, 0, [m1, rnd(0.35, _vs(0.05, -0.01, 0.11, words=[40, 42]), None, flat),
+                               rnd(0.40, _vs(0.10, 0.04, 0.16, words=[40, 41]),
+                                   _vs(0.05, -0.01, 0.11), flat),
+                               rnd(0.39, _vs(0.09, 0.03, 0.15, words=[40, 40]),
+                                   _vs(-0.01, -0.05, 0.03), flat)])
+    _write_evals(tmp_path, 1, [m1, rnd(0.35, _vs(0.05, 0.01, 0.09)),
+                               rnd(0.40, _vs(0.10, 0.04, 0.16, ["degenerate repetition 3 -> 9"]),
+                                   _vs(0.05, 0.0, 0.1)),
+                               rnd(0.40, _vs(0.10, 0.04, 0.16), _vs(0.0, -0.02, 0.02))])
+    _write_evals(tmp_path, 2, [m1, rnd(0.42, _vs(0.12, 0.06, 0.18)),
+                               rnd(0.38, _vs(0.08, 0.02, 0.14), _vs(-0.04, -0.07, -0.01)),
+                               rnd(0.33, _vs(0.03, -0.03, 0.09), _vs(-0.05, -0.08, -0.02))])
+    _write_evals(tmp_path, 3, [m1, rnd(0.35, _vs(0.05, 0.01, 0.09)),
+                               rnd(0.40, _vs(0.10, 0.04, 0.16), _vs(0.05, 0.01, 0.09))])
+    assert module.main(["--work", str(tmp_path), "--seeds", "0", "1", "2", "3", "4",
+                        "--report"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2:5] == [
+        "| 0 | - | 30.0 | M2 | 35.0 | +5.0 (-1.0,+11.0) | 0 | - | +0.0 (-2.0,+2.0) no regression"
+        " | [40, 42] |",
+        "| 0 | - | 30.0 | M3 | 40.0 | +10.0 (+4.0,+16.0)* | 0 | +5.0 (-1.0,+11.0) | "
+        "+0.0 (-2.0,+2.0) no regression | [40, 41] |",
+        "| 0 | - | 30.0 | M4 | 39.0 | +9.0 (+3.0,+15.0)* | 0 | -1.0 (-5.0,+3.0) | "
+        "+0.0 (-2.0,+2.0) no regression | [40, 40] |"]
+    assert out[-5:] == [
+        "seed 0: not met: not finished",
+        "seed 1: not met: not finished; M3 guards: degenerate repetition 3 -> 9",
+        "seed 2: not met: not finished; M4 vs M1 interval not above zero; M3 significantly "
+        "worse than M2; M4 significantly worse than M3",
+        "seed 3: not met: not finished; stopped after M3 (the goal reads M3 and M4)",
+        "seed 4: not met: no round evaluated"]
+    verdicts = {seed: module.verdict([module.eval_counts(tmp_path / f"seed{seed}", t)
+                                      for t in range(4)], rounds)
+                for seed, rounds in ((0, 3), (1, 3), (3, 2))}
+    assert verdicts == {0: (True, "met"), 1: (False, "M3 guards: degenerate repetition 3 -> 9"),
+                        3: (False, "stopped after M3 (the goal reads M3 and M4)")}
+    lines, verdicts = module.summarise(tmp_path, [0, 2], {0: {"rc": 0, "seconds": 251.4},
+                                                          2: {"rc": 1, "seconds": 12.0}})
+    assert lines[2].startswith("| 0 | 251.4 | 30.0 | M2 | 35.0 |")
+    assert lines[5] == f"| 2 | 12.0 | rc 1 (see {tmp_path / 'seed2'}.log) | | | | | | | |"
+    assert verdicts == [(0, True, "met"), (2, False, "rc 1")]
