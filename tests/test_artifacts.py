@@ -4,11 +4,16 @@ import re
 import pytest
 
 from prefloop.artifacts import (
+    RunDir,
+    Stage,
+    Upstream,
     append_jsonl,
     atomic_write_json,
     begin_stage,
+    config_hash,
     read_jsonl,
     read_manifest,
+    redone_inputs,
     repair_jsonl_tail,
     upstream_hash,
     write_manifest,
@@ -64,22 +69,37 @@ def test_stage_lifecycle(tmp_path):
         upstream_hash(tmp_path, "generate")
 
 
-def test_a_stage_built_on_an_output_chains_its_finish_id_new_at_every_finish(tmp_path):
-    """The downstream chain reads the finish id (new at every finish), so a forced redo of a
-    stage changes what the stages after it chain; a manifest of an earlier version, without a
-    finish id, chains its config hash as before (its run directory stays finished)."""
-    write_manifest(tmp_path / "generate", "generate", "h1", started=0.0)
-    first = upstream_hash(tmp_path, "generate")
-    assert re.fullmatch(r"[0-9a-f]{16}", first) and first != "h1"
-    assert read_manifest(tmp_path / "generate")["finish_id"] == first
-    assert begin_stage(tmp_path / "generate", "generate", "h1", force=True) is False
-    write_manifest(tmp_path / "generate", "generate", "h1", started=0.0)  # the same config, again
-    second = upstream_hash(tmp_path, "generate")
-    assert re.fullmatch(r"[0-9a-f]{16}", second) and second != first
-    old = read_manifest(tmp_path / "generate")
-    del old["finish_id"]
-    atomic_write_json(tmp_path / "generate" / "manifest.json", old)
-    assert upstream_hash(tmp_path, "generate") == "h1"
+def test_a_stage_records_its_inputs_finish_ids_and_is_stale_once_one_is_redone(tmp_path):
+    """The config hash stays the configuration's (two runs of one config agree); the manifest
+    also records the finish id (new at every finish) of each stage it read, so a forced redo of
+    an input makes it stale. A killed redo keeps the old input aside: not stale. Inputs recorded
+    before finish ids existed never count."""
+    run = RunDir(tmp_path)
+
+    def finish(name, config, inputs=(), force=False):
+        stage = Stage(run.stage(name), name, config, inputs=inputs)
+        assert stage.begin(force=force) is False
+        stage.finish()
+        return read_manifest(run.stage(name))
+
+    rank = finish("rank", {"a": 1})
+    assert re.fullmatch(r"[0-9a-f]{16}", rank["finish_id"]) and rank["inputs"] == {}
+    up = Upstream(run)
+    config = {"b": 2, "upstream": up("rank")}
+    assert up.folders == [run.stage("rank")] and config["upstream"] == rank["config_hash"]
+    pairs = finish("pairs", config, up.folders)
+    assert pairs["inputs"] == {"rank": rank["finish_id"]}
+    assert pairs["config_hash"] == config_hash(config) and redone_inputs(run.stage("pairs")) == []
+    assert begin_stage(run.stage("rank"), "rank", rank["config_hash"], force=True) is False
+    assert redone_inputs(run.stage("pairs")) == []  # killed redo: the finished rank is aside
+    again = finish("rank", {"a": 1}, force=True)
+    assert again["config_hash"] == rank["config_hash"] and again["finish_id"] != rank["finish_id"]
+    assert redone_inputs(run.stage("pairs")) == ["rank"]
+    for old in ({"rank": None}, None):  # an input without a finish id; no inputs at all
+        m = read_manifest(run.stage("pairs"))
+        m["inputs"] = old
+        atomic_write_json(run.stage("pairs") / "manifest.json", m)
+        assert redone_inputs(run.stage("pairs")) == []
 
 
 def test_atomic_files_are_readable_by_others(tmp_path):

@@ -273,11 +273,12 @@ def test_force_redoes_only_from_the_first_changed_stage(finished, recipe):
 
 @pytest.mark.slow(together=False)  # stage commands in subprocesses
 def test_a_forced_redo_makes_the_stages_built_on_it_stale(finished, recipe):
-    """A stage redone with --force (the same configuration) writes a new output: the stages
-    built on its earlier output no longer count as finished. Without --force the command is
-    refused in one line naming the redone stage, and nothing changes; with it, only the stages
-    from the first stale one are redone."""
+    """A stage redone with --force (the same configuration) finishes again: the stages built
+    on its earlier output no longer count as finished. Without --force the command is refused
+    in one line naming the redone stage, and nothing changes; with it, only the stages from the
+    first stale one are redone."""
     gen = manifest(finished, "generate")
+    assert gen["inputs"] == {"instructions": manifest(finished, "instructions")["finish_id"]}
     ok(cli("instructions", "--output-dir", finished, "--force"))
     instructions = (finished / "instructions" / "manifest.json").read_bytes()
     before = checksums(finished)
@@ -292,7 +293,8 @@ def test_a_forced_redo_makes_the_stages_built_on_it_stale(finished, recipe):
     ok(cli("run", "--output-dir", finished, "--until", "generate", "--force"))
     assert (finished / "instructions" / "manifest.json").read_bytes() == instructions
     redone = manifest(finished, "generate")
-    assert redone["finish_id"] != gen["finish_id"] and redone["config_hash"] != gen["config_hash"]
+    assert redone["config_hash"] == gen["config_hash"] and redone["finish_id"] != gen["finish_id"]
+    assert redone["inputs"] == {"instructions": manifest(finished, "instructions")["finish_id"]}
     assert len(generations(finished)) == 12
     proc = ok(cli("run", "--output-dir", finished, "--until", "generate"))
     assert "finished earlier" in proc.stdout

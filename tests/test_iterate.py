@@ -314,6 +314,29 @@ def no_comma(run_dir: Path, t: int) -> dict[str, bool]:
 
 
 @pytest.mark.slow
+def test_each_step_records_the_finish_ids_of_the_steps_it_read(loop):
+    """What a forced redo of a step would make stale (artifacts.redone_inputs): each step's
+    manifest names the steps it read, by path from its round, with their finish ids."""
+    run_dir = loop["run_dir"]
+
+    def finish_id(rel):
+        return json.loads((run_dir / rel / "manifest.json").read_text())["finish_id"]
+
+    def inputs(rel):
+        return json.loads((run_dir / rel / "manifest.json").read_text())["inputs"]
+
+    assert inputs("rounds/0/eval") == {"../../instructions": finish_id("instructions")}
+    assert inputs("rounds/2/eval") == {"../../instructions": finish_id("instructions"),
+                                       "model": finish_id("rounds/2/model"),
+                                       "../1/eval": finish_id("rounds/1/eval")}
+    assert inputs("rounds/2/instructions") == {"../../instructions": finish_id("instructions"),
+                                               "../1/model": finish_id("rounds/1/model")}
+    assert inputs("rounds/2/train") == {"pairs": finish_id("rounds/2/pairs")}
+    assert inputs("rounds/2/model") == {"train": finish_id("rounds/2/train")}
+    assert len({finish_id(f"rounds/{t}/eval") for t in range(3)}) == 3
+
+
+@pytest.mark.slow
 def test_each_round_writes_its_artifacts(loop):
     run_dir, recipe = loop["run_dir"], loop["recipe"]
     heldout = {r["instruction"] for r in read_jsonl_lines(run_dir / "instructions/heldout.jsonl")}

@@ -45,7 +45,7 @@ class RunDir:
         return self.root / name
 
     def upstream(self, stage: str) -> str:
-        """The id of a finished stage's output (`output_id`): what a stage built on it chains."""
+        """The config hash a finished stage recorded (chains invalidation downstream)."""
         return upstream_hash(self.root, stage)
 
     def pushed_dataset_id(self) -> str | None:
@@ -82,9 +82,13 @@ class Stage:
     or writes; the others wait for it at each step.
     """
 
-    def __init__(self, folder: Path, name: str, config: Any):
+    def __init__(self, folder: Path, name: str, config: Any, inputs: Iterable[Path] = ()):
+        """`inputs`: the finished stage folders this stage reads (`Upstream.folders`); the
+        manifest records their finish ids, so a later redo of one makes this stage stale
+        (`redone_inputs`)."""
         self.folder, self.name = Path(folder), name
         self.hash = config_hash(config)
+        self.inputs = [Path(p) for p in inputs]
         self.started = time.time()
         self._undo: dict | None = None  # how to put the folder back if this run fails
 
@@ -113,7 +117,8 @@ class Stage:
         if distributed.is_main():
             test_point(self.name, "finish")
             write_manifest(self.folder, self.name, self.hash, started=self.started,
-                           counts=counts, extra=extra)
+                           counts=counts, extra=extra,
+                           inputs=input_ids(self.folder, self.inputs))
             shutil.rmtree(aside_path(self.folder), ignore_errors=True)
             self._close()
         distributed.barrier()  # the next stage reads this manifest in every process
@@ -576,14 +581,15 @@ def stage_is_done(stage_dir: Path, cfg_hash: str) -> bool:
 
 
 def write_manifest(stage_dir: Path, stage: str, cfg_hash: str, *, started: float,
-                   counts: dict | None = None, extra: dict | None = None) -> None:
+                   counts: dict | None = None, extra: dict | None = None,
+                   inputs: dict | None = None) -> None:
     atomic_write_json(manifest_path(stage_dir), {
         "stage": stage,
         "status": "done",
         "config_hash": cfg_hash,
-        # new at every finish: a stage built on this output chains it (output_id), so a forced
-        # redo of this stage invalidates what was built on its earlier output
+        # new at every finish; a stage built on this one records it among its inputs
         "finish_id": uuid.uuid4().hex[:16],
+        "inputs": inputs or {},
         "counts": counts or {},
         "seconds": round(time.time() - started, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -639,23 +645,52 @@ def _done_with(m: dict | None, cfg_hash: str) -> bool:
     return m is not None and m.get("status") == "done" and m.get("config_hash") == cfg_hash
 
 
-def output_id(m: dict) -> str:
-    """What a stage built on this finished manifest's output chains into its own configuration:
-    the finish id, new at every finish (so a forced redo of a stage invalidates the stages built
-    on its earlier output), or the config hash for a manifest written before finish ids (a run
-    directory of an earlier version stays finished)."""
-    return m.get("finish_id") or m["config_hash"]
-
-
 def upstream_hash(run_dir: Path, stage: str) -> str:
-    """The output id (`output_id`) of a finished upstream stage; chains invalidation downstream."""
+    """The config hash a finished upstream stage recorded; chains invalidation downstream."""
     m = read_manifest(Path(run_dir) / stage)
     if m is None or m.get("status") != "done":
         raise PrefloopError(
             f"{Path(run_dir) / stage}: stage '{stage}' has not finished; run `prefloop {stage}` "
             f"--output-dir {run_dir} first (or `prefloop run`)"
         )
-    return output_id(m)
+    return m["config_hash"]
+
+
+class Upstream:
+    """`RunDir.upstream` for a stage's configuration, remembering the stage folders it read:
+    pass `folders` to the Stage as its inputs."""
+
+    def __init__(self, run: RunDir):
+        self.run, self.folders = run, []
+
+    def __call__(self, stage: str) -> str:
+        self.folders.append(self.run.stage(stage))
+        return self.run.upstream(stage)
+
+
+def input_ids(stage_dir: Path, inputs: Iterable[Path]) -> dict[str, str | None]:
+    """The finish id of each input stage folder, by its path relative to the stage's own run
+    directory (`../0/eval` for an earlier round's)."""
+    return {os.path.relpath(p, Path(stage_dir).parent): (read_manifest(p) or {}).get("finish_id")
+            for p in inputs}
+
+
+def redone_inputs(stage_dir: Path) -> list[str]:
+    """The inputs of a finished stage that finished again after it read them (a forced redo):
+    what it was built on is gone, so it is stale. An input recorded before finish ids existed
+    is never counted; a redo killed before it finished still has the old one aside."""
+    m = read_manifest(stage_dir) or {}
+    out = []
+    for rel, fid in (m.get("inputs") or {}).items():
+        if fid is None:
+            continue
+        folder = Path(stage_dir).parent / rel
+        now = read_manifest(folder)
+        if now is None or now.get("status") != "done":
+            now = read_manifest(aside_path(folder))
+        if (now or {}).get("finish_id") != fid:
+            out.append(rel)
+    return out
 
 
 def save_figure(fig, path: Path) -> None:

@@ -19,6 +19,7 @@ from prefloop.artifacts import (
     atomic_write_text,
     claim_run_dir,
     read_manifest,
+    redone_inputs,
     transaction,
 )
 from prefloop.config import (
@@ -149,7 +150,7 @@ def forced_stages(args: argparse.Namespace, steps: list, run_dir: Path, recipe: 
     """The stages to redo. `--force` on `run` redoes the stages from the first whose resolved
     configuration changed (every stage when none did); on one stage, that stage. Without
     `--force` a changed stage is refused here, before anything changes, naming the command."""
-    from prefloop.plan import describe_change, redone_input
+    from prefloop.plan import describe_change
 
     first = next((s for s in steps if s.needs_force), None)
     if args.force:
@@ -161,13 +162,14 @@ def forced_stages(args: argparse.Namespace, steps: list, run_dir: Path, recipe: 
         return set()
     command = shlex.join(["prefloop", *argv, "--force"])
     after = " and the stages after it" if args.command == "run" else ""
-    redone = redone_input(run_dir, first.name) if first.state == "changed" else None
-    change = describe_change(run_dir, recipe)
-    if first.state == "changed" and redone and not change:
-        what = (f"stage '{first.name}' was built on the output of '{redone}' before "
-                f"'{redone}' was redone")
+    m = read_manifest(run_dir / first.name) or {}
+    redone = redone_inputs(run_dir / first.name) if first.state == "changed" else []
+    if redone and m.get("config_hash") == first.hash:
+        what = (f"stage '{first.name}' was built on the output of '{redone[0]}' before "
+                f"'{redone[0]}' was redone")
     elif first.state == "changed":
-        what = f"stage '{first.name}' finished with a different configuration{change}"
+        what = (f"stage '{first.name}' finished with a different configuration"
+                f"{describe_change(run_dir, recipe)}")
     else:
         what = f"holds a partial '{first.name}' stage from a different configuration"
     raise PrefloopError(f"{run_dir / first.name}: {what}; to redo {first.name}{after} run: "

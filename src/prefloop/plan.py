@@ -1,8 +1,8 @@
 """What a command will do to a run directory, known before it touches anything.
 
-Each stage's manifest records the hash of its resolved configuration, chained to the output id
-of its upstream stage (`stage_config` in each stage module; `artifacts.output_id`: new at every
-finish, so a forced redo of a stage makes the stages built on its earlier output "changed"). `plan` predicts those hashes for a recipe
+Each stage's manifest records the hash of its resolved configuration, chained to its upstream
+stage's hash (`stage_config` in each stage module), and the finish ids of the stages it read
+(`artifacts.redone_inputs`: a stage whose input was redone since is "changed" too). `plan` predicts those hashes for a recipe
 and compares them with the manifests on disk, so the CLI can say, before any model loads or any
 file changes, which stages are finished, which must be (re)done and which finished with another
 configuration: a changed setting redoes only the stages from the first changed one.
@@ -14,7 +14,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefloop.artifacts import STAGES, aside_path, config_hash, output_id, read_manifest
+from prefloop.artifacts import STAGES, aside_path, config_hash, read_manifest, redone_inputs
 from prefloop.config import Recipe, recipe_to_dict
 
 # done: finished with this config; changed: finished with another one; aside: finished with
@@ -47,7 +47,9 @@ def stage_module(stage: str):
 def _state(folder: Path, cfg_hash: str) -> str:
     m = read_manifest(folder)
     if m is not None and m.get("status") == "done":
-        return "done" if m.get("config_hash") == cfg_hash else "changed"
+        # finished with this config, but on an input redone since (--force): stale, "changed"
+        return "done" if m.get("config_hash") == cfg_hash and not redone_inputs(folder) \
+            else "changed"
     old = read_manifest(aside_path(folder))
     if old is not None and old.get("status") == "done" and old.get("config_hash") == cfg_hash:
         return "aside"  # begin puts the finished stage back (a write, no computing)
@@ -73,7 +75,7 @@ def plan(recipe: Recipe, run_dir: Path, stages: list[str] | tuple[str, ...]) -> 
             h = predicted[name]
         else:
             m = read_manifest(run_dir / name)
-            h = output_id(m) if m and m.get("status") == "done" else None
+            h = m.get("config_hash") if m and m.get("status") == "done" else None
         if h is None:
             raise LookupError(name)
         return h
@@ -86,31 +88,9 @@ def plan(recipe: Recipe, run_dir: Path, stages: list[str] | tuple[str, ...]) -> 
             predicted[stage] = None
             out.append(StagePlan(stage, "unknown", None))
             continue
-        state = _state(run_dir / stage, h)
-        predicted[stage] = _next_output_id(run_dir / stage, state, h)
-        out.append(StagePlan(stage, state, h))
+        predicted[stage] = h
+        out.append(StagePlan(stage, _state(run_dir / stage, h), h))
     return out
-
-
-def _next_output_id(folder: Path, state: str, cfg_hash: str) -> str:
-    """The output id the stages after this one will chain: the finished output's (kept, or put
-    back from aside), else a new one no manifest holds yet (the stage will write it)."""
-    if state in ("done", "aside"):
-        return output_id(read_manifest(folder if state == "done" else aside_path(folder)))
-    return f"new:{cfg_hash}"
-
-
-def redone_input(run_dir: Path, stage: str) -> str | None:
-    """The first stage before `stage` whose output was written after `stage` finished (a forced
-    redo of it), by the manifests' modification times; None when there is none."""
-    mine = Path(run_dir) / stage / "manifest.json"
-    if stage not in STAGES or not mine.exists():
-        return None
-    for before in STAGES[: STAGES.index(stage)]:
-        theirs = Path(run_dir) / before / "manifest.json"
-        if theirs.exists() and theirs.stat().st_mtime_ns > mine.stat().st_mtime_ns:
-            return before
-    return None
 
 
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:

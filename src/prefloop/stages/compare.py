@@ -26,6 +26,7 @@ import pandas as pd
 from prefloop.artifacts import (
     RunDir,
     Stage,
+    Upstream,
     atomic_write_json,
     atomic_write_text,
     read_jsonl,
@@ -446,7 +447,8 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
     run = RunDir(run_dir)
     out = run.stage("compare")
     adapter = adapter_dir(run_dir)
-    stage = Stage(out, "compare", stage_config(recipe, run.upstream))
+    up = Upstream(run)  # the stages read: their finish ids go in the manifest
+    stage = Stage(out, "compare", stage_config(recipe, up), inputs=up.folders)
     items = heldout_items(run_dir)
     transfer, note = transfer_set(recipe, run_dir)
     if stage.begin(force=force):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from prefloop import distributed
-from prefloop.artifacts import RunDir, Stage, append_jsonl, read_jsonl, write_jsonl
+from prefloop.artifacts import RunDir, Stage, Upstream, append_jsonl, read_jsonl, write_jsonl
 from prefloop.chat import render_prompt
 from prefloop.config import Recipe
 from prefloop.errors import PrefloopError
@@ -239,7 +239,8 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     cfg = recipe.generate
     run = RunDir(run_dir)
     distributed.topology()  # first: under a launcher it also picks this process's GPU
-    stage = Stage(run.stage("generate"), "generate", stage_config(recipe, run.upstream))
+    up = Upstream(run)  # the stages read: their finish ids go in the manifest
+    stage = Stage(run.stage("generate"), "generate", stage_config(recipe, up), inputs=up.folders)
     if stage.begin(force=force):
         return stage.folder
     items = read_jsonl(run.train_instructions)

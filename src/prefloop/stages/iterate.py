@@ -145,7 +145,8 @@ def merge(recipe_t: Recipe, rdir: Path, *, force: bool = False) -> Path:
 
     rnd = RunDir(rdir)
     out = rnd.merged_model
-    stage = Stage(out, "model", {"model": recipe_t.model, "upstream": rnd.upstream("train")})
+    stage = Stage(out, "model", {"model": recipe_t.model, "upstream": rnd.upstream("train")},
+                  inputs=[rnd.stage("train")])
     if stage.begin(force=force):
         return out
     base, tok = load_model(recipe_t.model)
@@ -297,7 +298,9 @@ def evaluate(recipe: Recipe, run_dir: Path, t: int, *, force: bool = False) -> P
         "compare": recipe.compare, "judge": recipe.rank, "start": recipe.model, "model": name,
         "upstream": run.upstream("instructions"),
         "trained": rnd.upstream("model") if t else None,
-        "previous": run.round(t - 1).upstream("eval") if t else None})
+        "previous": run.round(t - 1).upstream("eval") if t else None},
+        inputs=[run.stage("instructions"), *([rnd.stage("model"), run.round(t - 1).stage("eval")]
+                                            if t else [])])
     if stage.begin(force=force):
         return out
     items = read_jsonl(run.heldout_instructions)

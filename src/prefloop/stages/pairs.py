@@ -23,6 +23,7 @@ from pathlib import Path
 from prefloop.artifacts import (
     RunDir,
     Stage,
+    Upstream,
     atomic_write_text,
     read_jsonl,
     read_manifest,
@@ -396,7 +397,8 @@ def stage_config(recipe: Recipe, upstream) -> dict:
 def run(recipe: Recipe, run_dir: Path, *, force: bool = False, keys: dict | None = None) -> Path:
     """`keys`: the recipe keys an empty result's error names (default RUN_KEYS)."""
     run = RunDir(run_dir)
-    stage = Stage(run.stage("pairs"), "pairs", stage_config(recipe, run.upstream))
+    up = Upstream(run)  # the stages read: their finish ids go in the manifest
+    stage = Stage(run.stage("pairs"), "pairs", stage_config(recipe, up), inputs=up.folders)
     if stage.begin(force=force):
         return stage.folder
     gens = read_generations(run.generations)

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from prefloop.artifacts import RunDir, Stage, read_jsonl, write_jsonl
+from prefloop.artifacts import RunDir, Stage, Upstream, read_jsonl, write_jsonl
 from prefloop.config import Recipe
 from prefloop.errors import PrefloopError
 from prefloop.rankers import make_ranker, ranker_class
@@ -82,7 +82,8 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False, ranker=None) -> P
     `ranker` (optional) is a ready ranker, e.g. the iterate loop's current policy as judge.
     """
     run = RunDir(run_dir)
-    stage = Stage(run.stage("rank"), "rank", stage_config(recipe, run.upstream))
+    up = Upstream(run)  # the stages read: their finish ids go in the manifest
+    stage = Stage(run.stage("rank"), "rank", stage_config(recipe, up), inputs=up.folders)
     if stage.begin(force=force):
         return stage.folder
     records = read_generations(run.generations)

@@ -238,7 +238,8 @@ def run_round(recipe: Recipe, run_dir: Path, t: int, *, force: bool = False) -> 
     stage = Stage(out, "instructions", {
         "iterate": _hash_fields(cfg), "round": t, "model": recipe.model.name,
         "upstream": run.upstream("instructions"),
-        "previous": run.round(t - 1).upstream("model") if t > 1 else None})
+        "previous": run.round(t - 1).upstream("model") if t > 1 else None},
+        inputs=[run.stage("instructions"), *([run.round(t - 1).stage("model")] if t > 1 else [])])
     if stage.begin(force=force):
         return out
     pool = read_jsonl(run.train_instructions)

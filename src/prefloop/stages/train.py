@@ -29,6 +29,7 @@ from prefloop import distributed
 from prefloop.artifacts import (
     RunDir,
     Stage,
+    Upstream,
     append_jsonl,
     atomic_write_text,
     read_jsonl,
@@ -689,7 +690,8 @@ def run(recipe: Recipe, run_dir: Path, *, force: bool = False) -> Path:
     run = RunDir(run_dir)
     out = run.stage("train")
     distributed.topology()  # first: under a launcher it also picks this process's GPU
-    stage = Stage(out, "train", stage_config(recipe, run.upstream))
+    up = Upstream(run)  # the stages read: their finish ids go in the manifest
+    stage = Stage(out, "train", stage_config(recipe, up), inputs=up.folders)
     device = pick_device(recipe.model.device)
     check_options(cfg, device)
     check_fsdp()
