@@ -290,6 +290,9 @@ def test_a_forced_redo_makes_the_stages_built_on_it_stale(finished, recipe):
         f"it run: prefloop run --output-dir {finished} --until generate --force (or use a new "
         "--output-dir)")
     assert checksums(finished) == before
+    plan = cli("plan", "--output-dir", finished, "--until", "generate")
+    assert plan.returncode == 2 and "\n  instructions  done (took " in plan.stdout
+    assert "\n  generate      to redo: built on a stage redone since; " in plan.stdout
     ok(cli("run", "--output-dir", finished, "--until", "generate", "--force"))
     assert (finished / "instructions" / "manifest.json").read_bytes() == instructions
     redone = manifest(finished, "generate")

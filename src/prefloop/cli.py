@@ -162,11 +162,10 @@ def forced_stages(args: argparse.Namespace, steps: list, run_dir: Path, recipe: 
         return set()
     command = shlex.join(["prefloop", *argv, "--force"])
     after = " and the stages after it" if args.command == "run" else ""
-    m = read_manifest(run_dir / first.name) or {}
-    redone = redone_inputs(run_dir / first.name) if first.state == "changed" else []
-    if redone and m.get("config_hash") == first.hash:
-        what = (f"stage '{first.name}' was built on the output of '{redone[0]}' before "
-                f"'{redone[0]}' was redone")
+    if first.state == "redone":
+        redone = redone_inputs(run_dir / first.name)[0]
+        what = (f"stage '{first.name}' was built on the output of '{redone}' before "
+                f"'{redone}' was redone")
     elif first.state == "changed":
         what = (f"stage '{first.name}' finished with a different configuration"
                 f"{describe_change(run_dir, recipe)}")

@@ -2,8 +2,8 @@
 
 Each stage's manifest records the hash of its resolved configuration, chained to its upstream
 stage's hash (`stage_config` in each stage module), and the finish ids of the stages it read
-(`artifacts.redone_inputs`: a stage whose input was redone since is "changed" too). `plan` predicts those hashes for a recipe
-and compares them with the manifests on disk, so the CLI can say, before any model loads or any
+(`artifacts.redone_inputs`: a stage whose input finished again since is "redone"). `plan`
+predicts those hashes for a recipe and compares them with the manifests on disk, so the CLI can say, before any model loads or any
 file changes, which stages are finished, which must be (re)done and which finished with another
 configuration: a changed setting redoes only the stages from the first changed one.
 """
@@ -17,12 +17,13 @@ from pathlib import Path
 from prefloop.artifacts import STAGES, aside_path, config_hash, read_manifest, redone_inputs
 from prefloop.config import Recipe, recipe_to_dict
 
-# done: finished with this config; changed: finished with another one; aside: finished with
+# done: finished with this config; changed: finished with another one; redone: finished with
+# this config on an input that a forced redo has replaced since; aside: finished with
 # this config but kept aside by a killed --force redo (the stage puts it back); partial: an
 # interrupted run of this config (resumes); stale: an interrupted run of another config; todo:
 # not started; unknown: its upstream is neither finished nor part of this command (the stage
 # will say so)
-STATES = ("done", "changed", "aside", "partial", "stale", "todo", "unknown")
+STATES = ("done", "changed", "redone", "aside", "partial", "stale", "todo", "unknown")
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class StagePlan:
 
     @property
     def needs_force(self) -> bool:
-        return self.state in ("changed", "stale")
+        return self.state in ("changed", "redone", "stale")
 
     @property
     def work(self) -> bool:
@@ -47,9 +48,9 @@ def stage_module(stage: str):
 def _state(folder: Path, cfg_hash: str) -> str:
     m = read_manifest(folder)
     if m is not None and m.get("status") == "done":
-        # finished with this config, but on an input redone since (--force): stale, "changed"
-        return "done" if m.get("config_hash") == cfg_hash and not redone_inputs(folder) \
-            else "changed"
+        if m.get("config_hash") != cfg_hash:
+            return "changed"
+        return "redone" if redone_inputs(folder) else "done"
     old = read_manifest(aside_path(folder))
     if old is not None and old.get("status") == "done" and old.get("config_hash") == cfg_hash:
         return "aside"  # begin puts the finished stage back (a write, no computing)
@@ -207,6 +208,7 @@ def previous_seconds(run_dir: Path, stage: str) -> float | None:
 
 
 STATE_TEXT = {"done": "done", "changed": "to redo: finished with another configuration",
+              "redone": "to redo: built on a stage redone since",
               "aside": "done (kept aside by a killed --force; put back, no computing)",
               "partial": "to run: resumes an interrupted run", "stale":
               "to redo: an interrupted run of another configuration", "todo": "to run",
