@@ -254,3 +254,37 @@ def test_a_refused_setting_never_imports_torch(tmp_path, sets):
                               "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert out.stdout.strip().splitlines()[-1] == "2 []", (out.stdout, out.stderr)
     assert out.stderr.startswith("prefloop: error: ") and len(out.stderr.splitlines()) == 1
+
+
+def test_plan_marks_every_stage_after_a_forced_redo_as_redone(tmp_path, monkeypatch):
+    """A forced redo of rank makes pairs stale (it read rank's earlier output), and train and
+    compare after it: they read what will be redone in turn. Stages before rank stay done."""
+    from types import SimpleNamespace
+
+    from prefloop import plan as plan_module
+    from prefloop.artifacts import STAGES, RunDir, Stage, Upstream
+    from prefloop.config import Recipe
+
+    def module(stage):
+        before = STAGES[STAGES.index(stage) - 1] if stage != STAGES[0] else None
+        return SimpleNamespace(stage_config=lambda recipe, up: {"stage": stage,
+                                                                "up": up(before) if before else None})
+
+    monkeypatch.setattr(plan_module, "stage_module", module)
+    run = RunDir(tmp_path)
+
+    def finish(stage, force=False):
+        up = Upstream(run)
+        s = Stage(run.stage(stage), stage, module(stage).stage_config(None, up), inputs=up.folders)
+        assert s.begin(force=force) is False
+        s.finish()
+
+    for stage in STAGES:
+        finish(stage)
+    assert [p.state for p in plan_module.plan(Recipe(), tmp_path, STAGES)] == ["done"] * 6
+    finish("rank", force=True)
+    assert [(p.name, p.state) for p in plan_module.plan(Recipe(), tmp_path, STAGES)] == [
+        ("instructions", "done"), ("generate", "done"), ("rank", "done"), ("pairs", "redone"),
+        ("train", "redone"), ("compare", "redone")]
+    assert [p.state for p in plan_module.plan(Recipe(), tmp_path, ["train", "compare"])] == [
+        "done", "done"]  # pairs is not part of this command: train reads its finished output

@@ -71,7 +71,10 @@ def plan(recipe: Recipe, run_dir: Path, stages: list[str] | tuple[str, ...]) -> 
     run_dir = Path(run_dir)
     predicted: dict[str, str | None] = {}
 
+    reads: list[str] = []
+
     def upstream(name: str) -> str:
+        reads.append(name)
         if name in predicted:
             h = predicted[name]
         else:
@@ -81,8 +84,9 @@ def plan(recipe: Recipe, run_dir: Path, stages: list[str] | tuple[str, ...]) -> 
             raise LookupError(name)
         return h
 
-    out = []
+    out: list[StagePlan] = []
     for stage in stages:
+        reads.clear()
         try:
             h = config_hash(stage_module(stage).stage_config(recipe, upstream))
         except LookupError:
@@ -90,7 +94,10 @@ def plan(recipe: Recipe, run_dir: Path, stages: list[str] | tuple[str, ...]) -> 
             out.append(StagePlan(stage, "unknown", None))
             continue
         predicted[stage] = h
-        out.append(StagePlan(stage, _state(run_dir / stage, h), h))
+        state = _state(run_dir / stage, h)
+        if state == "done" and any(p.state == "redone" for p in out if p.name in reads):
+            state = "redone"  # its input will be redone in turn
+        out.append(StagePlan(stage, state, h))
     return out
 
 
