@@ -3,9 +3,10 @@
 Each stage's manifest records the hash of its resolved configuration, chained to its upstream
 stage's hash (`stage_config` in each stage module), and the finish ids of the stages it read
 (`artifacts.redone_inputs`: a stage whose input finished again since is "redone"). `plan`
-predicts those hashes for a recipe and compares them with the manifests on disk, so the CLI can say, before any model loads or any
-file changes, which stages are finished, which must be (re)done and which finished with another
-configuration: a changed setting redoes only the stages from the first changed one.
+predicts those hashes for a recipe and compares them with the manifests on disk, so the CLI can
+say, before any model loads or any file changes, which stages are finished, which must be
+(re)done and which finished with another configuration: a changed setting redoes only the stages
+from the first changed one.
 """
 
 from __future__ import annotations
@@ -70,8 +71,7 @@ def plan(recipe: Recipe, run_dir: Path, stages: list[str] | tuple[str, ...]) -> 
     """The state of each of `stages` (in pipeline order) for `recipe` in `run_dir`."""
     run_dir = Path(run_dir)
     predicted: dict[str, str | None] = {}
-
-    reads: list[str] = []
+    reads: list[str] = []  # the stages the current stage's configuration read
 
     def upstream(name: str) -> str:
         reads.append(name)
